@@ -1,0 +1,1 @@
+"""ddim-deploy's exporter: trainer checkpoints to ONNX, FP16 ONNX and TensorRT engines."""

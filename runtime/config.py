@@ -1,0 +1,235 @@
+"""The config that travels with a model: architecture, schedule and data normalisation.
+
+These frozen dataclasses are written as JSON next to checkpoint weights (``config.json``), into
+ONNX ``metadata_props`` and beside TensorRT engines, always with ``schema_version``. Readers
+refuse unknown schema versions and unknown keys with a :class:`ConfigError` that says what is
+allowed. Sections owned by other packages (the trainer's ``data`` and ``train``) ride along
+untouched in :attr:`ModelSpec.extra`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+Architecture = Literal["keras"]
+ScheduleName = Literal["cosine-angle", "linear", "cosine"]
+
+
+class ConfigError(ValueError):
+    """A config that is missing, malformed, or of an unknown schema."""
+
+
+def _check_choice(value: object, allowed: tuple[object, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _check_positive_int(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class KerasUNetConfig:
+    """The Keras DDIM example's U-Net (residual blocks, no attention)."""
+
+    image_size: int
+    channels: int
+    architecture: Architecture = "keras"
+    widths: tuple[int, ...] = (32, 64, 96, 128)
+    block_depth: int = 2
+    embedding_dims: int = 32
+    embedding_min_frequency: float = 1.0
+    embedding_max_frequency: float = 1000.0
+
+    def __post_init__(self) -> None:
+        _check_choice(self.architecture, get_args(Architecture), "architecture")
+        _check_positive_int(self.image_size, "image_size")
+        _check_positive_int(self.channels, "channels")
+        _check_positive_int(self.block_depth, "block_depth")
+        if not self.widths:
+            raise ConfigError("widths must list at least one block width")
+        for w in self.widths:
+            _check_positive_int(w, "every width")
+        if self.embedding_dims < 2 or self.embedding_dims % 2:
+            raise ConfigError(f"embedding_dims must be an even number >= 2, got {self.embedding_dims}")
+        if not 0 < self.embedding_min_frequency < self.embedding_max_frequency:
+            raise ConfigError("need 0 < embedding_min_frequency < embedding_max_frequency")
+        factor = 2 ** (len(self.widths) - 1)  # one 2x average-pool per width but the last
+        if self.image_size % factor:
+            raise ConfigError(
+                f"image_size {self.image_size} does not fit widths {list(self.widths)}: "
+                f"{len(self.widths) - 1} downsamplings need a multiple of {factor}"
+            )
+
+
+ModelConfig = Union[KerasUNetConfig]
+MODEL_CONFIGS: dict[str, type] = {"keras": KerasUNetConfig}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A noise schedule by name (see ``runtime/schedule.py``) and its parameters."""
+
+    name: ScheduleName = "cosine-angle"
+    num_timesteps: int = 1000  # T of the discrete schedules
+    beta_start: float = 1e-4  # linear
+    beta_end: float = 0.02  # linear
+    cosine_s: float = 0.008  # cosine (Nichol & Dhariwal's offset s)
+    min_signal_rate: float = 0.02  # cosine-angle
+    max_signal_rate: float = 0.95  # cosine-angle
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, get_args(ScheduleName), "schedule")
+        _check_positive_int(self.num_timesteps, "num_timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError("need 0 < beta_start < beta_end < 1")
+        if not 0 < self.min_signal_rate < self.max_signal_rate <= 1:
+            raise ConfigError("need 0 < min_signal_rate < max_signal_rate <= 1")
+        if self.cosine_s <= 0:
+            raise ConfigError("cosine_s must be > 0")
+
+    @property
+    def discrete(self) -> bool:
+        return self.name != "cosine-angle"
+
+
+@dataclass(frozen=True)
+class NormalizationConfig:
+    """Per-channel ``x_model = (x - mean) / std`` for images x in [0, 1]."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ConfigError("normalization mean and std must list one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError("normalization std must be > 0")
+
+    def x0_bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel model-space bounds of images in [0, 1] (for clipping pred_x0)."""
+        lo = tuple(-m / s for m, s in zip(self.mean, self.std))
+        hi = tuple((1 - m) / s for m, s in zip(self.mean, self.std))
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to run a model: what the runtime reads from any carrier of the config."""
+
+    model: ModelConfig
+    schedule: ScheduleConfig
+    normalization: NormalizationConfig
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other packages' sections, verbatim
+
+    def __post_init__(self) -> None:
+        if len(self.normalization.mean) != self.model.channels:
+            raise ConfigError(
+                f"normalization has {len(self.normalization.mean)} channels, model has {self.model.channels}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        out["model"] = dataclasses.asdict(self.model)
+        out["schedule"] = dataclasses.asdict(self.schedule)
+        out["normalization"] = dataclasses.asdict(self.normalization)
+        out.update(self.extra)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        if not isinstance(data, Mapping):
+            raise ConfigError("config must be a JSON object")
+        version = data.get("schema_version")
+        if version is None:
+            raise ConfigError("config has no schema_version: not a ddim-deploy config")
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ConfigError(
+                f"config schema_version {version!r} is not supported "
+                f"(this version reads {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})"
+            )
+        for key in ("model", "schedule", "normalization"):
+            if not isinstance(data.get(key), Mapping):
+                raise ConfigError(f"config has no {key!r} section")
+        arch = data["model"].get("architecture", "keras")
+        _check_choice(arch, tuple(MODEL_CONFIGS), "architecture")
+        extra = {k: v for k, v in data.items() if k not in ("schema_version", "model", "schedule", "normalization")}
+        return cls(
+            model=dataclass_from_dict(MODEL_CONFIGS[arch], data["model"], "model"),
+            schedule=dataclass_from_dict(ScheduleConfig, data["schedule"], "schedule"),
+            normalization=dataclass_from_dict(NormalizationConfig, data["normalization"], "normalization"),
+            extra=extra,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> "ModelSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSpec":
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"no config at {p}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {p}: {exc}") from None
+        return cls.from_json(text, source=str(p))
+
+
+def dataclass_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build a (frozen) dataclass from JSON data: unknown keys refused, lists become tuples."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {where!r} must be an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where!r}; allowed: {', '.join(sorted(names))}")
+    hints = get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"config section {where!r}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """JSON value to the field's type: tuples from lists, ints accepted for floats."""
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list")
+        (item,) = {a for a in get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(v, item, where) for v in value)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(hint):
+            return None
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value

@@ -1,0 +1,109 @@
+"""The DDIM sampling loop, shared by every backend (numpy arrays or torch tensors).
+
+The loop knows nothing of the network: it calls ``denoise(x, noise_var) -> eps`` once per step
+and applies :func:`runtime.schedule.ddim_step`. Backends supply the denoiser, the initial noise
+and, for eta > 0, fresh noise per step; array creation stays with them, so the loop never
+moves buffers between host and device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from runtime.schedule import Schedule, Spacing, StepCoefficients, ddim_step, select_steps, step_coefficients
+
+A = TypeVar("A")
+
+
+class NonFiniteError(RuntimeError):
+    """Sampling produced NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step of a sampling plan: where it starts, what the network sees, the update's scalars."""
+
+    index: int  # 0-based position in the plan
+    t: float  # the schedule's step (index or time)
+    noise_var: float  # 1 - a_t: the denoiser's conditioning
+    coef: StepCoefficients
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The steps of one DDIM run, noisiest first; the last step lands on a_prev = 1 (pred_x0)."""
+
+    steps: tuple[PlannedStep, ...]
+    eta: float
+
+    @classmethod
+    def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing = "uniform") -> "SamplingPlan":
+        ts = select_steps(schedule, num_steps, spacing)
+        a = schedule.alpha_bar(ts)  # float64, decreasing in noise -> increasing along the plan
+        a_prev = np.append(a[1:], 1.0)  # after the final step: the clean image, alpha_bar = 1
+        planned = tuple(
+            PlannedStep(i, float(ts[i]), float(1.0 - a[i]), step_coefficients(float(a[i]), float(a_prev[i]), eta))
+            for i in range(len(ts))
+        )
+        return cls(planned, float(eta))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[PlannedStep]:
+        return iter(self.steps)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(s.coef.sigma > 0 for s in self.steps)
+
+
+@dataclass
+class SamplerHooks(Generic[A]):
+    """Backend-specific pieces of the loop (array creation and checks stay with the backend)."""
+
+    denoise: Callable[[A, float], A]  # (x_t (N, C, H, W), noise variance) -> predicted noise
+    noise_like: Callable[[A, int], A] | None = None  # (x, step index) -> N(0, I) noise, for eta > 0
+    is_finite: Callable[[A], bool] | None = None  # checked on every step's output when given
+    on_step: Callable[[PlannedStep], None] | None = None  # progress reporting
+
+
+def ddim_sample(
+    x_T: A,
+    plan: SamplingPlan,
+    hooks: SamplerHooks[A],
+    clip_x0: tuple[object, object] | None = None,
+) -> A:
+    """Run the plan from x_T; returns pred_x0 of the final step (model space, un-normalised)."""
+    if plan.stochastic and hooks.noise_like is None:
+        raise ValueError("eta > 0 needs a noise source (hooks.noise_like)")
+    x = x_T
+    for step in plan:
+        eps = hooks.denoise(x, step.noise_var)
+        noise = hooks.noise_like(x, step.index) if step.coef.sigma > 0 and hooks.noise_like else None
+        x, _ = ddim_step(x, eps, step.coef, noise=noise, clip_x0=clip_x0)
+        if hooks.is_finite is not None and not hooks.is_finite(x):
+            raise NonFiniteError(
+                f"non-finite values at sampling step {step.index + 1}/{len(plan)} "
+                f"(noise variance {step.noise_var:.4g}); try float32 precision"
+            )
+        if hooks.on_step is not None:
+            hooks.on_step(step)
+    return x
+
+
+def numpy_is_finite(x: NDArray) -> bool:
+    """Finite check for host arrays."""
+    return bool(np.isfinite(x).all())
+
+
+def noise_variance_batch(noise_var: float, batch: int) -> NDArray[np.float32]:
+    """The denoiser's second input, ``[N, 1, 1, 1]`` float32."""
+    if not math.isfinite(noise_var):
+        raise ValueError("noise variance must be finite")
+    return np.full((batch, 1, 1, 1), noise_var, dtype=np.float32)

@@ -1,0 +1,67 @@
+"""Shared fixtures: small local datasets in the real formats, and tiny run configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.config import KerasUNetConfig, ScheduleConfig
+from trainer.config import DataConfig, RunConfig, TrainConfig
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """An IDX file of unsigned bytes, as Fashion-MNIST publishes them."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    """A Fashion-MNIST folder of 96 train and 32 test items (blobs of varying brightness)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    for split, n in (("train", 96), ("t10k", 32)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i in range(n):
+            y, x = rng.integers(4, 16, size=2)
+            images[i, y : y + 10, x : x + 8] = rng.integers(80, 255)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A nested folder of 20 small RGB images of mixed formats and aspect ratios."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    for i in range(20):
+        sub = root / f"class{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        h, w = int(rng.integers(20, 40)), int(rng.integers(20, 40))
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        ext = (".jpg", ".png", ".webp", ".JPEG")[i % 4]
+        Image.fromarray(arr).save(sub / f"img{i}{ext}")
+    return root
+
+
+def tiny_config(**train: object) -> RunConfig:
+    """A fashion-mnist-shaped run small enough to train in a second or two."""
+    base = TrainConfig(batch_size=8, steps=6, sample_every=3, sample_steps=3, num_samples=4,
+                       checkpoint_every=2, keep_checkpoints=2, log_every=1)
+    return RunConfig(
+        preset="fashion-mnist",
+        model=KerasUNetConfig(image_size=32, channels=1, widths=(8, 16), block_depth=1, embedding_dims=8),
+        schedule=ScheduleConfig(name="cosine-angle"),
+        data=DataConfig(source="fashion-mnist"),
+        train=dataclasses.replace(base, **train),
+    )

@@ -1,0 +1,161 @@
+"""Run directories: config, atomic checkpoints, resume, and rebuilding a model from its files.
+
+Layout of a run directory::
+
+    config.json                  the full config (schema-versioned), written once
+    model.safetensors            EMA and raw weights of the latest checkpoint (a hard link)
+    train_state.pt               optimiser, step, RNG states of the latest checkpoint (a hard link)
+    checkpoints/step-0000500/    the last K checkpoints, each complete or absent
+    samples/step-0000500.png     sample grids from the EMA model; samples.png is the latest
+    loss.csv, loss.png, train.log
+
+A checkpoint folder is written under a temporary name and renamed when complete, so a crash
+mid-write leaves the previous checkpoints untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from runtime import __version__
+from runtime.config import ModelSpec
+from runtime.files import atomic_path, atomic_write_text, fsync_dir
+from trainer.errors import CheckpointError
+from trainer.models import build_model
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+STATE = "train_state.pt"
+STATE_FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """What resuming needs besides the weights."""
+
+    step: int
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+def write_config(run_dir: Path, spec: ModelSpec) -> None:
+    atomic_write_text(run_dir / CONFIG, spec.to_json() + "\n")
+
+
+def read_spec(run_dir: Path) -> ModelSpec:
+    """The config of a run directory (ConfigError when missing or unreadable)."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    return ModelSpec.load(run_dir / CONFIG)
+
+
+def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted((s, p) for s, p in found if (p / WEIGHTS).is_file() and (p / STATE).is_file())
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, ema: nn.Module, state: TrainState, keep: int) -> Path:
+    """Write checkpoint ``step-N`` atomically, point the top-level files at it, prune to ``keep``."""
+    root = run_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{state.step:07d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors.update({f"raw.{k}": v for k, v in model.state_dict().items()})
+    meta = {"format": "ddim-deploy", "step": str(state.step), "toolkit_version": __version__}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS, metadata=meta)
+    torch.save({"format": STATE_FORMAT, "step": state.step, "optimizer": state.optimizer, "rng": state.rng},
+               tmp / STATE)
+    for name in (WEIGHTS, STATE):
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step (an interrupted run's last step): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for name in (WEIGHTS, STATE):
+        _link_latest(final / name, run_dir / name)
+    for _, old in step_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _link_latest(src: Path, dest: Path) -> None:
+    """Atomically make ``dest`` the same file as ``src`` (hard link; copy where links fail)."""
+    with atomic_path(dest) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (never a pickle); CheckpointError when missing or corrupt."""
+    if not path.is_file():
+        raise CheckpointError(f"no weights at {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt weights file {path}: {exc}") from None
+
+
+def load_state_dicts(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
+    """Load ``prefix.*`` tensors into ``model``, strictly; mismatches named in one line."""
+    sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if not sd:
+        raise CheckpointError(f"{source} holds no {prefix!r} weights")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+                 if names]
+        raise CheckpointError(f"weights in {source} do not match the config's architecture ({'; '.join(parts)})")
+    model.load_state_dict(sd)
+
+
+def load_model(run_dir: Path, weights: str = "ema") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model a run directory describes, with its EMA (default) or raw weights, in eval mode."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"unknown weights {weights!r}; allowed: ema, raw")
+    spec = read_spec(run_dir)
+    model = build_model(spec.model)
+    load_state_dicts(model, load_weights(run_dir / WEIGHTS), weights, run_dir / WEIGHTS)
+    return model.eval(), spec
+
+
+def load_checkpoint(ckpt_dir: Path, model: nn.Module, ema: nn.Module) -> TrainState:
+    """Restore weights into ``model`` / ``ema`` and return the training state of ``ckpt_dir``."""
+    tensors = load_weights(ckpt_dir / WEIGHTS)
+    load_state_dicts(model, tensors, "raw", ckpt_dir / WEIGHTS)
+    load_state_dicts(ema, tensors, "ema", ckpt_dir / WEIGHTS)
+    try:
+        blob = torch.load(ckpt_dir / STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
+        raise CheckpointError(f"corrupt training state {ckpt_dir / STATE}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{ckpt_dir / STATE} is not a training state of format {STATE_FORMAT}")
+    return TrainState(step=int(blob["step"]), optimizer=blob["optimizer"], rng=blob["rng"])

@@ -1,0 +1,202 @@
+"""``python -m trainer``: train a denoiser (``fit``) or describe a preset (``info``).
+
+Options map onto the fields of the run config's dataclasses; an option left out keeps the
+preset's value. Errors print one line on stderr and exit non-zero (``--debug`` for tracebacks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, get_args
+
+import click
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from runtime.config import ScheduleName
+from trainer.config import DataConfig, LossName, Normalization, Precision, RunConfig, Split, TrainConfig
+from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset
+
+log = logging.getLogger("trainer")
+
+# Which config section each option belongs to, and the field it sets (when named differently).
+MODEL_FIELDS = {"image_size", "channels", "widths", "block_depth", "embedding_dims", "embedding_max_frequency"}
+SCHEDULE_FIELDS = {"schedule": "name", "num_timesteps": "num_timesteps", "min_signal_rate": "min_signal_rate",
+                   "max_signal_rate": "max_signal_rate", "beta_start": "beta_start", "beta_end": "beta_end"}
+DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)} - {"source"}
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_widths(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give comma-separated integers, e.g. 32,64,96,128") from None
+    return widths
+
+
+def apply_overrides(cfg: RunConfig, opts: dict[str, Any]) -> RunConfig:
+    """The preset's config with every given option replacing its field."""
+    given = {k: v for k, v in opts.items() if v is not None}
+    if "steps" in given:
+        given.setdefault("epochs", None)
+    elif "epochs" in given:
+        given.setdefault("steps", None)
+    model = {k: v for k, v in given.items() if k in MODEL_FIELDS}
+    schedule = {SCHEDULE_FIELDS[k]: v for k, v in given.items() if k in SCHEDULE_FIELDS}
+    data = {k: v for k, v in given.items() if k in DATA_FIELDS}
+    train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, **model),
+        schedule=dataclasses.replace(cfg.schedule, **schedule),
+        data=dataclasses.replace(cfg.data, **data),
+        train=dataclasses.replace(cfg.train, **train),
+    )
+
+
+def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Library errors become one line on stderr and exit code 1 (tracebacks with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # every error reaches the user as one line
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"error: {first}", err=True)
+            sys.exit(1)
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("trainer", "runtime"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train DDIM denoisers (see README for the presets)."""
+
+
+_CHOICE = click.Choice
+
+
+@main.command()
+@click.option("--preset", type=_CHOICE(list(PRESETS)), default=None, help=f"Training setup [default: {DEFAULT_PRESET}].")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), help="Dataset folder (else the preset's default).")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="Run directory [default: runs/PRESET-TIME].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--device", type=_CHOICE(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+# training (TrainConfig)
+@click.option("--steps", type=int, help="Total optimiser steps.")
+@click.option("--epochs", type=int, help="Total epochs (each of dataset_repetitions passes).")
+@click.option("--dataset-repetitions", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--ema-decay", type=float)
+@click.option("--loss", type=_CHOICE(get_args(LossName)))
+@click.option("--warmup-steps", type=int)
+@click.option("--grad-clip", type=float, help="Max gradient norm.")
+@click.option("--precision", type=_CHOICE(get_args(Precision)), help="bf16 = bfloat16 autocast.")
+@click.option("--seed", type=int)
+@click.option("--sample-every", type=int, help="Steps between sample grids.")
+@click.option("--sample-steps", type=int, help="DDIM steps of those grids.")
+@click.option("--num-samples", type=int, help="Images per grid.")
+@click.option("--checkpoint-every", type=int)
+@click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
+@click.option("--log-every", type=int, help="Steps per loss.csv row.")
+# model (KerasUNetConfig)
+@click.option("--image-size", type=int)
+@click.option("--channels", type=int)
+@click.option("--widths", callback=parse_widths, help="Block widths, e.g. 32,64,96,128.")
+@click.option("--block-depth", type=int)
+@click.option("--embedding-dims", type=int)
+@click.option("--embedding-max-frequency", type=float)
+# schedule (ScheduleConfig)
+@click.option("--schedule", type=_CHOICE(get_args(ScheduleName)))
+@click.option("--num-timesteps", type=int, help="T of discrete schedules.")
+@click.option("--beta-start", type=float)
+@click.option("--beta-end", type=float)
+@click.option("--min-signal-rate", type=float)
+@click.option("--max-signal-rate", type=float)
+# data (DataConfig)
+@click.option("--split", type=_CHOICE(get_args(Split)))
+@click.option("--val-fraction", type=float)
+@click.option("--split-seed", type=int)
+@click.option("--flip/--no-flip", "random_flip", default=None, help="Random horizontal flips.")
+@click.option("--normalization", type=_CHOICE(get_args(Normalization)))
+@friendly_errors
+def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bool, device: str, progress: bool,
+        **opts: Any) -> None:
+    """Train a denoiser into a run directory."""
+    from trainer.rundir import load_run_config, with_train_overrides
+
+    setup_logging()
+    if resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out RUN_DIR")
+        if preset is not None:
+            raise click.UsageError("--resume takes the preset stored in the run directory; drop --preset")
+        cfg = with_train_overrides(load_run_config(out), {k: v for k, v in opts.items() if v is not None})
+    else:
+        cfg = apply_overrides(get_preset(preset or DEFAULT_PRESET).config, opts)
+    run_dir = out or Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dev = resolve_device(device)
+    log.info("fit: preset %s -> %s on %s%s", cfg.preset, run_dir, dev, " (resuming)" if resume else "")
+    from trainer.train import fit as run_fit
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("trainer"), logging.getLogger("runtime")]):
+        result = run_fit(cfg, run_dir, data_path, resume=resume, device=dev, progress=progress)
+    state = "stopped" if result.interrupted else "done"
+    log.info("%s at step %d/%d (%.1f images/s); checkpoint in %s", state, result.step, result.total_steps,
+             result.images_per_second, run_dir)
+    if result.interrupted:
+        log.info("resume with: python -m trainer fit --resume --out %s", run_dir)
+        sys.exit(130)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this PyTorch has no usable CUDA GPU; use --device cpu")
+    return device
+
+
+@main.command()
+@click.option("--preset", type=_CHOICE(list(PRESETS)), multiple=True, help="Preset(s) to describe [default: all].")
+@friendly_errors
+def info(preset: tuple[str, ...]) -> None:
+    """Parameter count and GFLOPs per forward of each preset's model."""
+    from trainer.models import build_model, count_parameters, forward_gflops
+
+    for name in preset or tuple(PRESETS):
+        p = get_preset(name)
+        model = build_model(p.config.model)
+        m = p.config.model
+        click.echo(f"{name:16s} {m.image_size}x{m.image_size}x{m.channels}  params {count_parameters(model):>10,}  "
+                   f"GFLOPs/forward {forward_gflops(model, m):7.3f}  {p.summary}")

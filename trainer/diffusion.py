@@ -1,0 +1,77 @@
+"""Torch side of the diffusion: the training loss and the eager sampler.
+
+Both take their schedule values from ``runtime/schedule.py`` (float64 numpy, converted to
+tensors here) and the sampler runs the runtime's own DDIM loop: there is one DDIM update.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import nn
+
+from runtime.config import ModelSpec
+from runtime.images import to_uint8
+from runtime.noise import ImageNoise
+from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample
+from runtime.schedule import Schedule, Spacing, build_schedule
+
+
+def sample_training_steps(schedule: Schedule, n: int, gen: torch.Generator) -> NDArray:
+    """Uniform random steps: integers 0..T-1 (discrete) or times in [0, 1] (continuous)."""
+    if schedule.discrete:
+        assert schedule.num_timesteps is not None  # noqa: S101 (discrete schedules have T)
+        return torch.randint(0, schedule.num_timesteps, (n,), generator=gen).numpy()
+    return torch.rand(n, generator=gen, dtype=torch.float64).numpy()
+
+
+def training_loss(
+    model: nn.Module, x0: torch.Tensor, schedule: Schedule, gen: torch.Generator, loss: str
+) -> torch.Tensor:
+    """Noise x0 at random steps and regress the noise (MAE as Keras, or MSE as DDPM)."""
+    n = x0.shape[0]
+    a = torch.from_numpy(schedule.alpha_bar(sample_training_steps(schedule, n, gen)))
+    a = a.to(device=x0.device, dtype=torch.float32).view(n, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise  # q(x_t | x_0), DDPM Eq. 4
+    pred = model(x_t, 1.0 - a)
+    return F.l1_loss(pred.float(), noise) if loss == "mae" else F.mse_loss(pred.float(), noise)
+
+
+@torch.no_grad()
+def sample_images(
+    model: nn.Module,
+    spec: ModelSpec,
+    num_images: int,
+    steps: int,
+    seed: int = 0,
+    eta: float = 0.0,
+    spacing: Spacing = "uniform",
+    batch_size: int = 64,
+    clip_x0: bool = False,
+    device: torch.device | str = "cpu",
+) -> NDArray[np.uint8]:
+    """Eager PyTorch DDIM sampling; ``(N, H, W, C)`` uint8 images, de-normalised."""
+    model.eval()
+    cfg = spec.model
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    plan = SamplingPlan.build(build_schedule(spec.schedule), steps, eta, spacing)
+    bounds = None
+    if clip_x0:
+        lo, hi = spec.normalization.x0_bounds()
+        bounds = tuple(torch.tensor(b, device=device).view(1, -1, 1, 1) for b in (lo, hi))
+    out = []
+    for start in range(0, num_images, batch_size):
+        idx = range(start, min(start + batch_size, num_images))
+        noise = ImageNoise(seed, idx)
+        x_T = torch.from_numpy(noise.draw(shape)).to(device)
+        hooks = SamplerHooks[torch.Tensor](
+            denoise=lambda x, v: model(x, torch.full((x.shape[0], 1, 1, 1), v, device=x.device)),
+            noise_like=lambda x, i: torch.from_numpy(noise.draw(shape)).to(x.device),  # noqa: B023
+            is_finite=lambda x: bool(torch.isfinite(x).all()),
+        )
+        x0 = ddim_sample(x_T, plan, hooks, clip_x0=bounds)
+        out.append(to_uint8(x0.float().cpu().numpy(), spec.normalization))
+    return np.concatenate(out)

@@ -1,0 +1,121 @@
+"""The Keras DDIM example's U-Net, in PyTorch.
+
+Inputs ``noisy_images`` (N, C, H, W) and ``noise_variances`` (N, 1, 1, 1); output the predicted
+noise (N, C, H, W). Residual blocks with BatchNorm without affine parameters, swish, average-pool
+down, bilinear up, skip concatenation, no attention; the final 1x1 conv starts at zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import KerasUNetConfig
+
+# Keras BatchNormalization defaults: momentum 0.99 (PyTorch counts 1 - momentum), epsilon 1e-3.
+KERAS_BN_MOMENTUM = 0.01
+KERAS_BN_EPS = 1e-3
+
+
+class SinusoidalEmbedding(nn.Module):
+    """sin / cos of ``2 pi f v`` for frequencies f log-spaced from min to max (Keras example).
+
+    Always computed in float32: angles reach 2 pi * 1000 * variance, beyond float16's precision.
+    """
+
+    def __init__(self, dims: int, min_frequency: float, max_frequency: float) -> None:
+        super().__init__()
+        freqs = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dims // 2))
+        self.register_buffer("angular_speeds", (2.0 * math.pi * freqs).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, noise_variances: torch.Tensor) -> torch.Tensor:  # (N, 1, 1, 1) -> (N, dims, 1, 1)
+        angles = self.angular_speeds * noise_variances.float()
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """BN (no affine) -> 3x3 conv + swish -> 3x3 conv, plus the (1x1-projected) input."""
+
+    def __init__(self, in_width: int, width: int) -> None:
+        super().__init__()
+        self.skip = nn.Identity() if in_width == width else nn.Conv2d(in_width, width, 1)
+        self.norm = nn.BatchNorm2d(in_width, affine=False, momentum=KERAS_BN_MOMENTUM, eps=KERAS_BN_EPS)
+        self.conv1 = nn.Conv2d(in_width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.skip(x)
+        x = F.silu(self.conv1(self.norm(x)))
+        return self.conv2(x) + residual
+
+
+class DownBlock(nn.Module):
+    """``block_depth`` residual blocks, each output kept as a skip, then 2x average pooling."""
+
+    def __init__(self, in_width: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(in_width if i == 0 else width, width) for i in range(depth))
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+            skips.append(x)
+        return F.avg_pool2d(x, 2)
+
+
+class UpBlock(nn.Module):
+    """2x bilinear upsampling, then ``block_depth`` residual blocks, each on [x, skip]."""
+
+    def __init__(self, in_width: int, skip_width: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResidualBlock((in_width if i == 0 else width) + skip_width, width) for i in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        for block in self.blocks:
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return x
+
+
+class KerasUNet(nn.Module):
+    """The denoiser of the Keras DDIM example: predicts the noise in ``noisy_images``."""
+
+    def __init__(self, cfg: KerasUNetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        widths, depth = list(cfg.widths), cfg.block_depth
+        self.embedding = SinusoidalEmbedding(cfg.embedding_dims, cfg.embedding_min_frequency, cfg.embedding_max_frequency)
+        self.conv_in = nn.Conv2d(cfg.channels, widths[0], 1)
+        self.down = nn.ModuleList()
+        in_width = widths[0] + cfg.embedding_dims
+        for w in widths[:-1]:
+            self.down.append(DownBlock(in_width, w, depth))
+            in_width = w
+        self.mid = nn.ModuleList(ResidualBlock(in_width if i == 0 else widths[-1], widths[-1]) for i in range(depth))
+        in_width = widths[-1]
+        self.up = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.up.append(UpBlock(in_width, w, w, depth))
+            in_width = w
+        self.conv_out = nn.Conv2d(in_width, cfg.channels, 1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size  # static, so exported graphs keep every channel count known
+        e = self.embedding(noise_variances).to(noisy_images.dtype)  # (N, E, 1, 1)
+        e = e.repeat(1, 1, size, size)  # nearest upsampling of a 1x1 map: (N, E, H, W)
+        x = torch.cat([self.conv_in(noisy_images), e], dim=1)
+        skips: list[torch.Tensor] = []
+        for block in self.down:
+            x = block(x, skips)
+        for block in self.mid:
+            x = block(x)
+        for block in self.up:
+            x = block(x, skips)
+        return self.conv_out(x)
