@@ -78,3 +78,29 @@ def test_x0_bounds_follow_normalisation():
     lo, hi = NormalizationConfig(mean=(0.5, 0.25), std=(0.5, 0.25)).x0_bounds()
     assert lo == pytest.approx((-1.0, -1.0)) and hi == pytest.approx((1.0, 3.0))
     assert ScheduleConfig().discrete is False and ScheduleConfig(name="linear").discrete is True
+
+
+def test_every_config_field_has_a_cli_option():
+    """Options map onto dataclass fields: none is missing, none is orphaned."""
+    import dataclasses as dc
+
+    from runtime.config import KerasUNetConfig, ScheduleConfig
+    from trainer.cli import DATA_FIELDS, MODEL_FIELDS, SCHEDULE_FIELDS, TRAIN_FIELDS, fit
+    from trainer.config import DataConfig
+
+    params = {p.name for p in fit.params}
+    assert MODEL_FIELDS == {f.name for f in dc.fields(KerasUNetConfig)} - {"architecture"}
+    assert set(SCHEDULE_FIELDS.values()) == {f.name for f in dc.fields(ScheduleConfig)}
+    assert DATA_FIELDS == {f.name for f in dc.fields(DataConfig)} - {"source"}
+    for name in MODEL_FIELDS | set(SCHEDULE_FIELDS) | DATA_FIELDS | TRAIN_FIELDS:
+        assert name in params, f"no CLI option for {name}"
+
+
+def test_ema_warmup_ramps_decay():
+    import torch
+
+    from trainer.ema import EMA
+
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.999, warmup=True)
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(90) == 0.91 and ema.decay_at(10**6) == 0.999
+    assert EMA(torch.nn.Linear(2, 2), decay=0.999).decay_at(0) == 0.999

@@ -24,9 +24,11 @@ from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset
 log = logging.getLogger("trainer")
 
 # Which config section each option belongs to, and the field it sets (when named differently).
-MODEL_FIELDS = {"image_size", "channels", "widths", "block_depth", "embedding_dims", "embedding_max_frequency"}
+MODEL_FIELDS = {"image_size", "channels", "widths", "block_depth", "embedding_dims", "embedding_min_frequency",
+                "embedding_max_frequency"}
 SCHEDULE_FIELDS = {"schedule": "name", "num_timesteps": "num_timesteps", "min_signal_rate": "min_signal_rate",
-                   "max_signal_rate": "max_signal_rate", "beta_start": "beta_start", "beta_end": "beta_end"}
+                   "max_signal_rate": "max_signal_rate", "beta_start": "beta_start", "beta_end": "beta_end",
+                   "cosine_s": "cosine_s"}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)} - {"source"}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -116,6 +118,7 @@ _CHOICE = click.Choice
 @click.option("--lr", type=float)
 @click.option("--weight-decay", type=float)
 @click.option("--ema-decay", type=float)
+@click.option("--ema-warmup/--no-ema-warmup", default=None, help="Ramp the EMA decay up over the first steps.")
 @click.option("--loss", type=_CHOICE(get_args(LossName)))
 @click.option("--warmup-steps", type=int)
 @click.option("--grad-clip", type=float, help="Max gradient norm.")
@@ -133,12 +136,14 @@ _CHOICE = click.Choice
 @click.option("--widths", callback=parse_widths, help="Block widths, e.g. 32,64,96,128.")
 @click.option("--block-depth", type=int)
 @click.option("--embedding-dims", type=int)
+@click.option("--embedding-min-frequency", type=float)
 @click.option("--embedding-max-frequency", type=float)
 # schedule (ScheduleConfig)
 @click.option("--schedule", type=_CHOICE(get_args(ScheduleName)))
 @click.option("--num-timesteps", type=int, help="T of discrete schedules.")
 @click.option("--beta-start", type=float)
 @click.option("--beta-end", type=float)
+@click.option("--cosine-s", type=float, help="Offset s of the cosine schedule.")
 @click.option("--min-signal-rate", type=float)
 @click.option("--max-signal-rate", type=float)
 # data (DataConfig)

@@ -58,6 +58,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n steps
     loss: LossName = "mae"
     steps: int | None = None  # total optimiser steps; or derive them from epochs
     epochs: int | None = None

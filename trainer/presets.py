@@ -26,7 +26,7 @@ def _keras_flowers() -> Preset:
         schedule=ScheduleConfig(name="cosine-angle", min_signal_rate=0.02, max_signal_rate=0.95),
         data=DataConfig(source="folder", split="train", val_fraction=0.2, normalization="dataset-stats"),
         train=TrainConfig(
-            batch_size=64, lr=1e-3, weight_decay=1e-4, ema_decay=0.999, loss="mae",
+            batch_size=64, lr=1e-3, weight_decay=1e-4, ema_decay=0.999, ema_warmup=False, loss="mae",
             epochs=80, dataset_repetitions=5, sample_every=2000, checkpoint_every=1000,
         ),
     )

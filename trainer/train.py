@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from runtime.config import ModelSpec, NormalizationConfig
 from runtime.images import save_grid
-from runtime.schedule import build_schedule
+from runtime.schedule import Schedule, build_schedule
 from trainer import diffusion
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint, step_dirs, write_config
-from trainer.config import RunConfig
+from trainer.config import RunConfig, TrainConfig
 from trainer.data import compute_normalization, load_images
 from trainer.ema import EMA
 from trainer.errors import TrainingDivergedError
@@ -77,6 +77,29 @@ def to_model_space(batch: torch.Tensor, norm: NormalizationConfig, flip: bool, g
         mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(device).view(-1, 1, 1, 1)
         x = torch.where(mask, x.flip(-1), x)
     return x
+
+
+def optimizer_step(model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer, x0: torch.Tensor,
+                   schedule: Schedule, gen: torch.Generator, t: TrainConfig, lr: float, step: int) -> float:
+    """One AdamW step on the diffusion loss of ``x0``, then the EMA update; returns the loss.
+
+    A non-finite loss is returned without touching the weights, so the caller can stop cleanly.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+        loss = diffusion.training_loss(model, x0, schedule, gen, t.loss)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    opt.step()
+    ema.update(model, step)
+    return value
 
 
 def total_steps(cfg: RunConfig, batches: Batches) -> int:
@@ -145,7 +168,7 @@ def _fit(cfg: RunConfig, run_dir: Path, images: np.ndarray, stored: ModelSpec | 
     write_config(run_dir, spec)  # on resume: records a changed length or cadence
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dev)
-    ema = EMA(model, cfg.train.ema_decay)
+    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = _restore(run_dir, model, ema, opt, gen) if resume else 0
@@ -218,14 +241,9 @@ class _Loop:
         return self.cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
     def train_step(self, step: int) -> float:
-        t = self.cfg.train
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(step)
-        self.model.train()
         x0 = to_model_space(self.batches(step), self.spec.normalization, self.cfg.data.random_flip, self.gen, self.dev)
-        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            loss = diffusion.training_loss(self.model, x0, self.schedule, self.gen, t.loss)
-        value = float(loss.detach())
+        value = optimizer_step(self.model, self.ema, self.opt, x0, self.schedule, self.gen, self.cfg.train,
+                               self.lr_at(step), step)
         if not math.isfinite(value):
             ckpts = step_dirs(self.run_dir)
             last = f"step {ckpts[-1][0]} in {ckpts[-1][1]}" if ckpts else "none written yet"
@@ -233,12 +251,6 @@ class _Loop:
                 f"loss is {value} at step {step + 1}; training stopped, last good checkpoint: {last} "
                 "(try a lower --lr or --grad-clip)"
             )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.opt.step()
-        self.ema.update(self.model)
         return value
 
     def checkpoint(self, step: int) -> None:
@@ -251,7 +263,7 @@ class _Loop:
         t = self.cfg.train
         images = diffusion.sample_images(self.ema.model, self.spec, t.num_samples, t.sample_steps, seed=t.seed,
                                          device=self.dev)
-        scale = max(1, 256 // (self.cfg.model.image_size * math.ceil(math.sqrt(t.num_samples))))
+        scale = max(1, 512 // (self.cfg.model.image_size * math.ceil(math.sqrt(t.num_samples))))
         (self.run_dir / "samples").mkdir(exist_ok=True)
         path = save_grid(self.run_dir / "samples" / f"step-{step:07d}.png", images, scale=scale)
         save_grid(self.run_dir / "samples.png", images, scale=scale)

@@ -1,0 +1,137 @@
+"""The command lines as a user types them: exit codes and one-line errors, never tracebacks."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--widths", "8,16", "--block-depth", "1", "--embedding-dims", "8", "--batch-size", "8",
+        "--sample-steps", "2", "--num-samples", "4", "--no-progress"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env,
+                          timeout=300)
+
+
+def fit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run("-m", "trainer", "fit", *args, cwd=cwd)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str, code: int = 1) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:") or line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+def test_fit_trains_and_writes_a_run(tmp_path, fashion_dir):
+    out = tmp_path / "run"
+    proc = fit("--data", str(fashion_dir), "--steps", "4", "--sample-every", "2", "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("fit: preset fashion-mnist -> ")
+    assert (out / "samples.png").is_file() and (out / "model.safetensors").is_file()
+    again = fit("--out", str(out), "--resume", "--steps", "6", "--data", str(fashion_dir), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "done at step 6/6" in again.stderr
+
+
+def test_fit_default_out_is_a_new_run_directory(tmp_path, fashion_dir):
+    proc = fit("--data", str(fashion_dir), "--steps", "1", "--sample-every", "1", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("fashion-mnist-") and (run_dir / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,pattern,code",
+    [
+        (["--preset", "imagenet"], r"Invalid value for '--preset'", 2),
+        (["--schedule", "sigmoid"], r"Invalid value for '--schedule'", 2),
+        (["--widths", "32,x"], r"comma-separated integers", 2),
+        (["--image-size", "36", "--widths", "8,16,32,64"], r"does not fit widths", 1),
+        (["--steps", "5", "--epochs", "1"], r"not both", 1),
+        (["--lr", "-1"], r"lr must lie in", 1),
+        (["--data", "/nonexistent/fmnist"], r"/nonexistent/fmnist does not exist", 1),
+        (["--resume", "--preset", "fashion-mnist"], r"drop --preset", 2),
+        (["--resume"], r"nothing to resume: .*config.json does not exist", 1),
+        (["--device", "cuda"], r"no usable CUDA GPU|", 1),
+    ],
+)
+def test_fit_bad_input_is_one_line(tmp_path, args, pattern, code):
+    if args == ["--device", "cuda"]:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    proc = fit(*args, "--out", str(tmp_path / "run"), "--no-progress")
+    assert_one_line_error(proc, pattern, code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_refuses_a_run_directory_with_another_config(tmp_path, fashion_dir):
+    out = tmp_path / "run"
+    assert fit("--data", str(fashion_dir), "--steps", "1", "--sample-every", "1", "--out", str(out), *TINY).returncode == 0
+    before = (out / "config.json").read_bytes()
+    proc = fit("--data", str(fashion_dir), "--steps", "1", "--sample-every", "1", "--lr", "0.01", "--out", str(out),
+               *TINY)
+    assert_one_line_error(proc, r"already holds a run with a different config \(train.lr differ\)")
+    assert (out / "config.json").read_bytes() == before
+    proc = fit("--out", str(out), "--resume", "--lr", "0.01", "--no-progress")
+    assert_one_line_error(proc, r"cannot change lr when resuming")
+
+
+def test_resume_needs_a_run_directory():
+    assert_one_line_error(fit("--resume"), r"--resume needs --out", 2)
+
+
+def test_fit_corrupt_image_and_unwritable_output(tmp_path, image_folder):
+    (image_folder / "bad.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    proc = fit("--preset", "keras-flowers", "--data", str(image_folder), "--split", "all", "--image-size", "16",
+               *TINY, "--out", str(tmp_path / "run"))
+    assert_one_line_error(proc, r"cannot read image .*bad.jpg")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = fit("--out", str(blocker / "run"), "--no-progress")
+    assert_one_line_error(proc, r"cannot create run directory")
+
+
+def test_info_lists_presets_with_size_and_flops():
+    proc = run("-m", "trainer", "info")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("fashion-mnist") and "GFLOPs/forward" in line for line in lines)
+    assert any(line.startswith("keras-flowers") and "1,950,627" in line for line in lines)
+
+
+@pytest.mark.parametrize("module", ["runtime.cli", "export.cli"])
+def test_console_scripts_are_wired(module):
+    proc = run("-m", module, "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+    proc = run("-m", module)
+    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+
+
+def test_runtime_imports_without_torch():
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import runtime, runtime.cli, runtime.images, runtime.noise, runtime.sampler, runtime.schedule\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = run("-c", blocker)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
