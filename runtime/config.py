@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
-Architecture = Literal["keras"]
+Architecture = Literal["keras", "ddpm"]
 ScheduleName = Literal["cosine-angle", "linear", "cosine"]
 
 
@@ -43,7 +43,7 @@ class KerasUNetConfig:
 
     image_size: int
     channels: int
-    architecture: Architecture = "keras"
+    architecture: Literal["keras"] = "keras"
     widths: tuple[int, ...] = (32, 64, 96, 128)
     block_depth: int = 2
     embedding_dims: int = 32
@@ -51,7 +51,7 @@ class KerasUNetConfig:
     embedding_max_frequency: float = 1000.0
 
     def __post_init__(self) -> None:
-        _check_choice(self.architecture, get_args(Architecture), "architecture")
+        _check_choice(self.architecture, ("keras",), "architecture")
         _check_positive_int(self.image_size, "image_size")
         _check_positive_int(self.channels, "channels")
         _check_positive_int(self.block_depth, "block_depth")
@@ -63,16 +63,65 @@ class KerasUNetConfig:
             raise ConfigError(f"embedding_dims must be an even number >= 2, got {self.embedding_dims}")
         if not 0 < self.embedding_min_frequency < self.embedding_max_frequency:
             raise ConfigError("need 0 < embedding_min_frequency < embedding_max_frequency")
-        factor = 2 ** (len(self.widths) - 1)  # one 2x average-pool per width but the last
-        if self.image_size % factor:
-            raise ConfigError(
-                f"image_size {self.image_size} does not fit widths {list(self.widths)}: "
-                f"{len(self.widths) - 1} downsamplings need a multiple of {factor}"
-            )
+        _check_downsampling(self.image_size, len(self.widths), f"widths {list(self.widths)}")
 
 
-ModelConfig = Union[KerasUNetConfig]
-MODEL_CONFIGS: dict[str, type] = {"keras": KerasUNetConfig}
+def _check_downsampling(image_size: int, levels: int, what: str) -> None:
+    factor = 2 ** (levels - 1)  # one 2x downsampling per level but the last
+    if image_size % factor:
+        raise ConfigError(
+            f"image_size {image_size} does not fit {what}: {levels - 1} downsamplings need a multiple of {factor}"
+        )
+
+
+@dataclass(frozen=True)
+class DDPMUNetConfig:
+    """The DDPM-style U-Net (Ho et al. 2020; as in the DDIM paper's CIFAR-10 / CelebA models).
+
+    GroupNorm, residual blocks with the noise-level embedding added through an MLP, dropout,
+    self-attention at the listed resolutions; conditioned on the noise variance like every
+    architecture here.
+    """
+
+    image_size: int
+    channels: int
+    architecture: Literal["ddpm"] = "ddpm"
+    base_width: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+    num_heads: int = 1
+    embedding_min_frequency: float = 1.0
+    embedding_max_frequency: float = 1000.0
+
+    def __post_init__(self) -> None:
+        _check_choice(self.architecture, ("ddpm",), "architecture")
+        for name in ("image_size", "channels", "base_width", "num_res_blocks", "num_groups", "num_heads"):
+            _check_positive_int(getattr(self, name), name)
+        if not self.channel_mults:
+            raise ConfigError("channel_mults must list at least one multiplier")
+        for m in self.channel_mults:
+            _check_positive_int(m, "every channel multiplier")
+        _check_downsampling(self.image_size, len(self.channel_mults), f"channel_mults {list(self.channel_mults)}")
+        resolutions = [self.image_size // 2**i for i in range(len(self.channel_mults))]
+        for r in self.attention_resolutions:
+            if r not in resolutions:
+                raise ConfigError(f"attention resolution {r} is not a level of this U-Net; allowed: "
+                                  f"{', '.join(map(str, resolutions))}")
+        for w in sorted({self.base_width * m for m in self.channel_mults}):
+            if w % self.num_groups or w % self.num_heads:
+                raise ConfigError(f"width {w} is not divisible by num_groups {self.num_groups} "
+                                  f"and num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not 0 < self.embedding_min_frequency < self.embedding_max_frequency:
+            raise ConfigError("need 0 < embedding_min_frequency < embedding_max_frequency")
+
+
+ModelConfig = Union[KerasUNetConfig, DDPMUNetConfig]
+MODEL_CONFIGS: dict[str, type] = {"keras": KerasUNetConfig, "ddpm": DDPMUNetConfig}
 
 
 @dataclass(frozen=True)
@@ -164,7 +213,7 @@ class ModelSpec:
             if not isinstance(data.get(key), Mapping):
                 raise ConfigError(f"config has no {key!r} section")
         arch = data["model"].get("architecture", "keras")
-        _check_choice(arch, tuple(MODEL_CONFIGS), "architecture")
+        _check_choice(arch, get_args(Architecture), "architecture")
         extra = {k: v for k, v in data.items() if k not in ("schema_version", "model", "schedule", "normalization")}
         return cls(
             model=dataclass_from_dict(MODEL_CONFIGS[arch], data["model"], "model"),

@@ -33,7 +33,7 @@ def spec_dict():
         (lambda d: d.pop("schema_version"), "no schema_version"),
         (lambda d: d.update(schema_version=99), "schema_version 99 is not supported"),
         (lambda d: d.pop("schedule"), "no 'schedule' section"),
-        (lambda d: d["model"].update(architecture="vit"), "unknown architecture 'vit'; allowed: keras"),
+        (lambda d: d["model"].update(architecture="vit"), "unknown architecture 'vit'; allowed: keras, ddpm"),
         (lambda d: d["model"].update(depth=3), "unknown key.*depth.*allowed"),
         (lambda d: d["model"].update(widths="32"), "must be a list"),
         (lambda d: d["model"].update(image_size="32"), "must be an integer"),

@@ -64,7 +64,7 @@ def test_fashion_mnist_missing_files_are_listed(tmp_path):
 
 
 def test_fashion_mnist_needs_one_channel(fashion_dir):
-    with pytest.raises(DatasetError, match="greyscale"):
+    with pytest.raises(DatasetError, match=r"1 channel\(s\): the model must have 1, not 3"):
         load_images(DataConfig(), KerasUNetConfig(32, 3, widths=(8, 16)), fashion_dir, "fashion-mnist")
 
 

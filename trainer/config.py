@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, get_args
 from runtime import __version__
 from runtime.config import ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, dataclass_from_dict
 
-DataSource = Literal["fashion-mnist", "folder"]
+DataSource = Literal["fashion-mnist", "cifar10", "oxford-flowers", "folder"]
 Split = Literal["train", "val", "all"]
 Normalization = Literal["dataset-stats", "minus-one-one"]
 LossName = Literal["mae", "mse"]
@@ -36,7 +36,7 @@ class DataConfig:
     """Where the images come from and how they become model inputs."""
 
     source: DataSource = "fashion-mnist"
-    split: Split = "train"  # fashion-mnist: train / t10k files; folder: seeded random split
+    split: Split = "train"  # fashion-mnist, cifar10: official train / test; folders: seeded random split
     val_fraction: float = 0.2
     split_seed: int = 0
     random_flip: bool = False

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from runtime.config import KerasUNetConfig, ModelConfig
+from runtime.config import DDPMUNetConfig, KerasUNetConfig, ModelConfig
+from trainer.unet_ddpm import DDPMUNet
 from trainer.unet_keras import KerasUNet
 
 
@@ -14,6 +15,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """The network a model config describes (architectures registered by name)."""
     if isinstance(cfg, KerasUNetConfig):
         return KerasUNet(cfg)
+    if isinstance(cfg, DDPMUNetConfig):
+        return DDPMUNet(cfg)
     raise ValueError(f"unknown architecture {getattr(cfg, 'architecture', cfg)!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config import KerasUNetConfig, ScheduleConfig
+from runtime.config import DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
 from trainer.config import DataConfig, RunConfig, TrainConfig
 
 
@@ -16,6 +16,10 @@ class Preset:
     summary: str
 
 
+KERAS_SCHEDULE = ScheduleConfig(name="cosine-angle", min_signal_rate=0.02, max_signal_rate=0.95)
+DDPM_SCHEDULE = ScheduleConfig(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+
+
 def _keras_flowers() -> Preset:
     # The Keras DDIM example's model card: Oxford Flowers 102 at 64x64, widths 32-128, depth 2,
     # cosine-angle schedule 0.02/0.95, MAE on the noise, AdamW 1e-3 / 1e-4, EMA 0.999, batch 64,
@@ -23,14 +27,14 @@ def _keras_flowers() -> Preset:
     cfg = RunConfig(
         preset="keras-flowers",
         model=KerasUNetConfig(image_size=64, channels=3, widths=(32, 64, 96, 128), block_depth=2),
-        schedule=ScheduleConfig(name="cosine-angle", min_signal_rate=0.02, max_signal_rate=0.95),
-        data=DataConfig(source="folder", split="train", val_fraction=0.2, normalization="dataset-stats"),
+        schedule=KERAS_SCHEDULE,
+        data=DataConfig(source="oxford-flowers", split="train", val_fraction=0.2, normalization="dataset-stats"),
         train=TrainConfig(
             batch_size=64, lr=1e-3, weight_decay=1e-4, ema_decay=0.999, ema_warmup=False, loss="mae",
             epochs=80, dataset_repetitions=5, sample_every=2000, checkpoint_every=1000,
         ),
     )
-    return Preset(cfg, "Keras DDIM example: Oxford Flowers 102, 64x64x3 (a folder of images)")
+    return Preset(cfg, "Keras DDIM example: Oxford Flowers 102, 64x64x3")
 
 
 def _fashion_mnist() -> Preset:
@@ -39,7 +43,7 @@ def _fashion_mnist() -> Preset:
     cfg = RunConfig(
         preset="fashion-mnist",
         model=KerasUNetConfig(image_size=32, channels=1, widths=(32, 64, 96), block_depth=2),
-        schedule=ScheduleConfig(name="cosine-angle", min_signal_rate=0.02, max_signal_rate=0.95),
+        schedule=KERAS_SCHEDULE,
         data=DataConfig(source="fashion-mnist", split="train", normalization="dataset-stats"),
         train=TrainConfig(
             batch_size=64, lr=1e-3, weight_decay=1e-4, ema_decay=0.999, loss="mae",
@@ -49,7 +53,43 @@ def _fashion_mnist() -> Preset:
     return Preset(cfg, "the embedded default: Fashion-MNIST, 32x32x1, about an hour on 2 CPU cores")
 
 
-PRESETS: dict[str, Preset] = {p.config.preset: p for p in (_fashion_mnist(), _keras_flowers())}
+def _ddpm_train(steps: int) -> TrainConfig:
+    # DDPM (Ho et al. 2020, App. B): Adam 2e-4, batch 128, 5,000 warm-up steps, gradient clipping
+    # at 1, EMA 0.9999, MSE on the noise; no weight decay.
+    return TrainConfig(
+        batch_size=128, lr=2e-4, weight_decay=0.0, ema_decay=0.9999, loss="mse", steps=steps,
+        warmup_steps=5000, grad_clip=1.0, sample_every=5000, checkpoint_every=5000,
+    )
+
+
+def _cifar10(width: int) -> Preset:
+    cfg = RunConfig(
+        preset=f"cifar10-{width}",
+        model=DDPMUNetConfig(image_size=32, channels=3, base_width=width, channel_mults=(1, 2, 2, 2),
+                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+        schedule=DDPM_SCHEDULE,
+        data=DataConfig(source="cifar10", split="train", random_flip=True, normalization="minus-one-one"),
+        train=_ddpm_train(800_000),
+    )
+    return Preset(cfg, f"DDPM-style U-Net, base width {width}: CIFAR-10 32x32x3 (DDPM / DDIM paper setup)")
+
+
+def _celebahq64() -> Preset:
+    # The DDIM paper's CelebA 64x64 model: channel multipliers 1-2-2-2-4, attention at 16x16.
+    cfg = RunConfig(
+        preset="celebahq-64",
+        model=DDPMUNetConfig(image_size=64, channels=3, base_width=128, channel_mults=(1, 2, 2, 2, 4),
+                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+        schedule=DDPM_SCHEDULE,
+        data=DataConfig(source="folder", split="all", random_flip=True, normalization="minus-one-one"),
+        train=_ddpm_train(500_000),
+    )
+    return Preset(cfg, "DDPM-style U-Net: CelebA-HQ resized to 64x64x3 (a folder of images you provide)")
+
+
+PRESETS: dict[str, Preset] = {
+    p.config.preset: p for p in (_fashion_mnist(), _keras_flowers(), _cifar10(64), _cifar10(128), _celebahq64())
+}
 DEFAULT_PRESET = "fashion-mnist"
 
 

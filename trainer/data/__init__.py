@@ -11,8 +11,10 @@ from PIL import Image
 
 from runtime.config import ModelConfig, NormalizationConfig
 from trainer.config import DataConfig
+from trainer.data.cifar10 import load_cifar10
 from trainer.data.download import cache_dir
 from trainer.data.fashion_mnist import load_fashion_mnist
+from trainer.data.flowers import ensure_flowers
 from trainer.data.folder import list_images, load_folder, split_files
 from trainer.errors import DatasetError
 
@@ -31,7 +33,26 @@ def fit_idx_images(images: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
         lo = (size - h) // 2
         hi = size - h - lo
         return np.pad(images, ((0, 0), (lo, hi), (lo, hi)))
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR)) for im in images])
+    return resize_images(images[:, None], size)[:, 0]
+
+
+def resize_images(images: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
+    """``(N, C, H, W)`` uint8 square images to ``size`` (antialiased bilinear); unchanged when equal."""
+    if images.shape[-1] == size:
+        return images
+    out = np.empty(images.shape[:2] + (size, size), dtype=np.uint8)
+    for i, im in enumerate(images):
+        for c, plane in enumerate(im):
+            out[i, c] = np.asarray(Image.fromarray(plane).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+OFFICIAL_SPLITS = {"train": ["train"], "val": ["test"], "all": ["train", "test"]}
+
+
+def _need_channels(source: str, want: int, have: int) -> None:
+    if want != have:
+        raise DatasetError(f"{source} images have {have} channel(s): the model must have {have}, not {want}")
 
 
 def load_images(data: DataConfig, model: ModelConfig, path: Path | None, preset: str,
@@ -39,12 +60,17 @@ def load_images(data: DataConfig, model: ModelConfig, path: Path | None, preset:
     """The training images a data config selects, as ``(N, C, H, W)`` uint8."""
     size, channels = model.image_size, model.channels
     if data.source == "fashion-mnist":
-        if channels != 1:
-            raise DatasetError(f"Fashion-MNIST is greyscale: the model must have 1 channel, not {channels}")
-        splits = {"train": ["train"], "val": ["test"], "all": ["train", "test"]}[data.split]
-        images = np.concatenate([load_fashion_mnist(path, s)[0] for s in splits])
+        _need_channels("Fashion-MNIST", channels, 1)
+        images = np.concatenate([load_fashion_mnist(path, s)[0] for s in OFFICIAL_SPLITS[data.split]])
         return fit_idx_images(images, size)[:, None]
-    root = path if path is not None else default_folder(preset)
+    if data.source == "cifar10":
+        _need_channels("CIFAR-10", channels, 3)
+        split = {"train": "train", "val": "test", "all": "all"}[data.split]
+        return resize_images(load_cifar10(path, split)[0], size)
+    if data.source == "oxford-flowers":
+        root = path if path is not None else ensure_flowers()
+    else:
+        root = path if path is not None else default_folder(preset)
     if path is None and not root.exists():
         raise DatasetError(
             f"preset {preset!r} reads a folder of images: pass --data PATH "

@@ -1,0 +1,90 @@
+"""The DDPM-style U-Net: structure, initialisation, FP16 behaviour and ONNX exportability."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.config import ConfigError, DDPMUNetConfig
+from trainer.models import build_model, count_parameters, forward_gflops
+from trainer.presets import get_preset
+from trainer.unet_ddpm import AttentionBlock, GroupNorm32
+
+TINY = DDPMUNetConfig(image_size=16, channels=3, base_width=16, channel_mults=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(8,), num_groups=4, num_heads=2, dropout=0.0)
+
+
+def randomised(cfg: DDPMUNetConfig = TINY) -> torch.nn.Module:
+    """A model whose zero-initialised layers are given weights, so every path contributes."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    for p in model.parameters():
+        if torch.count_nonzero(p) == 0 and p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_shapes_attention_placement_and_zero_head():
+    model = build_model(TINY)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.count_nonzero(model(x, torch.rand(2, 1, 1, 1))) == 0  # zero-initialised output conv
+    attn_levels = [any(isinstance(a, AttentionBlock) for a in level.attn) for level in model.down]
+    assert attn_levels == [False, True]  # attention only at 8x8
+    assert randomised()(x, torch.rand(2, 1, 1, 1)).shape == x.shape
+
+
+def test_cifar10_128_is_the_ddpm_model_size():
+    cfg = get_preset("cifar10-128").config.model
+    model = build_model(cfg)
+    assert count_parameters(model) == pytest.approx(35.7e6, rel=0.01)  # DDPM's CIFAR-10 model: 35.7 M
+    assert forward_gflops(model, cfg) == pytest.approx(12.4, rel=0.05)  # ~6.2 GMACs
+
+
+def test_groupnorm_and_softmax_stay_float32_under_half_inputs():
+    norm = GroupNorm32(2, 4)
+    x = (torch.randn(1, 4, 3, 3) * 300).to(torch.bfloat16)
+    assert norm(x).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(x).float(), norm(x.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_bfloat16_forward_tracks_float32():
+    model = randomised()
+    x, v = torch.randn(2, 3, 16, 16), torch.rand(2, 1, 1, 1)
+    with torch.no_grad():
+        ref = model(x, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, v).float()
+    err = (low - ref).abs().max() / ref.abs().max()
+    assert err < 0.05, f"relative error {err:.3g}"
+
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="attention resolution 4 is not a level.*allowed: 16, 8"):
+        DDPMUNetConfig(image_size=16, channels=3, channel_mults=(1, 2), attention_resolutions=(4,))
+    with pytest.raises(ConfigError, match="not divisible by num_groups 32"):
+        DDPMUNetConfig(image_size=32, channels=3, base_width=48, attention_resolutions=())
+    with pytest.raises(ConfigError, match="does not fit channel_mults"):
+        DDPMUNetConfig(image_size=20, channels=3, channel_mults=(1, 2, 2, 2))
+
+
+def test_exports_to_onnx_opset18_and_matches_eager():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = randomised()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model, (torch.randn(2, 3, 16, 16), torch.rand(2, 1, 1, 1)), buf,
+        input_names=["noisy_images", "noise_variances"], output_names=["pred_noises"],
+        dynamic_axes={k: {0: "batch"} for k in ("noisy_images", "noise_variances", "pred_noises")},
+        opset_version=18, dynamo=False,
+    )
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()), full_check=True)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x, v = torch.randn(3, 3, 16, 16), torch.rand(3, 1, 1, 1)
+    (got,) = session.run(None, {"noisy_images": x.numpy(), "noise_variances": v.numpy()})
+    with torch.no_grad():
+        expected = model(x, v).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
