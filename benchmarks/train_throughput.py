@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runtime.schedule import build_schedule  # noqa: E402
-from trainer.ema import EMA  # noqa: E402
 from trainer.models import build_model, count_parameters, forward_gflops  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
-from trainer.train import optimizer_step  # noqa: E402
+from trainer.step import Trainee, optimizer_step  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -49,16 +48,13 @@ def measure(preset: str, precision: str, batch: int | None, steps: int, warmup: 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     gflops = forward_gflops(model, cfg.model)
-    ema = EMA(model, train.ema_decay, train.ema_warmup)
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    gen = torch.Generator().manual_seed(0)
-    schedule = build_schedule(cfg.schedule)
+    trainee = Trainee.create(model, model, build_schedule(cfg.schedule), train)
     m = cfg.model
     x0 = torch.randn(train.batch_size, m.channels, m.image_size, m.image_size, device=device)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        optimizer_step(model, ema, opt, x0, schedule, gen, train, train.lr, i)
+        optimizer_step(trainee, x0, train.lr, i)
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -75,7 +71,7 @@ def measure(preset: str, precision: str, batch: int | None, steps: int, warmup: 
 
 @click.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), multiple=True, help="[default: all]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), multiple=True, help="[default: fp32]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), multiple=True, help="[default: fp32]")
 @click.option("--batch-size", type=int, default=None, help="[default: the preset's]")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)

@@ -65,3 +65,45 @@ def tiny_config(**train: object) -> RunConfig:
         data=DataConfig(source="fashion-mnist"),
         train=dataclasses.replace(base, **train),
     )
+
+
+def write_cifar_tarball(path: Path, n_per_batch: int = 8) -> Path:
+    """A CIFAR-10 python tarball: pickled dicts of byte keys, as the official batches are."""
+    import io
+    import pickle
+    import tarfile
+
+    rng = np.random.default_rng(2)
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"batch_label": b"x", b"labels": [int(v) for v in rng.integers(0, 10, n_per_batch)],
+                     b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)}
+            raw = pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def write_flowers_tgz(path: Path, n: int = 12) -> Path:
+    """An Oxford-Flowers-like tgz: jpg/image_XXXXX.jpg, plus members that must not be extracted."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(3)
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            info = tarfile.TarInfo(f"jpg/image_{i:05d}.jpg")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+        evil = tarfile.TarInfo("../escape.jpg")
+        evil.size = 3
+        tar.addfile(evil, io.BytesIO(b"bad"))
+        link = tarfile.TarInfo("jpg/link.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    return path

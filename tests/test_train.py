@@ -138,3 +138,51 @@ def test_eager_sampling_is_seeded_and_batch_independent(tmp_path, fashion_dir):
     assert not np.array_equal(a, c)
     eta = diffusion.sample_images(model, spec, 2, steps=4, seed=3, eta=1.0, clip_x0=True)
     assert eta.shape == (2, 32, 32, 1)
+
+
+def _tiny_model(model):
+    if model.architecture == "ddpm":
+        return dataclasses.replace(model, image_size=16, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
+                                   attention_resolutions=(8,), num_groups=4)
+    return dataclasses.replace(model, image_size=16, widths=(8, 16), block_depth=1, embedding_dims=8)
+
+
+@pytest.mark.parametrize("preset", ["fashion-mnist", "keras-flowers", "cifar10-64", "cifar10-128", "celebahq-64"])
+def test_every_preset_trains_a_few_steps_on_local_data(preset, tmp_path, fashion_dir, image_folder, monkeypatch):
+    from conftest import write_cifar_tarball, write_flowers_tgz
+    from trainer.presets import get_preset
+
+    monkeypatch.setenv("DDIM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    cfg = get_preset(preset).config
+    data = {"fashion-mnist": fashion_dir, "celebahq-64": image_folder, "keras-flowers": None}.get(preset)
+    if preset.startswith("cifar10"):
+        data = write_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
+    if preset == "keras-flowers":
+        (tmp_path / "cache" / "oxford-flowers-102").mkdir(parents=True)
+        write_flowers_tgz(tmp_path / "cache" / "oxford-flowers-102" / "102flowers.tgz", n=24)
+    train = dataclasses.replace(cfg.train, batch_size=4, steps=3, epochs=None, warmup_steps=1, sample_every=3,
+                                sample_steps=2, num_samples=2, checkpoint_every=3)
+    cfg = dataclasses.replace(cfg, model=_tiny_model(cfg.model), train=train)
+    result = fit(cfg, tmp_path / "run", data, progress=False)
+    assert result.step == 3
+    model, spec = load_model(tmp_path / "run")
+    assert spec.model == cfg.model and (tmp_path / "run" / "samples.png").is_file()
+
+
+def test_fp16_needs_cuda(tmp_path, fashion_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="fp16 training needs a CUDA device"):
+        fit(tiny_config(steps=1, precision="fp16"), tmp_path / "run", fashion_dir, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_and_resume(precision, tmp_path, fashion_dir):
+    run = tmp_path / "run"
+    fit(tiny_config(steps=2, precision=precision, checkpoint_every=2), run, fashion_dir, device="cuda",
+        progress=False)
+    cfg = with_train_overrides(load_run_config(run), {"steps": 4})
+    result = fit(cfg, run, fashion_dir, resume=True, device="cuda", progress=False)
+    assert result.step == 4 and (run / "samples.png").is_file()

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ class TrainState:
 
     step: int
     optimizer: dict[str, Any]
-    rng: dict[str, torch.Tensor]
+    rng: dict[str, Any]
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16 gradient scaler, when used
 
 
 def write_config(run_dir: Path, spec: ModelSpec) -> None:
@@ -84,8 +85,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, ema: nn.Module, state: Trai
     tensors.update({f"raw.{k}": v for k, v in model.state_dict().items()})
     meta = {"format": "ddim-deploy", "step": str(state.step), "toolkit_version": __version__}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS, metadata=meta)
-    torch.save({"format": STATE_FORMAT, "step": state.step, "optimizer": state.optimizer, "rng": state.rng},
-               tmp / STATE)
+    torch.save({"format": STATE_FORMAT, "step": state.step, "optimizer": state.optimizer, "rng": state.rng,
+                "scaler": state.scaler}, tmp / STATE)
     for name in (WEIGHTS, STATE):
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
@@ -158,4 +159,5 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, ema: nn.Module) -> TrainSt
         raise CheckpointError(f"corrupt training state {ckpt_dir / STATE}: {str(exc).splitlines()[0]}") from None
     if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt_dir / STATE} is not a training state of format {STATE_FORMAT}")
-    return TrainState(step=int(blob["step"]), optimizer=blob["optimizer"], rng=blob["rng"])
+    return TrainState(step=int(blob["step"]), optimizer=blob["optimizer"], rng=blob["rng"],
+                      scaler=blob.get("scaler") or {})

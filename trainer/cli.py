@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -155,7 +156,8 @@ _CHOICE = click.Choice
 @friendly_errors
 def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bool, device: str, progress: bool,
         **opts: Any) -> None:
-    """Train a denoiser into a run directory."""
+    """Train a denoiser into a run directory (under torchrun: one process per rank, DDP)."""
+    from trainer import distributed
     from trainer.rundir import load_run_config, with_train_overrides
 
     setup_logging()
@@ -167,13 +169,23 @@ def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bo
         cfg = with_train_overrides(load_run_config(out), {k: v for k, v in opts.items() if v is not None})
     else:
         cfg = apply_overrides(get_preset(preset or DEFAULT_PRESET).config, opts)
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi and out is None:
+        raise click.UsageError("under torchrun pass --out RUN_DIR: every process must agree on the run directory")
     run_dir = out or Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dev = resolve_device(device)
-    log.info("fit: preset %s -> %s on %s%s", cfg.preset, run_dir, dev, " (resuming)" if resume else "")
+    dist, dev = distributed.setup(resolve_device(device))
+    if not dist.is_main:  # rank 0 speaks for the job
+        for name in ("trainer", "runtime"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    procs = f" x {dist.world} processes" if dist.enabled else ""
+    log.info("fit: preset %s -> %s on %s%s%s", cfg.preset, run_dir, dev, procs, " (resuming)" if resume else "")
     from trainer.train import fit as run_fit
 
-    with logging_redirect_tqdm(loggers=[logging.getLogger("trainer"), logging.getLogger("runtime")]):
-        result = run_fit(cfg, run_dir, data_path, resume=resume, device=dev, progress=progress)
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("trainer"), logging.getLogger("runtime")]):
+            result = run_fit(cfg, run_dir, data_path, resume=resume, device=dev, progress=progress, dist=dist)
+    finally:
+        distributed.teardown(dist)
     state = "stopped" if result.interrupted else "done"
     log.info("%s at step %d/%d (%.1f images/s); checkpoint in %s", state, result.step, result.total_steps,
              result.images_per_second, run_dir)

@@ -18,7 +18,7 @@ DataSource = Literal["fashion-mnist", "cifar10", "oxford-flowers", "folder"]
 Split = Literal["train", "val", "all"]
 Normalization = Literal["dataset-stats", "minus-one-one"]
 LossName = Literal["mae", "mse"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]  # fp16: CUDA only, with a gradient scaler
 
 
 def _choice(value: object, allowed: tuple[object, ...], what: str) -> None:

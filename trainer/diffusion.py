@@ -28,13 +28,20 @@ def sample_training_steps(schedule: Schedule, n: int, gen: torch.Generator) -> N
 
 
 def training_loss(
-    model: nn.Module, x0: torch.Tensor, schedule: Schedule, gen: torch.Generator, loss: str
+    model: nn.Module, x0: torch.Tensor, schedule: Schedule, gen: torch.Generator, loss: str,
+    part: slice | None = None, world: int = 1,
 ) -> torch.Tensor:
-    """Noise x0 at random steps and regress the noise (MAE as Keras, or MSE as DDPM)."""
+    """Noise x0 at random steps and regress the noise (MAE as Keras, or MSE as DDPM).
+
+    Under multi-process training x0 is this rank's ``part`` of a global batch ``world`` times
+    larger: the steps and noise are drawn for the whole global batch (the generator is in step on
+    every rank) and sliced, so the job draws exactly what a single process would.
+    """
     n = x0.shape[0]
-    a = torch.from_numpy(schedule.alpha_bar(sample_training_steps(schedule, n, gen)))
-    a = a.to(device=x0.device, dtype=torch.float32).view(n, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    part = part or slice(0, n)
+    steps = sample_training_steps(schedule, n * world, gen)[part]
+    a = torch.from_numpy(schedule.alpha_bar(steps)).to(device=x0.device, dtype=torch.float32).view(n, 1, 1, 1)
+    noise = torch.randn((n * world, *x0.shape[1:]), generator=gen)[part].to(x0.device)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise  # q(x_t | x_0), DDPM Eq. 4
     pred = model(x_t, 1.0 - a)
     return F.l1_loss(pred.float(), noise) if loss == "mae" else F.mse_loss(pred.float(), noise)

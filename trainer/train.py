@@ -1,7 +1,8 @@
-"""The training loop: AdamW, EMA, periodic samples and checkpoints, exact resume."""
+"""The training loop: AdamW, EMA, periodic samples and checkpoints, exact resume, torchrun."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -15,18 +16,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.config import ModelSpec, NormalizationConfig
+from runtime.config import ModelSpec
 from runtime.images import save_grid
-from runtime.schedule import Schedule, build_schedule
+from runtime.schedule import build_schedule
 from trainer import diffusion
+from trainer.batches import Batches, to_model_space
 from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint, step_dirs, write_config
-from trainer.config import RunConfig, TrainConfig
+from trainer.config import RunConfig
 from trainer.data import compute_normalization, load_images
-from trainer.ema import EMA
+from trainer.distributed import DistInfo, barrier, gather, wrap
 from trainer.errors import TrainingDivergedError
 from trainer.logbook import LossLog
 from trainer.models import build_model, count_parameters
 from trainer.rundir import check_run_dir, create_run_dir
+from trainer.step import Trainee, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -41,65 +44,7 @@ class FitResult:
     images_per_second: float
     interrupted: bool = False
     samples: list[Path] = field(default_factory=list)
-
-
-class Batches:
-    """Deterministic mini-batches: epoch e is a permutation seeded by (seed, e), remainder dropped.
-
-    The batch of step s depends only on (seed, s), so a resumed run sees the same data.
-    """
-
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int) -> None:
-        if len(images) < batch_size:
-            raise ValueError(f"the dataset has {len(images)} images, fewer than the batch size {batch_size}")
-        self.images = torch.from_numpy(images)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.per_epoch = len(images) // batch_size
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def __call__(self, step: int) -> torch.Tensor:
-        epoch, offset = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-        idx = self._perm[offset * self.batch_size : (offset + 1) * self.batch_size]
-        return self.images[torch.from_numpy(idx)]
-
-
-def to_model_space(batch: torch.Tensor, norm: NormalizationConfig, flip: bool, gen: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
-    """uint8 (N, C, H, W) to normalised float32, with random horizontal flips when asked."""
-    x = batch.to(device=device, dtype=torch.float32) / 255.0
-    mean = torch.tensor(norm.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std, device=device).view(1, -1, 1, 1)
-    x = (x - mean) / std
-    if flip:
-        mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(device).view(-1, 1, 1, 1)
-        x = torch.where(mask, x.flip(-1), x)
-    return x
-
-
-def optimizer_step(model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer, x0: torch.Tensor,
-                   schedule: Schedule, gen: torch.Generator, t: TrainConfig, lr: float, step: int) -> float:
-    """One AdamW step on the diffusion loss of ``x0``, then the EMA update; returns the loss.
-
-    A non-finite loss is returned without touching the weights, so the caller can stop cleanly.
-    """
-    for group in opt.param_groups:
-        group["lr"] = lr
-    model.train()
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-        loss = diffusion.training_loss(model, x0, schedule, gen, t.loss)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        return value
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if t.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    opt.step()
-    ema.update(model, step)
-    return value
+    model: torch.nn.Module | None = None  # the trained (raw) weights, for use from Python
 
 
 def total_steps(cfg: RunConfig, batches: Batches) -> int:
@@ -135,13 +80,19 @@ def stop_requests() -> Iterator[list[bool]]:
 
 
 def fit(cfg: RunConfig, run_dir: Path, data_path: Path | None = None, resume: bool = False,
-        device: str = "cpu", progress: bool = True) -> FitResult:
-    """Train ``cfg`` into ``run_dir`` (resuming its latest checkpoint when asked)."""
+        device: str = "cpu", progress: bool = True, dist: DistInfo = DistInfo()) -> FitResult:
+    """Train ``cfg`` into ``run_dir`` (resuming its latest checkpoint when asked).
+
+    Under torchrun every rank calls this with its :class:`DistInfo`; rank 0 alone writes files.
+    """
     stored = check_run_dir(cfg, run_dir, resume)
-    images = load_images(cfg.data, cfg.model, data_path, cfg.preset, progress)
-    create_run_dir(run_dir)
-    with log_to_file(run_dir / "train.log"):
-        return _fit(cfg, run_dir, images, stored, resume, torch.device(device), progress)
+    images = load_images(cfg.data, cfg.model, data_path, cfg.preset, progress and dist.is_main)
+    if dist.is_main:
+        create_run_dir(run_dir)
+    barrier(dist)
+    logging_to_file = log_to_file(run_dir / "train.log") if dist.is_main else contextlib.nullcontext()
+    with logging_to_file:
+        return _fit(cfg, run_dir, images, stored, resume, torch.device(device), progress and dist.is_main, dist)
 
 
 @contextmanager
@@ -162,34 +113,40 @@ def log_to_file(path: Path) -> Iterator[None]:
 
 
 def _fit(cfg: RunConfig, run_dir: Path, images: np.ndarray, stored: ModelSpec | None, resume: bool,
-         dev: torch.device, progress: bool) -> FitResult:
+         dev: torch.device, progress: bool, dist: DistInfo) -> FitResult:
+    t = cfg.train
     norm = stored.normalization if stored else compute_normalization(images, cfg.data.normalization)
     spec = cfg.to_spec(norm)
-    write_config(run_dir, spec)  # on resume: records a changed length or cadence
-    torch.manual_seed(cfg.train.seed)
+    if dist.is_main:
+        write_config(run_dir, spec)  # on resume: records a changed length or cadence
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model).to(dev)
-    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    start = _restore(run_dir, model, ema, opt, gen) if resume else 0
-    batches = Batches(images, cfg.train.batch_size, cfg.train.seed)
+    net = wrap(model, dist, dev)
+    if dist.rank > 0:  # dropout masks differ between ranks, as they would across one big batch
+        torch.manual_seed(t.seed + dist.rank)
+    trainee = Trainee.create(model, net, build_schedule(cfg.schedule), t, dist)
+    start = _restore(run_dir, trainee) if resume else 0
+    batches = Batches(images, t.batch_size, t.seed, dist)
     total = total_steps(cfg, batches)
-    log.info("%s: %d images, %s parameters, steps %d -> %d on %s", cfg.preset, len(images),
-             f"{count_parameters(model):,}", start, total, dev)
-    loop = _Loop(cfg, spec, run_dir, model, ema, opt, gen, batches, dev, progress)
-    return loop.run(start, total)
+    procs = f" x {dist.world} processes" if dist.enabled else ""
+    log.info("%s: %d images, %s parameters, steps %d -> %d on %s%s", cfg.preset, len(images),
+             f"{count_parameters(model):,}", start, total, dev, procs)
+    return _Loop(cfg, spec, run_dir, trainee, batches, dev, progress).run(start, total)
 
 
-def _restore(run_dir: Path, model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-             gen: torch.Generator) -> int:
+def _restore(run_dir: Path, t: Trainee) -> int:
     ckpts = step_dirs(run_dir)
     if not ckpts:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
         return 0
-    state = load_checkpoint(ckpts[-1][1], model, ema.model)
-    opt.load_state_dict(state.optimizer)
-    torch.set_rng_state(state.rng["torch"])
-    gen.set_state(state.rng["generator"])
+    state = load_checkpoint(ckpts[-1][1], t.model, t.ema.model)
+    t.opt.load_state_dict(state.optimizer)
+    per_rank = state.rng["torch"]
+    if t.dist.rank < len(per_rank):  # else a different process count: keep this rank's fresh seed
+        torch.set_rng_state(per_rank[t.dist.rank])
+    t.gen.set_state(state.rng["generator"])
+    if t.scaler is not None and state.scaler:
+        t.scaler.load_state_dict(state.scaler)
     log.info("resuming %s from step %d", run_dir, state.step)
     return state.step
 
@@ -197,13 +154,11 @@ def _restore(run_dir: Path, model: torch.nn.Module, ema: EMA, opt: torch.optim.O
 class _Loop:
     """One training run's moving parts, so each phase reads as a short method."""
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, run_dir: Path, model: torch.nn.Module, ema: EMA,
-                 opt: torch.optim.Optimizer, gen: torch.Generator, batches: Batches, dev: torch.device,
-                 progress: bool) -> None:
-        self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
-        self.model, self.ema, self.opt, self.gen = model, ema, opt, gen
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, run_dir: Path, trainee: Trainee, batches: Batches,
+                 dev: torch.device, progress: bool) -> None:
+        self.cfg, self.spec, self.run_dir, self.t = cfg, spec, run_dir, trainee
         self.batches, self.dev, self.progress = batches, dev, progress
-        self.schedule = build_schedule(cfg.schedule)
+        self.main = trainee.dist.is_main
         self.losses = LossLog(run_dir, cfg.train.log_every)
         self.samples: list[Path] = []
 
@@ -214,11 +169,8 @@ class _Loop:
         interrupted = False
         with stop_requests() as stop, tqdm(total=total, initial=start, desc="training", unit="step",
                                            disable=not self.progress, dynamic_ncols=True) as bar:
-            while step < total:
-                if stop[0]:
-                    interrupted = True
-                    break
-                loss = self.train_step(step)
+            while step < total and not interrupted:
+                loss, interrupted = self.train_step(step, stop[0])
                 step += 1
                 seen += t.batch_size
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
@@ -228,22 +180,24 @@ class _Loop:
                 if step % t.checkpoint_every == 0 or step == total:
                     self.checkpoint(step)
                     saved = step
-                if step % t.sample_every == 0 or step == total:
+                if (step % t.sample_every == 0 or step == total) and self.main:
                     self.sample(step)
         if step != saved:
             self.checkpoint(step)
-        self.losses.plot()
+        if self.main:
+            self.losses.plot()
         rate = seen / max(time.perf_counter() - t0, 1e-9)
-        return FitResult(self.run_dir, step, total, rate, interrupted, self.samples)
+        return FitResult(self.run_dir, step, total, rate, interrupted, self.samples, self.t.model)
 
     def lr_at(self, step: int) -> float:
         warm = self.cfg.train.warmup_steps
         return self.cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
-    def train_step(self, step: int) -> float:
-        x0 = to_model_space(self.batches(step), self.spec.normalization, self.cfg.data.random_flip, self.gen, self.dev)
-        value = optimizer_step(self.model, self.ema, self.opt, x0, self.schedule, self.gen, self.cfg.train,
-                               self.lr_at(step), step)
+    def train_step(self, step: int, stop: bool) -> tuple[float, bool]:
+        dist = self.t.dist
+        x0 = to_model_space(self.batches(step), self.spec.normalization, self.cfg.data.random_flip, self.t.gen,
+                            self.dev, dist)
+        value, any_stop = optimizer_step(self.t, x0, self.lr_at(step), step, stop)
         if not math.isfinite(value):
             ckpts = step_dirs(self.run_dir)
             last = f"step {ckpts[-1][0]} in {ckpts[-1][1]}" if ckpts else "none written yet"
@@ -251,17 +205,21 @@ class _Loop:
                 f"loss is {value} at step {step + 1}; training stopped, last good checkpoint: {last} "
                 "(try a lower --lr or --grad-clip)"
             )
-        return value
+        return value, any_stop
 
     def checkpoint(self, step: int) -> None:
-        rng = {"torch": torch.get_rng_state(), "generator": self.gen.get_state()}
-        state = TrainState(step=step, optimizer=self.opt.state_dict(), rng=rng)
-        save_checkpoint(self.run_dir, self.model, self.ema.model, state, self.cfg.train.keep_checkpoints)
-        self.losses.flush()
+        per_rank = gather(torch.get_rng_state(), self.t.dist)  # a collective: every rank takes part
+        if self.main:
+            rng = {"torch": per_rank, "generator": self.t.gen.get_state()}
+            scaler = self.t.scaler.state_dict() if self.t.scaler is not None else {}
+            state = TrainState(step=step, optimizer=self.t.opt.state_dict(), rng=rng, scaler=scaler)
+            save_checkpoint(self.run_dir, self.t.model, self.t.ema.model, state, self.cfg.train.keep_checkpoints)
+            self.losses.flush()
+        barrier(self.t.dist)
 
     def sample(self, step: int) -> None:
         t = self.cfg.train
-        images = diffusion.sample_images(self.ema.model, self.spec, t.num_samples, t.sample_steps, seed=t.seed,
+        images = diffusion.sample_images(self.t.ema.model, self.spec, t.num_samples, t.sample_steps, seed=t.seed,
                                          device=self.dev)
         scale = max(1, 512 // (self.cfg.model.image_size * math.ceil(math.sqrt(t.num_samples))))
         (self.run_dir / "samples").mkdir(exist_ok=True)

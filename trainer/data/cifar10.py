@@ -72,14 +72,15 @@ def load_cifar10(data_path: Path | None, split: str) -> tuple[NDArray[np.uint8],
     try:
         with tarfile.open(path, "r:gz") as tar:
             for name in names:
-                member = tar.extractfile(name)
+                try:
+                    member = tar.extractfile(name)
+                except KeyError:
+                    member = None
                 if member is None:
-                    raise DatasetError(f"{path} has no {name}")
+                    raise DatasetError(f"{path} lacks {name}: not the CIFAR-10 python tarball")
                 x, y = read_batch(member.read(), f"{path}:{name}")
                 images.append(x)
                 labels.append(y)
-    except KeyError as exc:
-        raise DatasetError(f"{path} lacks {exc.args[0]}: not the CIFAR-10 python tarball") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"cannot read CIFAR-10 tarball {path}: {exc}") from None
     log.info("CIFAR-10 %s split from %s", split, path)
