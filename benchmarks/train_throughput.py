@@ -69,6 +69,16 @@ def measure(preset: str, precision: str, batch: int | None, steps: int, warmup: 
     }
 
 
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Today's earlier rows for other (preset, precision, batch) settings, then this run's rows."""
+    if not path.is_file():
+        return rows
+    key = lambda r: (r["preset"], r["precision"], r["batch_size"])  # noqa: E731
+    fresh = {key(r) for r in rows}
+    old = [r for r in json.loads(path.read_text()).get("results", []) if key(r) not in fresh]
+    return old + rows
+
+
 @click.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), multiple=True, help="[default: all]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), multiple=True, help="[default: fp32]")
@@ -92,6 +102,7 @@ def main(preset: tuple[str, ...], precision: tuple[str, ...], batch_size: int | 
            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
     stem = f"train-throughput-{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
     out.mkdir(parents=True, exist_ok=True)
+    rows = merge_rows(out / f"{stem}.json", rows)
     (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
     lines = [f"# Training throughput ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {device})", "",
              "| preset | precision | batch | images/s | GFLOPs/forward | achieved GFLOP/s | parameters |",

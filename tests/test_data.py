@@ -110,7 +110,7 @@ def test_folder_preset_without_data_explains_what_to_pass(tmp_path, monkeypatch)
     monkeypatch.setenv("DDIM_DEPLOY_CACHE", str(tmp_path))
     model = KerasUNetConfig(image_size=16, channels=3, widths=(8, 16))
     with pytest.raises(DatasetError, match="--data PATH"):
-        load_images(DataConfig(source="folder"), model, None, "keras-flowers")
+        load_images(DataConfig(source="folder"), model, None, "celebahq-64")
 
 
 def test_normalisation_statistics():

@@ -19,10 +19,12 @@ from trainer.unet_keras import SinusoidalEmbedding
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as improved-diffusion does)."""
+    """GroupNorm computed in float32 whatever the input and parameter dtypes (as improved-diffusion does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

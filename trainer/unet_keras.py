@@ -29,10 +29,12 @@ class SinusoidalEmbedding(nn.Module):
     def __init__(self, dims: int, min_frequency: float, max_frequency: float) -> None:
         super().__init__()
         freqs = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dims // 2))
-        self.register_buffer("angular_speeds", (2.0 * math.pi * freqs).view(1, -1, 1, 1), persistent=False)
+        # A plain list, not a buffer: model.half() must not round these speeds (up to 2 pi 1000).
+        self.angular_speeds = (2.0 * math.pi * freqs).tolist()
 
     def forward(self, noise_variances: torch.Tensor) -> torch.Tensor:  # (N, 1, 1, 1) -> (N, dims, 1, 1)
-        angles = self.angular_speeds * noise_variances.float()
+        speeds = torch.tensor(self.angular_speeds, dtype=torch.float32, device=noise_variances.device)
+        angles = speeds.view(1, -1, 1, 1) * noise_variances.float()
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 

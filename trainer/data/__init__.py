@@ -73,8 +73,7 @@ def load_images(data: DataConfig, model: ModelConfig, path: Path | None, preset:
         root = path if path is not None else default_folder(preset)
     if path is None and not root.exists():
         raise DatasetError(
-            f"preset {preset!r} reads a folder of images: pass --data PATH "
-            f"(e.g. the extracted Oxford Flowers 102 jpg/ folder) or put the images in {root}"
+            f"preset {preset!r} reads a folder of images: pass --data PATH or put the images in {root}"
         )
     files = split_files(list_images(root), data.split, data.val_fraction, data.split_seed)
     log.info("%d images from %s (%s split)", len(files), root, data.split)
