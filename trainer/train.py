@@ -176,7 +176,7 @@ class _Loop:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 self.losses.add(step, loss, rate, self.lr_at(step - 1))
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 if step % t.checkpoint_every == 0 or step == total:
                     self.checkpoint(step)
                     saved = step
