@@ -107,3 +107,27 @@ def write_flowers_tgz(path: Path, n: int = 12) -> Path:
         link.linkname = "/etc/passwd"
         tar.addfile(link)
     return path
+
+
+def assert_onnx_matches_eager(model, image_shape: tuple[int, int, int]) -> None:
+    """Export with a dynamic batch at opset 18, run the full checker, compare ORT with eager at batch 5."""
+    import io
+
+    import torch
+
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model, (torch.randn(2, *image_shape), torch.rand(2, 1, 1, 1)), buf,
+        input_names=["noisy_images", "noise_variances"], output_names=["pred_noises"],
+        dynamic_axes={k: {0: "batch"} for k in ("noisy_images", "noise_variances", "pred_noises")},
+        opset_version=18, dynamo=False,
+    )
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()), full_check=True)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    x, v = torch.randn(5, *image_shape), torch.rand(5, 1, 1, 1)
+    (got,) = session.run(None, {"noisy_images": x.numpy(), "noise_variances": v.numpy()})
+    with torch.no_grad():
+        expected = model(x, v).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

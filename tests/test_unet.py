@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
-import pytest
 import torch
 
+from conftest import assert_onnx_matches_eager
 from runtime.config import KerasUNetConfig
 from trainer.models import build_model, count_parameters, forward_gflops
 from trainer.presets import get_preset
@@ -59,21 +58,6 @@ def test_batch_independence_in_eval_mode():
 
 
 def test_exports_to_onnx_with_dynamic_batch_and_matches_eager():
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
     model = build_model(TINY).eval()
     torch.nn.init.normal_(model.conv_out.weight, std=0.1)
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model, (torch.randn(2, 3, 16, 16), torch.rand(2, 1, 1, 1)), buf,
-        input_names=["noisy_images", "noise_variances"], output_names=["pred_noises"],
-        dynamic_axes={k: {0: "batch"} for k in ("noisy_images", "noise_variances", "pred_noises")},
-        opset_version=18, dynamo=False,
-    )
-    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()), full_check=True)
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    x, v = torch.randn(5, 3, 16, 16), torch.rand(5, 1, 1, 1)
-    (got,) = session.run(None, {"noisy_images": x.numpy(), "noise_variances": v.numpy()})
-    with torch.no_grad():
-        expected = model(x, v).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert_onnx_matches_eager(model, (3, 16, 16))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
 
+from conftest import assert_onnx_matches_eager
 from runtime.config import ConfigError, DDPMUNetConfig
 from trainer.models import build_model, count_parameters, forward_gflops
 from trainer.presets import get_preset
@@ -71,23 +69,7 @@ def test_config_refusals():
 
 
 def test_exports_to_onnx_opset18_and_matches_eager():
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    model = randomised()
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model, (torch.randn(2, 3, 16, 16), torch.rand(2, 1, 1, 1)), buf,
-        input_names=["noisy_images", "noise_variances"], output_names=["pred_noises"],
-        dynamic_axes={k: {0: "batch"} for k in ("noisy_images", "noise_variances", "pred_noises")},
-        opset_version=18, dynamo=False,
-    )
-    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()), full_check=True)
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    x, v = torch.randn(3, 3, 16, 16), torch.rand(3, 1, 1, 1)
-    (got,) = session.run(None, {"noisy_images": x.numpy(), "noise_variances": v.numpy()})
-    with torch.no_grad():
-        expected = model(x, v).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert_onnx_matches_eager(randomised(), (3, 16, 16))
 
 
 @pytest.mark.parametrize("arch", ["ddpm", "keras"])
