@@ -117,7 +117,10 @@ def test_info_lists_presets_with_size_and_flops():
 def test_console_scripts_are_wired(module):
     proc = run("-m", module, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
-    proc = run("-m", module)
+
+
+def test_ddim_run_is_not_implemented_yet():
+    proc = run("-m", "runtime.cli")
     assert proc.returncode == 2 and "not implemented yet" in proc.stderr
 
 

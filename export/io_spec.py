@@ -1,0 +1,57 @@
+"""One declaration of the denoiser's inputs and outputs, used by the ONNX export and the engine build.
+
+Like TensorRT demo/Diffusion's ``get_input_names`` / ``get_dynamic_axes`` / ``get_input_profile``:
+names, dtypes, the dynamic batch axis and the TensorRT shape profile are declared here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.config import ModelConfig
+
+BATCH_AXIS = "batch"
+INPUT_NAMES = ("noisy_images", "noise_variances")
+OUTPUT_NAMES = ("pred_noises",)
+DTYPE = "float32"  # every input and output, in every precision (FP16 is internal to the graph)
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes an engine accepts: min <= opt <= max (all equal for a static batch)."""
+
+    min: int = 1
+    opt: int = 16
+    max: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {self.min}, {self.opt}, {self.max}")
+
+    @classmethod
+    def static(cls, batch: int) -> "BatchProfile":
+        return cls(batch, batch, batch)
+
+    @property
+    def is_static(self) -> bool:
+        return self.min == self.max
+
+
+def tensor_shapes(cfg: ModelConfig, batch: int | str) -> dict[str, tuple[int | str, ...]]:
+    """Shape of every input and output at ``batch`` (an int, or the symbolic batch axis)."""
+    image = (batch, cfg.channels, cfg.image_size, cfg.image_size)  # (N, C, H, W)
+    return {"noisy_images": image, "noise_variances": (batch, 1, 1, 1), "pred_noises": image}
+
+
+def dynamic_axes() -> dict[str, dict[int, str]]:
+    """``torch.onnx.export``'s dynamic_axes: the batch axis of every tensor."""
+    return {name: {0: BATCH_AXIS} for name in INPUT_NAMES + OUTPUT_NAMES}
+
+
+def input_profile(cfg: ModelConfig, profile: BatchProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """TensorRT optimisation-profile shapes (min, opt, max) of every input."""
+    out = {}
+    for name in INPUT_NAMES:
+        out[name] = tuple(tuple(int(d) for d in tensor_shapes(cfg, b)[name])
+                          for b in (profile.min, profile.opt, profile.max))
+    return out

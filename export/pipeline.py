@@ -1,0 +1,183 @@
+"""A trainer run directory to an export directory, staged so that nothing half-written looks valid.
+
+Everything is written into a hidden staging folder beside the target and renamed into place only
+after every file passed the parity gate; an interrupted or failed export leaves the previous
+contents of ``--out`` (if any) untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from export.fold import fold_batchnorm
+from export.io_spec import BatchProfile
+from export.onnx_graph import OPSET, check, embedding_nodes, export_onnx, float32_nodes, set_metadata, to_fp16
+from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, providers_for
+from export.tensorrt_build import build_engine, sha256_file, unavailable_reason, write_manifest
+from runtime import __version__
+from runtime.files import fsync_dir
+from runtime.metadata import spec_to_metadata
+from trainer.checkpoint import WEIGHTS, load_model
+from trainer.data.download import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(RuntimeError):
+    """An exported file that does not agree with the eager model."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``ddim-export`` writes, and how."""
+
+    fp16: bool = False
+    raw_weights: bool = False
+    force: bool = False
+    require_engine: bool = False
+    profile: BatchProfile = BatchProfile()
+    optimization_level: int = 3
+    timing_cache: Path | None = None
+    opset: int = OPSET
+
+
+@dataclass
+class ExportReport:
+    """What was written, how long it took, and how well each file agrees with eager PyTorch."""
+
+    out: Path
+    files: dict[str, int] = field(default_factory=dict)  # name -> bytes
+    seconds: dict[str, float] = field(default_factory=dict)
+    parity: list[ParityResult] = field(default_factory=list)
+    float32_in_fp16: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
+    """Export the model of ``run_dir`` into ``out`` (see the module docstring)."""
+    check_out_dir(out, opts.force)
+    weights = "raw" if opts.raw_weights else "ema"
+    model, spec = load_model(run_dir, weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    report = ExportReport(out)
+    try:
+        info = {"toolkit_version": __version__, "weights": weights, "weights_sha256": sha256_file(run_dir / WEIGHTS),
+                "source_run": run_dir.resolve().name, "opset": opts.opset}
+        fp32 = _write_onnx(model, spec, staging, info, opts, report)
+        if opts.fp16:
+            _write_fp16(model, spec, fp32, staging, info, report)
+            _write_engine(spec, staging, opts, report)
+        (staging / "export_report.json").write_text(json.dumps(_summary(report), indent=2) + "\n")
+        _commit(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    return report
+
+
+def _write_onnx(model: Any, spec: Any, staging: Path, info: dict, opts: ExportOptions,
+                report: ExportReport) -> onnx.ModelProto:
+    start = time.perf_counter()
+    deployed = copy.deepcopy(model)
+    folded = fold_batchnorm(deployed, spec.model.image_size, spec.model.channels)
+    if folded:
+        report.notes.append(f"folded {folded} BatchNorm layers into the following convolutions (exact)")
+    # The gate below compares this folded graph with the original eager model.
+    graph = export_onnx(deployed, spec, staging / "model.onnx", opts.opset)
+    set_metadata(graph, spec_to_metadata(spec, {**info, "precision": "fp32"}))
+    onnx.save(graph, str(staging / "model.onnx"))
+    check(graph, staging / "model.onnx")
+    report.seconds["model.onnx"] = time.perf_counter() - start
+    _gate(model, spec, staging / "model.onnx", "fp32", FP32_TOLERANCE, report)
+    return graph
+
+
+def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, info: dict,
+                report: ExportReport) -> None:
+    start = time.perf_counter()
+    half = to_fp16(fp32)
+    set_metadata(half, spec_to_metadata(spec, {**info, "precision": "fp16"}))
+    onnx.save(half, str(staging / "model.fp16.onnx"))
+    check(half, staging / "model.fp16.onnx")
+    report.seconds["model.fp16.onnx"] = time.perf_counter() - start
+    embed = set(embedding_nodes(fp32.graph))
+    kept = float32_nodes(fp32)
+    report.float32_in_fp16 = [f"embedding path ({', '.join(sorted({n.op_type for n in kept if n.name in embed}))})"]
+    report.float32_in_fp16 += sorted({n.op_type for n in kept if n.name not in embed})
+    _gate(model, spec, staging / "model.fp16.onnx", "fp16", FP16_TOLERANCE, report)
+
+
+def _gate(model: Any, spec: Any, path: Path, precision: str, tolerance: float, report: ExportReport) -> None:
+    providers, note = providers_for(precision)
+    if note:
+        report.notes.append(f"{path.name}: checked on ONNX Runtime CPU only ({note})")
+    data = path.read_bytes()
+    for provider in providers:
+        result = check_file(model, data, path.name, spec, provider, tolerance)
+        report.parity.append(result)
+        log.info("parity %s", result.line())
+        if not result.passed:
+            raise ParityError(
+                f"parity gate failed: {path.name} on {provider} differs from eager PyTorch by "
+                f"{result.max_rel:.3g} relative (max abs {result.max_abs:.3g}, batch {result.worst_batch}; "
+                f"tolerance {tolerance:g}); nothing was written"
+            )
+
+
+def _write_engine(spec: Any, staging: Path, opts: ExportOptions, report: ExportReport) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        msg = (f"model.plan not built: a TensorRT engine needs TensorRT and a CUDA GPU ({reason}); on such a "
+               "machine run ddim-export again with --fp16 (pip install 'ddim-deploy[gpu]')")
+        if opts.require_engine:
+            raise RuntimeError(msg)
+        report.notes.append(msg)
+        return
+    cache = opts.timing_cache or cache_dir() / "tensorrt" / "timing.cache"
+    manifest = build_engine(staging / "model.onnx", staging / "model.plan", spec, opts.profile, cache,
+                            opts.optimization_level)
+    report.seconds["model.plan"] = manifest["build_seconds"]
+    write_manifest(staging / "manifest.json", manifest)
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Put the staged folder in place of ``out``; the old contents go only once the new are there."""
+    for path in staging.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _summary(report: ExportReport) -> dict[str, Any]:
+    return {
+        "seconds": {k: round(v, 3) for k, v in report.seconds.items()},
+        "parity": [{"file": r.file, "provider": r.provider, "max_abs": r.max_abs, "max_rel": r.max_rel,
+                    "tolerance": r.tolerance, "passed": r.passed} for r in report.parity],
+        "float32_in_fp16": report.float32_in_fp16,
+        "notes": report.notes,
+    }
