@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,10 +75,16 @@ def check_file(model: torch.nn.Module, onnx_bytes: bytes, name: str, spec: Model
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_bytes, providers=[provider])
+    return compare(model, lambda feed: session.run(["pred_noises"], feed)[0], name, spec, provider, tolerance)
+
+
+def compare(model: torch.nn.Module, run: Callable[[dict[str, np.ndarray]], np.ndarray], name: str, spec: ModelSpec,
+            provider: str, tolerance: float, batches: tuple[int, ...] = BATCHES) -> ParityResult:
+    """``run(feed) -> pred_noises`` against the eager model over the gate's feeds."""
     model.eval()
     worst_abs, worst_rel, worst_batch = 0.0, 0.0, 0
-    for feed in gate_inputs(spec):
-        (got,) = session.run(["pred_noises"], feed)
+    for feed in gate_inputs(spec, batches):
+        got = run(feed)
         with torch.no_grad():
             ref = model(*(torch.from_numpy(feed[k]) for k in ("noisy_images", "noise_variances"))).numpy()
         abs_err = float(np.abs(got.astype(np.float64) - ref).max())
@@ -88,8 +95,8 @@ def check_file(model: torch.nn.Module, onnx_bytes: bytes, name: str, spec: Model
     return ParityResult(name, provider, worst_abs, worst_rel, tolerance, worst_batch)
 
 
-def providers_for(precision: str) -> tuple[list[str], str | None]:
-    """ONNX Runtime providers that can check a file of ``precision``, and why others are missing."""
+def providers_for() -> tuple[list[str], str | None]:
+    """ONNX Runtime providers to check files on (CUDA when installed, always CPU), and what is missing."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()

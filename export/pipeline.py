@@ -22,8 +22,8 @@ import onnx
 from export.fold import fold_batchnorm
 from export.io_spec import BatchProfile
 from export.onnx_graph import OPSET, check, embedding_nodes, export_onnx, float32_nodes, set_metadata, to_fp16
-from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, providers_for
-from export.tensorrt_build import build_engine, sha256_file, unavailable_reason, write_manifest
+from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, providers_for
+from export.tensorrt_build import build_engine, engine_runner, sha256_file, unavailable_reason, write_manifest
 from runtime import __version__
 from runtime.files import fsync_dir
 from runtime.metadata import spec_to_metadata
@@ -84,7 +84,7 @@ def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
         fp32 = _write_onnx(model, spec, staging, info, opts, report)
         if opts.fp16:
             _write_fp16(model, spec, fp32, staging, info, report)
-            _write_engine(spec, staging, opts, report)
+            _write_engine(model, spec, staging, opts, report)
         (staging / "export_report.json").write_text(json.dumps(_summary(report), indent=2) + "\n")
         _commit(staging, out)
     finally:
@@ -106,7 +106,7 @@ def _write_onnx(model: Any, spec: Any, staging: Path, info: dict, opts: ExportOp
     onnx.save(graph, str(staging / "model.onnx"))
     check(graph, staging / "model.onnx")
     report.seconds["model.onnx"] = time.perf_counter() - start
-    _gate(model, spec, staging / "model.onnx", "fp32", FP32_TOLERANCE, report)
+    _gate(model, spec, staging / "model.onnx", FP32_TOLERANCE, report)
     return graph
 
 
@@ -122,27 +122,30 @@ def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, inf
     kept = float32_nodes(fp32)
     report.float32_in_fp16 = [f"embedding path ({', '.join(sorted({n.op_type for n in kept if n.name in embed}))})"]
     report.float32_in_fp16 += sorted({n.op_type for n in kept if n.name not in embed})
-    _gate(model, spec, staging / "model.fp16.onnx", "fp16", FP16_TOLERANCE, report)
+    _gate(model, spec, staging / "model.fp16.onnx", FP16_TOLERANCE, report)
 
 
-def _gate(model: Any, spec: Any, path: Path, precision: str, tolerance: float, report: ExportReport) -> None:
-    providers, note = providers_for(precision)
+def _gate(model: Any, spec: Any, path: Path, tolerance: float, report: ExportReport) -> None:
+    providers, note = providers_for()
     if note:
         report.notes.append(f"{path.name}: checked on ONNX Runtime CPU only ({note})")
     data = path.read_bytes()
     for provider in providers:
-        result = check_file(model, data, path.name, spec, provider, tolerance)
-        report.parity.append(result)
-        log.info("parity %s", result.line())
-        if not result.passed:
-            raise ParityError(
-                f"parity gate failed: {path.name} on {provider} differs from eager PyTorch by "
-                f"{result.max_rel:.3g} relative (max abs {result.max_abs:.3g}, batch {result.worst_batch}; "
-                f"tolerance {tolerance:g}); nothing was written"
-            )
+        _record(check_file(model, data, path.name, spec, provider, tolerance), report)
 
 
-def _write_engine(spec: Any, staging: Path, opts: ExportOptions, report: ExportReport) -> None:
+def _record(result: ParityResult, report: ExportReport) -> None:
+    report.parity.append(result)
+    log.info("parity %s", result.line())
+    if not result.passed:
+        raise ParityError(
+            f"parity gate failed: {result.file} on {result.provider} differs from eager PyTorch by "
+            f"{result.max_rel:.3g} relative (max abs {result.max_abs:.3g}, batch {result.worst_batch}; "
+            f"tolerance {result.tolerance:g}); nothing was written"
+        )
+
+
+def _write_engine(model: Any, spec: Any, staging: Path, opts: ExportOptions, report: ExportReport) -> None:
     reason = unavailable_reason()
     if reason is not None:
         msg = (f"model.plan not built: a TensorRT engine needs TensorRT and a CUDA GPU ({reason}); on such a "
@@ -155,6 +158,10 @@ def _write_engine(spec: Any, staging: Path, opts: ExportOptions, report: ExportR
     manifest = build_engine(staging / "model.onnx", staging / "model.plan", spec, opts.profile, cache,
                             opts.optimization_level)
     report.seconds["model.plan"] = manifest["build_seconds"]
+    batches = tuple(sorted({opts.profile.min, opts.profile.opt, opts.profile.max}))
+    result = compare(model, engine_runner(staging / "model.plan"), "model.plan", spec, "TensorRT", FP16_TOLERANCE,
+                     batches)
+    _record(result, report)
     write_manifest(staging / "manifest.json", manifest)
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -110,3 +110,31 @@ def manifest(spec: ModelSpec, profile: BatchProfile, onnx_path: Path, trt_versio
 
 def write_manifest(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def engine_runner(plan_path: Path) -> Callable[[dict[str, Any]], Any]:
+    """Load ``model.plan`` once; the returned function runs it on host arrays (torch CUDA tensors as buffers)."""
+    import tensorrt as trt
+    import torch
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT cannot load {plan_path.name}")
+    context = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+
+    def run(feeds: dict[str, Any]) -> Any:
+        inputs = {name: torch.from_numpy(array).cuda() for name, array in feeds.items()}
+        for name, tensor in inputs.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        out = torch.empty_like(inputs["noisy_images"])
+        context.set_tensor_address("pred_noises", out.data_ptr())
+        torch.cuda.current_stream().synchronize()  # the inputs' copies are done before the engine reads them
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return out.cpu().numpy()
+
+    return run

@@ -22,7 +22,7 @@ from export.io_spec import BatchProfile, input_profile
 from export.pipeline import ExportOptions, ParityError, export_run
 from export.tensorrt_build import manifest, sha256_file, unavailable_reason
 from runtime.config import DDPMUNetConfig, ModelSpec
-from runtime.metadata import METADATA_KEY, spec_from_metadata
+from runtime.metadata import spec_from_metadata
 from trainer.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,3 +262,30 @@ def test_batchnorm_is_folded_exactly(run_dir, exported):
     assert ((got - ref).abs().max() / ref.abs().max().clamp(min=1)).item() < 1e-5
     out, _ = exported
     assert not [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_engine_branch_wiring_with_stand_ins(run_dir, tmp_path, monkeypatch):
+    """The pipeline around the engine (build, gate, manifest, refusal) with ONNX Runtime standing in for
+    TensorRT; the TensorRT calls themselves run in the gpu-marked test above."""
+    import export.pipeline as pipeline
+
+    def fake_build(onnx_path, plan_path, spec, profile, cache, level):
+        plan_path.write_bytes(onnx_path.read_bytes())
+        return manifest(spec, profile, onnx_path, "stand-in", "no GPU", "0.0", 0.1, level)
+
+    def fake_runner(plan_path, scale=1.0):
+        session = ort.InferenceSession(str(plan_path))
+        return lambda feed: session.run(["pred_noises"], feed)[0] * scale
+
+    monkeypatch.setattr(pipeline, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(pipeline, "build_engine", fake_build)
+    monkeypatch.setattr(pipeline, "engine_runner", fake_runner)
+    report = export_run(run_dir, tmp_path / "out", ExportOptions(fp16=True, profile=BatchProfile(1, 2, 4)))
+    assert [r.provider for r in report.parity][-1] == "TensorRT" and report.parity[-1].worst_batch in (1, 2, 4)
+    data = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert data["onnx_sha256"] == sha256_file(tmp_path / "out" / "model.onnx")
+    assert data["profile"]["max_batch"] == 4 and (tmp_path / "out" / "model.plan").is_file()
+    monkeypatch.setattr(pipeline, "engine_runner", lambda p: fake_runner(p, scale=1.5))
+    with pytest.raises(ParityError, match="model.plan on TensorRT"):
+        export_run(run_dir, tmp_path / "bad", ExportOptions(fp16=True))
+    assert not (tmp_path / "bad").exists()
