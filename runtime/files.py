@@ -63,3 +63,11 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """``$DDIM_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/ddim-deploy``, else ``~/.cache/ddim-deploy``."""
+    if env := os.environ.get("DDIM_DEPLOY_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddim-deploy"

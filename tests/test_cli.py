@@ -119,10 +119,6 @@ def test_console_scripts_are_wired(module):
     assert proc.returncode == 0 and "Usage" in proc.stdout
 
 
-def test_ddim_run_is_not_implemented_yet():
-    proc = run("-m", "runtime.cli")
-    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
-
 
 def test_runtime_imports_without_torch():
     blocker = (
@@ -132,7 +128,8 @@ def test_runtime_imports_without_torch():
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError('torch is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import runtime, runtime.cli, runtime.images, runtime.noise, runtime.sampler, runtime.schedule\n"
+        "import runtime, runtime.api, runtime.cli, runtime.images, runtime.noise, runtime.sampler\n"
+        "import runtime.backends.ort_backend, runtime.metadata, runtime.schedule\n"
         "assert 'torch' not in sys.modules\n"
         "print('ok')\n"
     )

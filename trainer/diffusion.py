@@ -1,7 +1,8 @@
 """Torch side of the diffusion: the training loss and the eager sampler.
 
 Both take their schedule values from ``runtime/schedule.py`` (float64 numpy, converted to
-tensors here) and the sampler runs the runtime's own DDIM loop: there is one DDIM update.
+tensors here); the sampler is the runtime's own (``runtime.api.Sampler``) over the torch backend:
+there is one DDIM loop and one DDIM update.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from runtime.config import ModelSpec
-from runtime.images import to_uint8
-from runtime.noise import ImageNoise
-from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample
-from runtime.schedule import Schedule, Spacing, build_schedule
+from runtime.schedule import Schedule, Spacing
 
 
 def sample_training_steps(schedule: Schedule, n: int, gen: torch.Generator) -> NDArray:
@@ -47,7 +45,6 @@ def training_loss(
     return F.l1_loss(pred.float(), noise) if loss == "mae" else F.mse_loss(pred.float(), noise)
 
 
-@torch.no_grad()
 def sample_images(
     model: nn.Module,
     spec: ModelSpec,
@@ -60,25 +57,9 @@ def sample_images(
     clip_x0: bool = False,
     device: torch.device | str = "cpu",
 ) -> NDArray[np.uint8]:
-    """Eager PyTorch DDIM sampling; ``(N, H, W, C)`` uint8 images, de-normalised."""
-    model.eval()
-    cfg = spec.model
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    plan = SamplingPlan.build(build_schedule(spec.schedule), steps, eta, spacing)
-    bounds = None
-    if clip_x0:
-        lo, hi = spec.normalization.x0_bounds()
-        bounds = tuple(torch.tensor(b, device=device).view(1, -1, 1, 1) for b in (lo, hi))
-    out = []
-    for start in range(0, num_images, batch_size):
-        idx = range(start, min(start + batch_size, num_images))
-        noise = ImageNoise(seed, idx)
-        x_T = torch.from_numpy(noise.draw(shape)).to(device)
-        hooks = SamplerHooks[torch.Tensor](
-            denoise=lambda x, v: model(x, torch.full((x.shape[0], 1, 1, 1), v, device=x.device)),
-            noise_like=lambda x, i: torch.from_numpy(noise.draw(shape)).to(x.device),  # noqa: B023
-            is_finite=lambda x: bool(torch.isfinite(x).all()),
-        )
-        x0 = ddim_sample(x_T, plan, hooks, clip_x0=bounds)
-        out.append(to_uint8(x0.float().cpu().numpy(), spec.normalization))
-    return np.concatenate(out)
+    """Eager PyTorch DDIM sampling through the runtime's sampler; ``(N, H, W, C)`` uint8 images."""
+    from runtime.api import Sampler
+    from trainer.torch_backend import TorchBackend
+
+    backend = TorchBackend(model=model, spec=spec, device=str(device))
+    return Sampler(backend).sample(num_images, steps, seed, eta, spacing, clip_x0, batch_size).images

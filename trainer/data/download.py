@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.files import atomic_path
+from runtime.files import atomic_path, cache_dir  # noqa: F401  (cache_dir: re-exported for the loaders)
 from trainer.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -26,14 +25,6 @@ class RemoteFile:
     filename: str
     urls: tuple[str, ...]
     md5: str  # the checksum the publisher gives
-
-
-def cache_dir() -> Path:
-    """``$DDIM_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/ddim-deploy``, else ``~/.cache/ddim-deploy``."""
-    if env := os.environ.get("DDIM_DEPLOY_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ddim-deploy"
 
 
 def file_md5(path: Path) -> str:

@@ -1,0 +1,91 @@
+"""The Python API: load a model, sample N images with a seed, get uint8 arrays back.
+
+    from runtime.api import load
+    sampler = load("exports/fm")                       # backend picked as ddim-run does
+    result = sampler.sample(16, steps=50, seed=0)       # result.images: (16, H, W, C) uint8
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from runtime.backends import Backend, BackendName, Device, Precision, open_backend
+from runtime.images import to_uint8
+from runtime.noise import ImageNoise
+from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample
+from runtime.schedule import Spacing, build_schedule
+
+
+@dataclass
+class SampleResult:
+    """Images, the raw model-space samples, and where the time went."""
+
+    images: NDArray[np.uint8]  # (N, H, W, C)
+    samples: NDArray[np.float32]  # (N, C, H, W), model space, before de-normalisation
+    seconds: float = 0.0
+    network_seconds: float = 0.0  # inside the backend's denoise calls
+    steps: int = 0
+    calls: int = 0  # denoise calls (steps x batches)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of the time spent outside the network: the update, noise, checks, bookkeeping."""
+        return max(self.seconds - self.network_seconds, 0.0) / self.seconds if self.seconds else 0.0
+
+
+class Sampler:
+    """A backend plus the shared DDIM loop."""
+
+    def __init__(self, backend: Backend, why: str = "") -> None:
+        self.backend = backend
+        self.why = why
+        self.spec = backend.spec
+        self.schedule = build_schedule(self.spec.schedule)
+
+    def sample(self, num_images: int, steps: int = 50, seed: int = 0, eta: float = 0.0,
+               spacing: Spacing = "uniform", clip_x0: bool = False, batch_size: int = 16,
+               on_step: Callable[[int], None] | None = None) -> SampleResult:
+        """Sample ``num_images`` images; image i depends only on (seed, i), not on the batch size."""
+        if num_images < 1 or batch_size < 1:
+            raise ValueError("num_images and batch_size must be >= 1")
+        plan = SamplingPlan.build(self.schedule, steps, eta, spacing)
+        b, m = self.backend, self.spec.model
+        shape = (m.channels, m.image_size, m.image_size)
+        bounds = b.clip_bounds(*self.spec.normalization.x0_bounds()) if clip_x0 else None
+        net = [0.0]
+
+        def timed_denoise(x: Any, v: float) -> Any:
+            t0 = time.perf_counter()
+            out = b.denoise(x, v)
+            net[0] += time.perf_counter() - t0
+            return out
+
+        outs = []
+        start = time.perf_counter()
+        for first in range(0, num_images, batch_size):
+            noise = ImageNoise(seed, range(first, min(first + batch_size, num_images)))
+            hooks = SamplerHooks[Any](
+                denoise=timed_denoise,
+                noise_like=lambda x, i: b.from_host(noise.draw(shape)),  # noqa: B023 (used within the batch)
+                is_finite=b.is_finite,
+                on_step=(lambda s: on_step(s.index)) if on_step else None,
+            )
+            outs.append(b.to_host(ddim_sample(b.from_host(noise.draw(shape)), plan, hooks, clip_x0=bounds)))
+        seconds = time.perf_counter() - start
+        samples = np.concatenate(outs)
+        calls = len(plan) * len(outs)
+        return SampleResult(to_uint8(samples, self.spec.normalization), samples, seconds, net[0], len(plan), calls)
+
+
+def load(path: str | Path, backend: BackendName = "auto", device: Device | None = None,
+         precision: Precision = "fp32") -> Sampler:
+    """A sampler for an export directory, an ONNX file, or (torch backend) a trainer run directory."""
+    chosen, why = open_backend(Path(path), backend, device, precision)
+    return Sampler(chosen, why)

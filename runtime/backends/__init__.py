@@ -1,0 +1,81 @@
+"""Backends: given noisy images and noise variances, return the predicted noise.
+
+Every backend works on its own arrays (numpy on the host, torch tensors for the eager
+reference) and supplies the few array operations the shared DDIM loop needs, so buffers stay
+where the backend keeps them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from runtime.config import ModelSpec
+
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+Device = Literal["cpu", "cuda"]
+Precision = Literal["fp32", "fp16"]
+
+
+class BackendError(ValueError):
+    """A backend that cannot run the given model here, with the reason."""
+
+
+class Backend(Protocol):
+    """What the sampler needs from an inference engine."""
+
+    name: str
+    device: str
+    precision: str
+    spec: ModelSpec
+
+    def denoise(self, x: Any, noise_var: float) -> Any: ...  # (N, C, H, W) -> predicted noise
+    def from_host(self, x: NDArray[np.float32]) -> Any: ...
+    def to_host(self, x: Any) -> NDArray[np.float32]: ...
+    def is_finite(self, x: Any) -> bool: ...
+    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]: ...
+
+
+def open_backend(path: Path, backend: BackendName = "auto", device: Device | None = None,
+                 precision: Precision = "fp32") -> tuple[Backend, str]:
+    """The backend to sample ``path`` with, and one line saying which and why."""
+    if not path.exists():
+        raise BackendError(f"{path} does not exist")
+    if backend == "torch" or (backend == "auto" and (path / "model.safetensors").is_file()):
+        why = "asked for" if backend == "torch" else "a trainer run directory"
+        b = plugin("torch")(path, device or "cpu", precision)
+        return b, f"torch, {b.provider} ({why}: the eager reference)"
+    if backend == "tensorrt":
+        raise BackendError("the TensorRT backend is not part of this version of ddim-run; "
+                           "use --backend onnxruntime (model.fp16.onnx with --precision fp16)")
+    from runtime.backends.ort_backend import OrtBackend, cuda_available
+
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    b = OrtBackend(path, device, precision)
+    if backend == "onnxruntime":
+        why = "asked for"
+    else:
+        why = "TensorRT backend not in this version" if (path / "model.plan").is_file() else "no TensorRT engine"
+        why += "; CUDA provider present" if device == "cuda" else "; no CUDA provider" if not cuda_available() else ""
+    return b, f"onnxruntime {b.provider} {b.model_path.name} ({why})"
+
+
+def plugin(name: str) -> Any:
+    """A backend class registered under the ``ddim_deploy.backends`` entry-point group.
+
+    The eager PyTorch backend lives with the trainer (it rebuilds models from run directories);
+    looking it up by name keeps the runtime free of torch and of the trainer until it is chosen.
+    """
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="ddim_deploy.backends") if ep.name == name]
+    if not found:
+        raise BackendError(f"the {name} backend is not installed (pip install 'ddim-deploy[train]')")
+    try:
+        return found[0].load()
+    except ImportError as exc:
+        raise BackendError(f"the {name} backend cannot be imported: {exc}") from None

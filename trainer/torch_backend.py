@@ -1,0 +1,58 @@
+"""The eager PyTorch backend: a trainer run directory (or an in-memory model) behind the runtime's protocol.
+
+It is the reference every other backend is compared with, and it samples with the very same loop
+(``runtime.api``). The runtime finds it through the ``ddim_deploy.backends`` entry point, so the
+torch-free runtime never imports torch or the trainer unless this backend is chosen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from runtime.config import ModelSpec
+from trainer.checkpoint import load_model
+
+
+class TorchBackend:
+    """Eager PyTorch inference (float32) on CPU or CUDA."""
+
+    name = "torch"
+    precision = "fp32"
+
+    def __init__(self, path: Path | None = None, device: str = "cpu", precision: str = "fp32", *,
+                 model: nn.Module | None = None, spec: ModelSpec | None = None) -> None:
+        if precision != "fp32":
+            raise ValueError("the torch backend is the float32 reference; use --precision fp32")
+        if model is None:
+            if path is None:
+                raise ValueError("the torch backend needs a trainer run directory")
+            model, spec = load_model(path)
+        if spec is None:
+            raise ValueError("an in-memory model needs its ModelSpec")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this PyTorch has no usable CUDA GPU")
+        self.device = device
+        self.provider = f"eager PyTorch {torch.__version__} on {device}"
+        self.model = model.to(device).eval()
+        self.spec = spec
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, noise_var: float) -> torch.Tensor:
+        return self.model(x, torch.full((x.shape[0], 1, 1, 1), noise_var, device=x.device))
+
+    def from_host(self, x: NDArray[np.float32]) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.device)
+
+    def to_host(self, x: torch.Tensor) -> NDArray[np.float32]:
+        return x.float().cpu().numpy()
+
+    def is_finite(self, x: torch.Tensor) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(b, device=self.device).view(1, -1, 1, 1) for b in (lo, hi))  # type: ignore[return-value]
