@@ -92,6 +92,13 @@ def test_runtime_errors(model_dirs, tmp_path):
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     with pytest.raises(BackendError, match="no 'ddim_deploy.config' metadata"):
         load(tmp_path / "bare.onnx")
+    newer = onnx.load(str(export / "model.onnx"))
+    for prop in newer.metadata_props:
+        if prop.key == "ddim_deploy.config":
+            prop.value = prop.value.replace('"schema_version": 1', '"schema_version": 9')
+    onnx.save(newer, str(tmp_path / "newer.onnx"))
+    with pytest.raises(BackendError, match="schema_version 9 is not supported"):
+        load(tmp_path / "newer.onnx")
     (tmp_path / "corrupt.onnx").write_bytes(b"not a model")
     with pytest.raises(BackendError, match="cannot load .*corrupt.onnx"):
         load(tmp_path / "corrupt.onnx")
@@ -145,7 +152,7 @@ def test_ddim_run_bad_input_is_one_line(model_dirs, tmp_path):
         ((str(export), "--eta", "-0.5"), "eta must be"),
         ((str(tmp_path / "nope"),), "does not exist"),
         ((str(export), "--out", str(blocker / "grid.png")), "is not a folder"),
-        ((str(export), "--backend", "tensorrt"), "TensorRT backend is not part of this version"),
+        ((str(export), "--backend", "tensorrt"), "TensorRT is not installed"),
     ]
     for args, pattern in cases:
         proc = run_cli(*args, "--no-progress", "--num-images", "2")
@@ -161,3 +168,57 @@ def test_ddim_run_defaults_to_the_latest_export(model_dirs, tmp_path):
     proc = run_cli("--num-images", "2", "--steps", "3", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "samples.png").is_file()
+
+
+def test_tensorrt_manifest_must_match_this_machine(model_dirs, tmp_path):
+    import json
+    import shutil
+
+    from runtime.backends.tensorrt_backend import check_manifest
+    from export.tensorrt_build import sha256_file
+
+    _, export = model_dirs
+    d = tmp_path / "export"
+    shutil.copytree(export, d)
+    with pytest.raises(BackendError, match="holds no model.plan"):
+        check_manifest(d, "10.9.0", "9.0")
+    (d / "model.plan").write_bytes(b"engine")
+    with pytest.raises(BackendError, match="no manifest.json beside it; rebuild"):
+        check_manifest(d, "10.9.0", "9.0")
+    good = {"schema_version": 1, "tensorrt_version": "10.9.0", "compute_capability": "9.0",
+            "onnx_file": "model.onnx", "onnx_sha256": sha256_file(d / "model.onnx")}
+    (d / "manifest.json").write_text(json.dumps(good))
+    assert check_manifest(d, "10.9.0", "9.0")["tensorrt_version"] == "10.9.0"
+    for version, cap, pattern in (("10.10.0", "9.0", "TensorRT version 10.9.0, this machine has 10.10.0"),
+                                  ("10.9.0", "8.9", "compute capability 9.0, this machine has 8.9")):
+        with pytest.raises(BackendError, match=pattern):
+            check_manifest(d, version, cap)
+    (d / "manifest.json").write_text(json.dumps({**good, "onnx_sha256": "0" * 64}))
+    with pytest.raises(BackendError, match="ONNX sha256 .* rebuild it with ddim-export --fp16"):
+        check_manifest(d, "10.9.0", "9.0")
+    (d / "manifest.json").write_text("{broken")
+    with pytest.raises(BackendError, match="unreadable"):
+        check_manifest(d, "10.9.0", "9.0")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_gpu_backends_match_cpu(model_dirs, tmp_path, backend):
+    pytest.importorskip("cupy")
+    if backend == "tensorrt":
+        pytest.importorskip("tensorrt")
+    import onnxruntime as ort
+
+    if backend == "onnxruntime" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    run, export = model_dirs
+    target = export
+    if backend == "tensorrt":
+        from export.io_spec import BatchProfile
+
+        target = tmp_path / "trt"
+        export_run(run, target, ExportOptions(fp16=True, profile=BatchProfile.static(4)))
+    precision = "fp32" if backend == "onnxruntime" else "fp16"
+    gpu = load(target, backend=backend, device="cuda", precision=precision).sample(4, steps=20, seed=0, batch_size=4)
+    cpu = load(export).sample(4, steps=20, seed=0, batch_size=4)
+    assert np.abs(gpu.images.astype(int) - cpu.images.astype(int)).max() <= (1 if precision == "fp32" else 8)

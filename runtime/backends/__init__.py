@@ -41,26 +41,41 @@ class Backend(Protocol):
 
 def open_backend(path: Path, backend: BackendName = "auto", device: Device | None = None,
                  precision: Precision = "fp32") -> tuple[Backend, str]:
-    """The backend to sample ``path`` with, and one line saying which and why."""
+    """The backend to sample ``path`` with, and one line saying which and why.
+
+    ``auto`` picks TensorRT (an engine whose manifest matches this machine), then ONNX Runtime CUDA,
+    then ONNX Runtime CPU; a trainer run directory means the eager torch backend.
+    """
     if not path.exists():
         raise BackendError(f"{path} does not exist")
     if backend == "torch" or (backend == "auto" and (path / "model.safetensors").is_file()):
         why = "asked for" if backend == "torch" else "a trainer run directory"
         b = plugin("torch")(path, device or "cpu", precision)
         return b, f"torch, {b.provider} ({why}: the eager reference)"
-    if backend == "tensorrt":
-        raise BackendError("the TensorRT backend is not part of this version of ddim-run; "
-                           "use --backend onnxruntime (model.fp16.onnx with --precision fp16)")
-    from runtime.backends.ort_backend import OrtBackend, cuda_available
+    skipped = ""
+    if backend == "tensorrt" or (backend == "auto" and device != "cpu" and (path / "model.plan").is_file()):
+        try:
+            from runtime.backends.tensorrt_backend import TensorRTBackend
+
+            b = TensorRTBackend(path, device or "cuda")
+            return b, f"tensorrt, {b.provider} ({'asked for' if backend == 'tensorrt' else 'engine matches this machine'})"
+        except BackendError as exc:
+            if backend == "tensorrt":
+                raise
+            skipped = f"TensorRT skipped: {exc}; "
+    from runtime.backends.ort_backend import OrtBackend, OrtCudaBackend, cuda_available
 
     if device is None:
         device = "cuda" if cuda_available() else "cpu"
-    b = OrtBackend(path, device, precision)
+    b = OrtCudaBackend(path, device, precision) if device == "cuda" else OrtBackend(path, device, precision)
     if backend == "onnxruntime":
         why = "asked for"
+    elif not skipped and not (path / "model.plan").is_file():
+        why = "no TensorRT engine"
     else:
-        why = "TensorRT backend not in this version" if (path / "model.plan").is_file() else "no TensorRT engine"
-        why += "; CUDA provider present" if device == "cuda" else "; no CUDA provider" if not cuda_available() else ""
+        why = skipped.rstrip("; ")
+    if device == "cpu" and backend == "auto":
+        why += "; ONNX Runtime has no CUDA provider" if not cuda_available() else "; --device cpu"
     return b, f"onnxruntime {b.provider} {b.model_path.name} ({why})"
 
 

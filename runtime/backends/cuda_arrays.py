@@ -1,0 +1,47 @@
+"""Device arrays for the GPU backends (CuPy): the DDIM update runs on the GPU, on the backend's stream.
+
+``runtime.schedule.ddim_step`` uses only arithmetic and ``.clip``, which CuPy arrays provide, so the
+update, the noise and the finite checks stay on the device between steps; only the initial and
+per-step noise (drawn on the host so every backend sees the same numbers) cross once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from runtime.backends import BackendError
+
+
+def import_cupy() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        raise BackendError("GPU sampling needs CuPy (pip install 'ddim-deploy[gpu]')") from None
+    return cupy
+
+
+class CupyArrays:
+    """The array half of the Backend protocol for CuPy device arrays on ``stream``."""
+
+    def __init__(self) -> None:
+        self.cp = import_cupy()
+        self.stream = self.cp.cuda.Stream(non_blocking=True)
+
+    def context(self) -> Any:
+        """Make the backend's stream current: kernels, copies and engine runs are ordered on it."""
+        return self.stream
+
+    def from_host(self, x: NDArray[np.float32]) -> Any:
+        return self.cp.asarray(x)
+
+    def to_host(self, x: Any) -> NDArray[np.float32]:
+        return self.cp.asnumpy(x, stream=self.stream)
+
+    def is_finite(self, x: Any) -> bool:
+        return bool(self.cp.isfinite(x).all())  # one scalar back to the host per step
+
+    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]:
+        return tuple(self.cp.asarray(b, dtype=self.cp.float32).reshape(1, -1, 1, 1) for b in (lo, hi))  # type: ignore[return-value]
