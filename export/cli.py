@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from runtime.clitools import friendly_errors
+
 log = logging.getLogger("export")
 
 
@@ -31,32 +33,25 @@ def latest_run(root: Path = Path("runs")) -> Path | None:
 @click.option("--builder-optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache [default: ~/.cache/ddim-deploy/tensorrt/timing.cache].")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly_errors
 def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, force: bool, require_engine: bool,
          min_batch: int, opt_batch: int, max_batch: int, static_batch: int | None, builder_optimization_level: int,
-         timing_cache: Path | None, debug: bool) -> None:
+         timing_cache: Path | None) -> None:
     """Export the model of RUN_DIR (a trainer run directory; default: the latest under runs/)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        from export.io_spec import BatchProfile
-        from export.pipeline import ExportOptions, export_run
+    from export.io_spec import BatchProfile
+    from export.pipeline import ExportOptions, export_run
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if run_dir is None:
+        run_dir = latest_run()
         if run_dir is None:
-            run_dir = latest_run()
-            if run_dir is None:
-                raise ValueError("no RUN_DIR given and no run under runs/; train one with python -m trainer fit")
-        out = out or Path("exports") / run_dir.resolve().name
-        log.info("ddim-export: %s -> %s%s", run_dir, out, " (fp32 + fp16)" if fp16 else " (fp32)")
-        profile = BatchProfile.static(static_batch) if static_batch else BatchProfile(min_batch, opt_batch, max_batch)
-        opts = ExportOptions(fp16=fp16, raw_weights=raw_weights, force=force, require_engine=require_engine,
-                             profile=profile, optimization_level=builder_optimization_level, timing_cache=timing_cache)
-        report = export_run(run_dir, out, opts)
-    except Exception as exc:  # every failure reaches the user as one line
-        if debug:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        click.echo(f"error: {first}", err=True)
-        sys.exit(1)
+            raise ValueError("no RUN_DIR given and no run under runs/; train one with python -m trainer fit")
+    out = out or Path("exports") / run_dir.resolve().name
+    log.info("ddim-export: %s -> %s%s", run_dir, out, " (fp32 + fp16)" if fp16 else " (fp32)")
+    profile = BatchProfile.static(static_batch) if static_batch else BatchProfile(min_batch, opt_batch, max_batch)
+    opts = ExportOptions(fp16=fp16, raw_weights=raw_weights, force=force, require_engine=require_engine,
+                         profile=profile, optimization_level=builder_optimization_level, timing_cache=timing_cache)
+    report = export_run(run_dir, out, opts)
     for note in report.notes:
         log.info("note: %s", note)
     for name, size in report.files.items():

@@ -7,7 +7,6 @@ clear "rebuild" message instead of failing later.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ import onnx
 from export.io_spec import BatchProfile, input_profile
 from export.onnx_graph import float32_nodes
 from runtime.config import ModelSpec
-from runtime.files import atomic_write_bytes, atomic_write_text
+from runtime.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = 1
@@ -36,14 +35,6 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible"
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_engine(onnx_path: Path, plan_path: Path, spec: ModelSpec, profile: BatchProfile,

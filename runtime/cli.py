@@ -10,6 +10,7 @@ from typing import get_args
 import click
 import numpy as np
 
+from runtime.clitools import friendly_errors
 from runtime.schedule import Spacing
 
 log = logging.getLogger("runtime")
@@ -51,21 +52,14 @@ def check_writable(path: Path | None, what: str) -> None:
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Also one PNG per image here.")
 @click.option("--npz", type=click.Path(path_type=Path), default=None, help="Also the raw arrays (samples, images).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly_errors
 def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
          device: str | None, precision: str, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
-         npz: Path | None, progress: bool, debug: bool) -> None:
+         npz: Path | None, progress: bool) -> None:
     """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest under exports/)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        _run(model, steps, eta, num_images, batch_size, seed, backend, device, precision, spacing, clip_x0, out,
-             out_dir, npz, progress)
-    except Exception as exc:  # every failure reaches the user as one line
-        if debug:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        click.echo(f"error: {first}", err=True)
-        sys.exit(1)
+    _run(model, steps, eta, num_images, batch_size, seed, backend, device, precision, spacing, clip_x0, out,
+         out_dir, npz, progress)
 
 
 def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,

@@ -7,17 +7,17 @@ preset's value. Errors print one line on stderr and exit non-zero (``--debug`` f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from runtime.clitools import friendly_errors
 from runtime.config import ScheduleName
 from trainer.config import DataConfig, LossName, Normalization, Precision, RunConfig, Split, TrainConfig
 from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset
@@ -62,28 +62,6 @@ def apply_overrides(cfg: RunConfig, opts: dict[str, Any]) -> RunConfig:
         data=dataclasses.replace(cfg.data, **data),
         train=dataclasses.replace(cfg.train, **train),
     )
-
-
-def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Library errors become one line on stderr and exit code 1 (tracebacks with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:  # every error reaches the user as one line
-            if debug:
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: {first}", err=True)
-            sys.exit(1)
-
-    return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
 
 
 def setup_logging() -> None:

@@ -45,3 +45,24 @@ class CupyArrays:
 
     def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]:
         return tuple(self.cp.asarray(b, dtype=self.cp.float32).reshape(1, -1, 1, 1) for b in (lo, hi))  # type: ignore[return-value]
+
+
+class OnDevice:
+    """The array half of the Backend protocol for backends holding a :class:`CupyArrays` as ``arrays``."""
+
+    arrays: CupyArrays
+
+    def context(self) -> Any:
+        return self.arrays.context()
+
+    def from_host(self, x: NDArray[np.float32]) -> Any:
+        return self.arrays.from_host(x)
+
+    def to_host(self, x: Any) -> NDArray[np.float32]:
+        return self.arrays.to_host(x)
+
+    def is_finite(self, x: Any) -> bool:
+        return self.arrays.is_finite(x)
+
+    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]:
+        return self.arrays.clip_bounds(lo, hi)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from runtime.backends import BackendError
+from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError
 from runtime.files import cache_dir
 from runtime.hostinfo import cpu_fingerprint, physical_cores
@@ -110,18 +111,13 @@ class OrtBackend:
         return (np.asarray(lo, dtype=np.float32).reshape(1, -1, 1, 1), np.asarray(hi, dtype=np.float32).reshape(1, -1, 1, 1))
 
 
-class OrtCudaBackend(OrtBackend):
+class OrtCudaBackend(OnDevice, OrtBackend):
     """ONNX Runtime CUDA with I/O binding on CuPy device buffers: no host round trip between steps."""
 
     def __init__(self, path: Path, device: str = "cuda", precision: str = "fp32") -> None:
-        from runtime.backends.cuda_arrays import CupyArrays
-
-        super().__init__(path, "cuda", precision)
+        OrtBackend.__init__(self, path, "cuda", precision)
         self.arrays = CupyArrays()
         self.binding = self.session.io_binding()
-
-    def context(self) -> Any:
-        return self.arrays.context()
 
     def denoise(self, x: Any, noise_var: float) -> Any:
         cp = self.arrays.cp
@@ -136,15 +132,3 @@ class OrtCudaBackend(OrtBackend):
         self.arrays.stream.synchronize()  # ORT runs on its own stream: inputs must be complete
         self.session.run_with_iobinding(b)  # returns once the outputs are written
         return out
-
-    def from_host(self, x: NDArray[np.float32]) -> Any:
-        return self.arrays.from_host(x)
-
-    def to_host(self, x: Any) -> NDArray[np.float32]:
-        return self.arrays.to_host(x)
-
-    def is_finite(self, x: Any) -> bool:
-        return self.arrays.is_finite(x)
-
-    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]:
-        return self.arrays.clip_bounds(lo, hi)

@@ -7,29 +7,18 @@ static-batch engine, the engine's enqueue is captured once in a CUDA graph and r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
 from runtime.backends import BackendError
-from runtime.backends.cuda_arrays import CupyArrays
+from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
+from runtime.files import sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[str, Any]:
@@ -52,14 +41,14 @@ def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[
     ]
     onnx_file = export_dir / str(manifest.get("onnx_file", "model.onnx"))
     if onnx_file.is_file():
-        checks.append(("ONNX sha256", manifest.get("onnx_sha256"), _sha256(onnx_file)))
+        checks.append(("ONNX sha256", manifest.get("onnx_sha256"), sha256_file(onnx_file)))
     for what, built, here in checks:
         if built != here:
             raise BackendError(f"model.plan was built for {what} {built}, this machine has {here}; {rebuild}")
     return manifest
 
 
-class TensorRTBackend:
+class TensorRTBackend(OnDevice):
     """Runs a TensorRT engine on device buffers; CUDA-graph replay for static-batch engines."""
 
     name = "tensorrt"
@@ -92,9 +81,6 @@ class TensorRTBackend:
         self.model_path = export_dir / "model.plan"
         self._graph: Any = None
         self._buffers: dict[str, Any] = {}
-
-    def context(self) -> Any:
-        return self.arrays.context()
 
     def _bind(self, x: Any, v: Any, out: Any) -> None:
         for name, arr in (("noisy_images", x), ("noise_variances", v)):
@@ -133,15 +119,3 @@ class TensorRTBackend:
         b["v"].fill(noise_var)
         self._graph.launch(stream)
         return b["out"]  # consumed by the update before the next replay overwrites it
-
-    def from_host(self, x: NDArray[np.float32]) -> Any:
-        return self.arrays.from_host(x)
-
-    def to_host(self, x: Any) -> NDArray[np.float32]:
-        return self.arrays.to_host(x)
-
-    def is_finite(self, x: Any) -> bool:
-        return self.arrays.is_finite(x)
-
-    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]:
-        return self.arrays.clip_bounds(lo, hi)
