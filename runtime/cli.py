@@ -69,7 +69,7 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
 
     from runtime.api import load
     from runtime.files import atomic_path
-    from runtime.images import png_bytes, save_grid
+    from runtime.images import grid_scale, png_bytes, save_grid
 
     if model is None:
         model = latest_export()
@@ -84,7 +84,7 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
         result = sampler.sample(num_images, steps, seed, eta, spacing, clip_x0, batch_size,  # type: ignore[arg-type]
                                 on_step=lambda i: bar.update(1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(out, result.images, scale=max(1, 256 // result.images.shape[1]))
+    save_grid(out, result.images, scale=grid_scale(result.images.shape[1], len(result.images)))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(result.images):

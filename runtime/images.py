@@ -39,6 +39,11 @@ def make_grid(images: NDArray[np.uint8], ncols: int | None = None, pad: int = 2)
     return grid
 
 
+def grid_scale(image_size: int, n: int, target: int = 512) -> int:
+    """Integer enlargement that makes a grid of ``n`` small images about ``target`` pixels wide."""
+    return max(1, target // (image_size * math.ceil(math.sqrt(n))))
+
+
 def png_bytes(image: NDArray[np.uint8]) -> bytes:
     """Encode an ``(H, W, C)`` uint8 image (C = 1 or 3) as PNG."""
     arr = image[..., 0] if image.shape[-1] == 1 else image

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from runtime.config import ModelSpec
-from runtime.images import save_grid
+from runtime.images import grid_scale, save_grid
 from runtime.schedule import build_schedule
 from trainer import diffusion
 from trainer.batches import Batches, to_model_space
@@ -221,7 +221,7 @@ class _Loop:
         t = self.cfg.train
         images = diffusion.sample_images(self.t.ema.model, self.spec, t.num_samples, t.sample_steps, seed=t.seed,
                                          device=self.dev)
-        scale = max(1, 512 // (self.cfg.model.image_size * math.ceil(math.sqrt(t.num_samples))))
+        scale = grid_scale(self.cfg.model.image_size, t.num_samples)
         (self.run_dir / "samples").mkdir(exist_ok=True)
         path = save_grid(self.run_dir / "samples" / f"step-{step:07d}.png", images, scale=scale)
         save_grid(self.run_dir / "samples.png", images, scale=scale)
