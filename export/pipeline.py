@@ -25,10 +25,9 @@ from export.onnx_graph import OPSET, check, embedding_nodes, export_onnx, float3
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, providers_for
 from export.tensorrt_build import build_engine, engine_runner, unavailable_reason, write_manifest
 from runtime import __version__
-from runtime.files import fsync_dir, sha256_file
+from runtime.files import cache_dir, fsync_dir, sha256_file
 from runtime.metadata import spec_to_metadata
 from trainer.checkpoint import WEIGHTS, load_model
-from trainer.data.download import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ moves buffers between host and device.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -100,10 +99,3 @@ def ddim_sample(
 def numpy_is_finite(x: NDArray) -> bool:
     """Finite check for host arrays."""
     return bool(np.isfinite(x).all())
-
-
-def noise_variance_batch(noise_var: float, batch: int) -> NDArray[np.float32]:
-    """The denoiser's second input, ``[N, 1, 1, 1]`` float32."""
-    if not math.isfinite(noise_var):
-        raise ValueError("noise variance must be finite")
-    return np.full((batch, 1, 1, 1), noise_var, dtype=np.float32)

@@ -10,9 +10,9 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from runtime.config import ModelConfig, NormalizationConfig
+from runtime.files import cache_dir
 from trainer.config import DataConfig
 from trainer.data.cifar10 import load_cifar10
-from trainer.data.download import cache_dir
 from trainer.data.fashion_mnist import load_fashion_mnist
 from trainer.data.flowers import ensure_flowers
 from trainer.data.folder import list_images, load_folder, split_files

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.files import atomic_path, cache_dir  # noqa: F401  (cache_dir: re-exported for the loaders)
+from runtime.files import atomic_path
 from trainer.errors import DownloadError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from trainer.data.download import RemoteFile, cache_dir, fetch
+from runtime.files import cache_dir
+from trainer.data.download import RemoteFile, fetch
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)

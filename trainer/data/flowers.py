@@ -11,7 +11,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from trainer.data.download import RemoteFile, cache_dir, fetch
+from runtime.files import cache_dir
+from trainer.data.download import RemoteFile, fetch
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
