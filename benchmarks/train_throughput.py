@@ -12,9 +12,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -26,20 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_name, report_stem, write_json  # noqa: E402
 from runtime.schedule import build_schedule  # noqa: E402
 from trainer.models import build_model, count_parameters, forward_gflops  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
 from trainer.step import Trainee, optimizer_step  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(preset: str, precision: str, batch: int | None, steps: int, warmup: int, device: str) -> dict:
@@ -69,16 +58,6 @@ def measure(preset: str, precision: str, batch: int | None, steps: int, warmup: 
     }
 
 
-def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
-    """Today's earlier rows for other (preset, precision, batch) settings, then this run's rows."""
-    if not path.is_file():
-        return rows
-    key = lambda r: (r["preset"], r["precision"], r["batch_size"])  # noqa: E731
-    fresh = {key(r) for r in rows}
-    old = [r for r in json.loads(path.read_text()).get("results", []) if key(r) not in fresh]
-    return old + rows
-
-
 @click.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), multiple=True, help="[default: all]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), multiple=True, help="[default: fp32]")
@@ -100,10 +79,8 @@ def main(preset: tuple[str, ...], precision: tuple[str, ...], batch_size: int | 
     env = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "device": device,
            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
-    stem = f"train-throughput-{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = merge_rows(out / f"{stem}.json", rows)
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    stem = report_stem("train-throughput")
+    rows = write_json(out / f"{stem}.json", env, rows, ("preset", "precision", "batch_size"))
     lines = [f"# Training throughput ({env['cpu']}, {env['threads']} threads, torch {env['torch']}, {device})", "",
              "| preset | precision | batch | images/s | GFLOPs/forward | achieved GFLOP/s | parameters |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -1,0 +1,275 @@
+"""Latency of every backend side by side: one network forward, and a whole DDIM sampling call.
+
+    python benchmarks/latency.py                      # keras-flowers architecture + fashion-mnist model
+    python benchmarks/latency.py --quick              # about a minute on 2 cores: a smoke test
+    python benchmarks/latency.py --model runs/fm --batch 1 --batch 16 --steps 50
+
+Backends (each where available): eager PyTorch float32, eager channels_last, torch.compile,
+ONNX Runtime CPU float32, and on a GPU eager float32/float16, ONNX Runtime CUDA. Latency does not
+depend on training, so presets are timed with their initial weights. Every figure is the median
+(with p90 and p99) of repeated runs after warm-up; speed-ups are against eager float32 measured in
+the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, cpu_name, report_stem, write_json  # noqa: E402
+from export.fold import fold_batchnorm  # noqa: E402
+from export.onnx_graph import export_onnx, set_metadata  # noqa: E402
+from runtime.api import Sampler  # noqa: E402
+from runtime.backends.ort_backend import OrtBackend  # noqa: E402
+from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
+from runtime.metadata import spec_to_metadata  # noqa: E402
+from trainer.checkpoint import load_model  # noqa: E402
+from trainer.models import build_model, forward_gflops  # noqa: E402
+from trainer.presets import PRESETS, get_preset  # noqa: E402
+from trainer.torch_backend import TorchBackend  # noqa: E402
+
+Forward = Callable[[np.ndarray, np.ndarray], Any]
+
+
+@dataclass
+class Model:
+    name: str
+    module: torch.nn.Module
+    spec: ModelSpec
+    gflops: float
+
+
+def load_subject(name: str) -> Model:
+    """A preset (initial weights) or a trainer run directory."""
+    if name in PRESETS:
+        cfg = get_preset(name).config
+        torch.manual_seed(0)
+        module = build_model(cfg.model).eval()
+        c = cfg.model.channels
+        spec = cfg.to_spec(NormalizationConfig(mean=(0.5,) * c, std=(0.5,) * c))
+    else:
+        module, spec = load_model(Path(name))
+    return Model(name, module, spec, forward_gflops(module, spec.model))
+
+
+def matmul_peak(device: str, size: int = 2048, n: int = 10) -> float:
+    """GFLOP/s of a float32 matmul, the best of torch and numpy (CPU): the machine's practical peak."""
+    best = 0.0
+    candidates: list[Callable[[], Any]] = []
+    a = torch.randn(size, size, device=device)
+    candidates.append(lambda: a @ a)
+    if device == "cpu":
+        b = np.random.default_rng(0).random((size, size), dtype=np.float32)
+        candidates.append(lambda: b @ b)
+    for fn in candidates:
+        for _ in range(2):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ort_export(m: Model, folder: Path) -> Path:
+    """The subject as ``model.onnx`` (BatchNorm folded, config inside), as ddim-export writes it."""
+    deployed = copy.deepcopy(m.module)
+    fold_batchnorm(deployed, m.spec.model.image_size, m.spec.model.channels)
+    graph = export_onnx(deployed, m.spec, folder / "model.onnx")
+    set_metadata(graph, spec_to_metadata(m.spec, {"precision": "fp32"}))
+    import onnx
+
+    onnx.save(graph, str(folder / "model.onnx"))
+    return folder
+
+
+def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> dict[str, tuple[Forward, Any]]:
+    """name -> (forward on host arrays, Sampler or None) for every backend available here."""
+    out: dict[str, tuple[Forward, Any]] = {}
+
+    def eager(module: torch.nn.Module, dtype: torch.dtype = torch.float32,
+              fmt: torch.memory_format = torch.contiguous_format) -> Forward:
+        @torch.no_grad()
+        def run(x: np.ndarray, v: np.ndarray) -> Any:
+            xt = torch.from_numpy(x).to(device, dtype).contiguous(memory_format=fmt)
+            return module(xt, torch.from_numpy(v).to(device))
+        return run
+
+    base = m.module.to(device)
+    out[f"eager fp32 ({device})"] = (eager(base), Sampler(TorchBackend(model=base, spec=m.spec, device=device)))
+    cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    out[f"eager channels_last ({device})"] = (eager(cl, fmt=torch.channels_last), None)
+    if device == "cuda":
+        out["eager fp16 (cuda)"] = (eager(copy.deepcopy(base).half(), torch.float16), None)
+    if compile_:
+        out[f"torch.compile ({device})"] = (eager(torch.compile(copy.deepcopy(base))), None)
+    ort_b = OrtBackend(export_dir, "cpu")
+    out["onnxruntime cpu fp32"] = (lambda x, v: ort_b.session.run(None, {"noisy_images": x, "noise_variances": v}),
+                                   Sampler(ort_b))
+    return out
+
+
+def timed(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    arr = np.array(times)
+    return {"median_s": float(np.median(arr)), "p90_s": float(np.percentile(arr, 90)),
+            "p99_s": float(np.percentile(arr, 99)), "repeats": repeats}
+
+
+def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[int], steps: int, warmup: int,
+                repeats: int, compile_: bool, peak: float) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = forward_runners(m, ort_export(m, Path(tmp)), device, compile_)
+        c, s = m.spec.model.channels, m.spec.model.image_size
+        for batch in batches:
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((batch, c, s, s), dtype=np.float32)
+            v = rng.random((batch, 1, 1, 1), dtype=np.float32)
+            for name, (forward, sampler) in runners.items():
+                stats = timed(lambda: forward(x, v), device, warmup, repeats)  # noqa: B023
+                row = {"model": m.name, "backend": name, "kind": "forward", "batch": batch, **stats,
+                       "images_per_s": batch / stats["median_s"],
+                       "gflop_s": m.gflops * batch / stats["median_s"]}
+                row["share_of_peak"] = row["gflop_s"] / peak
+                rows.append(row)
+                click.echo(f"  {m.name:14s} {name:30s} forward  batch {batch:3d}: {stats['median_s'] * 1e3:9.2f} ms",
+                           err=True)
+                if sampler is None or batch not in sample_batches:
+                    continue
+                result: list[Any] = []
+                st = timed(lambda: result.append(sampler.sample(batch, steps, seed=0, batch_size=batch)),  # noqa: B023
+                           device, 1, max(1, repeats // 5))
+                rows.append({"model": m.name, "backend": name, "kind": f"sample {steps} steps", "batch": batch, **st,
+                             "images_per_s": batch / st["median_s"],
+                             "loop_overhead": result[-1].overhead_fraction})
+                click.echo(f"  {m.name:14s} {name:30s} sampling batch {batch:3d}: {st['median_s']:9.2f} s "
+                           f"({100 * result[-1].overhead_fraction:.1f}% outside the network)", err=True)
+    base = {(r["model"], r["kind"], r["batch"]): r["median_s"] for r in rows if r["backend"].startswith("eager fp32")}
+    for r in rows:
+        r["speedup_vs_eager_fp32"] = base[(r["model"], r["kind"], r["batch"])] / r["median_s"]
+    return rows
+
+
+def environment(device: str, peak: float) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    return {"host": socket.gethostname(), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "matmul_peak_gflop_s": round(peak, 1)}
+
+
+def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Latency ({env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+             f"onnxruntime {env['onnxruntime']}, {env['device']}{', ' + env['gpu'] if env['gpu'] else ''})", "",
+             f"Practical peak, the best 2048^2 float32 matmul of torch and numpy: {env['matmul_peak_gflop_s']} GFLOP/s. "
+             "GFLOPs count convolutions and matmuls only.", "",
+             "| model | backend | what | batch | median | p90 | images/s | speed-up vs eager fp32 | GFLOP/s (share of peak) "
+             "| outside the network |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gf = f"{r['gflop_s']:.1f} ({100 * r['share_of_peak']:.0f}%)" if "gflop_s" in r else ""
+        ov = f"{100 * r['loop_overhead']:.1f}%" if "loop_overhead" in r else ""
+        unit = (1e3, "ms") if r["kind"] == "forward" else (1.0, "s")
+        lines.append(f"| {r['model']} | {r['backend']} | {r['kind']} | {r['batch']} | {r['median_s'] * unit[0]:.2f} "
+                     f"{unit[1]} | {r['p90_s'] * unit[0]:.2f} {unit[1]} | {r['images_per_s']:.2f} | "
+                     f"{r['speedup_vs_eager_fp32']:.2f}x | {gf} | {ov} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Forward latency and speed-up against batch size, one panel pair per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for (ax_lat, ax_up), model in zip(axes, models):
+        sel = [r for r in rows if r["model"] == model and r["kind"] == "forward"]
+        for backend in sorted({r["backend"] for r in sel}):
+            pts = sorted((r["batch"], r["median_s"] * 1e3, r["speedup_vs_eager_fp32"]) for r in sel
+                         if r["backend"] == backend)
+            ax_lat.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+            ax_up.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=backend)
+        ax_lat.set(title=f"{model}: one forward", xlabel="batch", ylabel="median latency (ms)", xscale="log",
+                   yscale="log")
+        ax_up.set(title=f"{model}: speed-up over eager fp32", xlabel="batch", ylabel="x", xscale="log")
+        ax_up.axhline(1.0, color="grey", lw=0.8)
+        for ax in (ax_lat, ax_up):
+            ax.grid(alpha=0.3)
+        ax_up.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--model", "models", multiple=True,
+              help="A preset name or a trainer run directory [default: keras-flowers and fashion-mnist].")
+@click.option("--batch", "batches", type=int, multiple=True, help="[default: 1 8 32 64]")
+@click.option("--sample-batch", "sample_batches", type=int, multiple=True,
+              help="Batches for the whole-sampling figure [default: 1 8].")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps of the sampling figure.")
+@click.option("--repeats", type=int, default=10, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="Time torch.compile.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when available]")
+@click.option("--quick", is_flag=True, help="Small run (about a minute on 2 cores): batches 1 and 8, 10 steps.")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
+def main(models: tuple[str, ...], batches: tuple[int, ...], sample_batches: tuple[int, ...], steps: int,
+         repeats: int, warmup: int, compile_: bool, device: str | None, quick: bool, out: Path) -> None:
+    """Time every backend on the machine at hand and write JSON, Markdown and a plot."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        batches, sample_batches, steps, repeats, warmup, compile_ = batches or (1, 8), sample_batches or (1,), 10, \
+            5, 1, False
+    models = models or ("keras-flowers", "fashion-mnist")
+    peak = matmul_peak(device)
+    click.echo(f"latency: {', '.join(models)} on {device} (matmul peak {peak:.0f} GFLOP/s)", err=True)
+    rows = []
+    for name in models:
+        m = load_subject(name)
+        rows += bench_model(m, device, list(batches or (1, 8, 32, 64)), list(sample_batches or (1, 8)), steps,
+                            warmup, repeats, compile_, peak)
+    env = environment(device, peak)
+    stem = report_stem("latency")
+    rows = write_json(out / f"{stem}.json", env, rows, ("model", "backend", "kind", "batch"))
+    (out / f"{stem}.md").write_text(markdown(env, rows))
+    plot(rows, out / f"{stem}.png")
+    click.echo(markdown(env, rows))
+    click.echo(f"wrote {out / stem}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()
