@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, report_stem, write_json  # noqa: E402
-from export.fold import fold_batchnorm  # noqa: E402
-from export.onnx_graph import export_onnx, set_metadata  # noqa: E402
+from export.onnx_graph import write_deployed_onnx  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
@@ -94,13 +93,7 @@ def sync(device: str) -> None:
 
 def ort_export(m: Model, folder: Path) -> Path:
     """The subject as ``model.onnx`` (BatchNorm folded, config inside), as ddim-export writes it."""
-    deployed = copy.deepcopy(m.module)
-    fold_batchnorm(deployed, m.spec.model.image_size, m.spec.model.channels)
-    graph = export_onnx(deployed, m.spec, folder / "model.onnx")
-    set_metadata(graph, spec_to_metadata(m.spec, {"precision": "fp32"}))
-    import onnx
-
-    onnx.save(graph, str(folder / "model.onnx"))
+    write_deployed_onnx(m.module, m.spec, folder / "model.onnx", spec_to_metadata(m.spec, {"precision": "fp32"}))
     return folder
 
 

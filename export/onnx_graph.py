@@ -9,6 +9,7 @@ outputs stay float32.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -54,10 +55,6 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
     model.metadata_props.extend(kept)
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
-
-
-def metadata_of(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def embedding_nodes(graph: onnx.GraphProto, source: str = "noise_variances") -> list[str]:
@@ -139,7 +136,29 @@ def drop_round_trip_casts(model: onnx.ModelProto) -> int:
     return len(dead) // 2
 
 
-def check(model: onnx.ModelProto, path: Path) -> None:
+def check(path: Path) -> None:
     """onnx's full checker (with shape inference) on the file as written."""
     onnx.checker.check_model(str(path), full_check=True)
-    log.debug("checked %s (%d nodes)", path, len(model.graph.node))
+
+
+def save_checked(graph: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:
+    """Store ``metadata`` in ``graph``, write it to ``path`` and run the full checker on the file."""
+    set_metadata(graph, metadata)
+    onnx.save(graph, str(path))
+    check(path)
+
+
+def write_deployed_onnx(model: torch.nn.Module, spec: ModelSpec, path: Path, metadata: dict[str, str],
+                        opset: int = OPSET) -> tuple[onnx.ModelProto, int]:
+    """The float32 ONNX that ships: a copy of ``model`` with BatchNorm folded, exported, config inside.
+
+    Returns the graph and how many BatchNorm layers were folded; ``model`` itself is untouched (it
+    stays the eager reference the parity gate compares with).
+    """
+    from export.fold import fold_batchnorm
+
+    deployed = copy.deepcopy(model)
+    folded = fold_batchnorm(deployed, spec.model.image_size, spec.model.channels)
+    graph = export_onnx(deployed, spec, path, opset)
+    save_checked(graph, path, metadata)
+    return graph, folded

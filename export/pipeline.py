@@ -7,7 +7,6 @@ contents of ``--out`` (if any) untouched.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -19,9 +18,8 @@ from typing import Any
 
 import onnx
 
-from export.fold import fold_batchnorm
 from export.io_spec import BatchProfile
-from export.onnx_graph import OPSET, check, embedding_nodes, export_onnx, float32_nodes, set_metadata, to_fp16
+from export.onnx_graph import OPSET, embedding_nodes, float32_nodes, save_checked, to_fp16, write_deployed_onnx
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, providers_for
 from export.tensorrt_build import build_engine, engine_runner, unavailable_reason, write_manifest
 from runtime import __version__
@@ -95,16 +93,12 @@ def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
 def _write_onnx(model: Any, spec: Any, staging: Path, info: dict, opts: ExportOptions,
                 report: ExportReport) -> onnx.ModelProto:
     start = time.perf_counter()
-    deployed = copy.deepcopy(model)
-    folded = fold_batchnorm(deployed, spec.model.image_size, spec.model.channels)
+    graph, folded = write_deployed_onnx(model, spec, staging / "model.onnx",
+                                        spec_to_metadata(spec, {**info, "precision": "fp32"}), opts.opset)
     if folded:
         report.notes.append(f"folded {folded} BatchNorm layers into the following convolutions (exact)")
-    # The gate below compares this folded graph with the original eager model.
-    graph = export_onnx(deployed, spec, staging / "model.onnx", opts.opset)
-    set_metadata(graph, spec_to_metadata(spec, {**info, "precision": "fp32"}))
-    onnx.save(graph, str(staging / "model.onnx"))
-    check(graph, staging / "model.onnx")
     report.seconds["model.onnx"] = time.perf_counter() - start
+    # The gate compares the folded graph with the original eager model.
     _gate(model, spec, staging / "model.onnx", FP32_TOLERANCE, report)
     return graph
 
@@ -112,10 +106,7 @@ def _write_onnx(model: Any, spec: Any, staging: Path, info: dict, opts: ExportOp
 def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, info: dict,
                 report: ExportReport) -> None:
     start = time.perf_counter()
-    half = to_fp16(fp32)
-    set_metadata(half, spec_to_metadata(spec, {**info, "precision": "fp16"}))
-    onnx.save(half, str(staging / "model.fp16.onnx"))
-    check(half, staging / "model.fp16.onnx")
+    save_checked(to_fp16(fp32), staging / "model.fp16.onnx", spec_to_metadata(spec, {**info, "precision": "fp16"}))
     report.seconds["model.fp16.onnx"] = time.perf_counter() - start
     embed = set(embedding_nodes(fp32.graph))
     kept = float32_nodes(fp32)
