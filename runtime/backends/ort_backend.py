@@ -18,6 +18,7 @@ from runtime.config import ConfigError
 from runtime.files import cache_dir
 from runtime.hostinfo import cpu_fingerprint, physical_cores
 from runtime.metadata import spec_from_metadata
+from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
@@ -105,7 +106,7 @@ class OrtBackend:
         return x
 
     def is_finite(self, x: NDArray[np.float32]) -> bool:
-        return bool(np.isfinite(x).all())
+        return numpy_is_finite(x)
 
     def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[NDArray, NDArray]:
         return (np.asarray(lo, dtype=np.float32).reshape(1, -1, 1, 1), np.asarray(hi, dtype=np.float32).reshape(1, -1, 1, 1))
