@@ -24,7 +24,8 @@ class RemoteFile:
 
     filename: str
     urls: tuple[str, ...]
-    md5: str  # the checksum the publisher gives
+    md5: str | None  # the checksum the publisher gives
+    sha256_prefix: str | None = None  # or the SHA-256 prefix it names the file by (torch hub style)
 
 
 def file_md5(path: Path) -> str:
@@ -47,7 +48,7 @@ def fetch(remote: RemoteFile, dest_dir: Path, progress: bool = True) -> Path:
     reasons = []
     for url in remote.urls:
         try:
-            _download(url, dest, remote.md5, progress)
+            _download(url, dest, remote, progress)
             return dest
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
@@ -59,8 +60,8 @@ def fetch(remote: RemoteFile, dest_dir: Path, progress: bool = True) -> Path:
     )
 
 
-def _download(url: str, dest: Path, md5: str, progress: bool) -> None:
-    digest = hashlib.md5(usedforsecurity=False)
+def _download(url: str, dest: Path, remote: RemoteFile, progress: bool) -> None:
+    digest, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(tmp, "wb") as out, tqdm(
@@ -69,8 +70,11 @@ def _download(url: str, dest: Path, md5: str, progress: bool) -> None:
             while chunk := response.read(CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
+                sha.update(chunk)
                 bar.update(len(chunk))
-        if digest.hexdigest() != md5:
-            # Raising inside atomic_path discards the temporary file; nothing lands under dest.
-            raise ValueError(f"checksum mismatch: expected md5 {md5}, got {digest.hexdigest()}")
+        # Raising inside atomic_path discards the temporary file; nothing lands under dest.
+        if remote.md5 is not None and digest.hexdigest() != remote.md5:
+            raise ValueError(f"checksum mismatch: expected md5 {remote.md5}, got {digest.hexdigest()}")
+        if remote.sha256_prefix is not None and not sha.hexdigest().startswith(remote.sha256_prefix):
+            raise ValueError(f"checksum mismatch: expected SHA-256 {remote.sha256_prefix}..., got {sha.hexdigest()}")
     log.info("downloaded %s", dest)
