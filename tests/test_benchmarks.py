@@ -42,3 +42,46 @@ def test_train_throughput_writes_its_report(tmp_path):
     (report,) = tmp_path.glob("train-throughput-*.json")
     (row,) = json.loads(report.read_text())["results"]
     assert row["preset"] == "fashion-mnist" and row["images_per_s"] > 0 and row["parameters"] == 818_785
+
+
+def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
+    from tests.conftest import tiny_config
+    from trainer.classifier import save_classifier, train_classifier
+    from trainer.data import fit_idx_images
+    from trainer.data.fashion_mnist import load_fashion_mnist
+    from trainer.train import fit
+
+    run = tmp_path / "run"
+    fit(tiny_config(steps=2), run, fashion_dir, progress=False)
+    split = {s: load_fashion_mnist(fashion_dir, s) for s in ("train", "test")}
+    model, info = train_classifier(*((fit_idx_images(x, 32), y) for x, y in split.values()), epochs=1, width=8,
+                                   progress=False)
+    save_classifier(model, info, tmp_path / "cls")
+    out = tmp_path / "out"
+    proc = script("fid.py", "--model", str(run), "--data", str(fashion_dir), "--classifier", str(tmp_path / "cls"),
+                  "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"fid: {run}")
+    (report,) = out.glob("fid-*.json")
+    rows = json.loads(report.read_text())["results"]
+    real = [r for r in rows if r["steps"] == 0]
+    assert len(real) == 1 and real[0]["n"] == 6 and real[0]["extractor"] == "FD-classifier"
+    sampled = {(r["backend"], r["steps"]): r for r in rows if r["steps"]}
+    assert set(sampled) == {(b, s) for b in ("eager fp32", "onnxruntime cpu fp32") for s in (2, 3)}
+    for steps in (2, 3):
+        ort = sampled[("onnxruntime cpu fp32", steps)]
+        # Same noise, same weights: ONNX Runtime's images match eager's to a level or two.
+        assert ort["max_abs_diff_vs_eager"] <= 2 and ort["psnr_vs_eager"] > 40
+        assert abs(ort["fd_data"] - sampled[("eager fp32", steps)]["fd_data"]) < 0.05 * sampled[("eager fp32", steps)][
+            "fd_data"] + 1e-3
+        assert "psnr_vs_eager" not in sampled[("eager fp32", steps)]
+    md = report.with_suffix(".md").read_text()
+    assert "| FD-classifier | onnxruntime cpu fp32 | 3 | 6 |" in md
+    assert report.with_suffix(".png").stat().st_size > 10_000
+    assert (out / f"{report.stem}-samples.png").stat().st_size > 1_000
+
+
+def test_fid_bad_model_is_one_line_error(tmp_path):
+    proc = script("fid.py", "--model", str(tmp_path / "nope"), "--out", str(tmp_path))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr

@@ -156,7 +156,9 @@ def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bo
         for name in ("trainer", "runtime"):
             logging.getLogger(name).setLevel(logging.WARNING)
     procs = f" x {dist.world} processes" if dist.enabled else ""
-    log.info("fit: preset %s -> %s on %s%s%s", cfg.preset, run_dir, dev, procs, " (resuming)" if resume else "")
+    picked = " (the default preset)" if preset is None and not resume else ""
+    log.info("fit: preset %s%s -> %s on %s%s%s", cfg.preset, picked, run_dir, dev, procs,
+             " (resuming)" if resume else "")
     from trainer.train import fit as run_fit
 
     try:
@@ -195,3 +197,28 @@ def info(preset: tuple[str, ...]) -> None:
         m = p.config.model
         click.echo(f"{name:16s} {m.image_size}x{m.image_size}x{m.channels}  params {count_parameters(model):>10,}  "
                    f"GFLOPs/forward {forward_gflops(model, m):7.3f}  {p.summary}")
+
+
+@main.command()
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="Folder of Fashion-MNIST IDX files [default: the Debian package, else the cache/download].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write it [default: models/fashion-mnist-classifier, the shipped one].")
+@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@friendly_errors
+def classifier(data_path: Path | None, out: Path | None, epochs: int, seed: int, progress: bool) -> None:
+    """Train the Fashion-MNIST classifier whose features give the FD-classifier score."""
+    from trainer.classifier import SHIPPED, save_classifier, train_classifier
+    from trainer.data import fit_idx_images
+    from trainer.data.fashion_mnist import load_fashion_mnist
+
+    out = out or SHIPPED
+    click.echo(f"classifier: Fashion-MNIST, {epochs} epochs, seed {seed} -> {out}", err=True)
+    (xtr, ytr), (xte, yte) = (load_fashion_mnist(data_path, s) for s in ("train", "test"))
+    model, info = train_classifier((fit_idx_images(xtr, 32), ytr), (fit_idx_images(xte, 32), yte), epochs=epochs,
+                                   seed=seed, progress=progress)
+    save_classifier(model, info, out)
+    click.echo(f"test accuracy {100 * info.test_accuracy:.2f}% ({len(yte)} images) in {info.train_seconds:.0f} s; "
+               f"wrote {out}")
