@@ -22,7 +22,6 @@ import platform
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +63,13 @@ def open_backends(names: tuple[str, ...], model_dir: Path, export_dir: Path, dev
     return out
 
 
-def make_export(model_dir: Path, folder: Path, names: tuple[str, ...]) -> Path:
-    """The ONNX files users get, written by the exporter itself (with its parity gates)."""
+def make_export(model_dir: Path, folder: Path, names: tuple[str, ...], data_path: Path | None) -> Path:
+    """The ONNX files users get, written by the exporter itself (with its parity and quality gates)."""
     from export.pipeline import ExportOptions, export_run
 
     out = folder / "export"
-    export_run(model_dir, out, ExportOptions(fp16="onnxruntime-fp16" in names))
+    export_run(model_dir, out, ExportOptions(fp16="onnxruntime-fp16" in names, int8="onnxruntime-int8" in names,
+                                             data_path=data_path))
     return out
 
 
@@ -89,7 +89,8 @@ def scores(ext: FeatureExtractor, feats: NDArray[np.float64], ref_stats: Any, re
 
 def run(model_dir: Path, export_dir: Path | None, names: tuple[str, ...], steps_list: list[int], n: int,
         batch_size: int, seed: int, extractor: str, inception_weights: Path | None, classifier: Path | None,
-        data_path: Path | None, reference_size: int | None, device: str, grid_steps: int) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]], str]:
+        data_path: Path | None, reference_size: int | None, device: str,
+        grid_steps: int) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]], str]:
     cfg = _run_config(model_dir)
     ext = make_extractor(extractor, inception_weights, classifier, device=device)
     ref = reference_images(cfg, "train", data_path)
@@ -109,7 +110,7 @@ def run(model_dir: Path, export_dir: Path | None, names: tuple[str, ...], steps_
                f"{len(ref)} training images)", err=True)
     grids: dict[int, dict[str, NDArray[np.uint8]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export_dir = export_dir or make_export(model_dir, Path(tmp), names)
+        export_dir = export_dir or make_export(model_dir, Path(tmp), names, data_path)
         samplers = open_backends(names, model_dir, export_dir, device)
         for steps in steps_list:
             eager_images: NDArray[np.uint8] | None = None
@@ -169,7 +170,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         steps = "-" if r["steps"] == 0 else r["steps"]
         off = r.get("pixels_off_by_more_than_1")
         lines.append(
-            f"| {Path(r['model']).name} | {r['extractor']} | {r['backend']} | {steps} | {r['n']} | {r['fd_data']:.3f} | "
+            f"| {Path(r['model']).name} | {r['extractor']} | {r['backend']} | {steps} | {r['n']} | "
+            f"{r['fd_data']:.3f} | "
             f"{r['kid']:.3g} ± {r['kid_std']:.2g} | {_fmt(r.get('fd_vs_eager'), '.4f')} | "
             f"{_fmt(r.get('psnr_vs_eager'), '.1f')} | {_fmt(r.get('max_abs_diff_vs_eager'), 'd')} | "
             f"{'' if off is None else f'{100 * off:.3f}%'} | {_fmt(r.get('images_per_s'), '.1f')} |")

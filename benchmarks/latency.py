@@ -1,11 +1,11 @@
 """Latency of every backend side by side: one network forward, and a whole DDIM sampling call.
 
-    python benchmarks/latency.py                      # keras-flowers architecture + fashion-mnist model
+    python benchmarks/latency.py                      # keras-flowers architecture + the shipped fashion-mnist model
     python benchmarks/latency.py --quick              # about a minute on 2 cores: a smoke test
     python benchmarks/latency.py --model runs/fm --batch 1 --batch 16 --steps 50
 
 Backends (each where available): eager PyTorch float32, eager channels_last, torch.compile,
-ONNX Runtime CPU float32, and on a GPU eager float32/float16, ONNX Runtime CUDA. Latency does not
+ONNX Runtime CPU float32 and INT8 (QDQ, as `ddim-export --int8` writes it), and on a GPU eager float32/float16, ONNX Runtime CUDA. Latency does not
 depend on training, so presets are timed with their initial weights. Every figure is the median
 (with p90 and p99) of repeated runs after warm-up; speed-ups are against eager float32 measured in
 the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
@@ -13,6 +13,7 @@ the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import socket
@@ -31,10 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, report_stem, write_json  # noqa: E402
+from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from export.onnx_graph import write_deployed_onnx  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
+from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from runtime.metadata import spec_to_metadata  # noqa: E402
 from trainer.checkpoint import load_model  # noqa: E402
 from trainer.models import build_model, forward_gflops  # noqa: E402
@@ -62,6 +65,8 @@ def load_subject(name: str) -> Model:
         spec = cfg.to_spec(NormalizationConfig(mean=(0.5,) * c, std=(0.5,) * c))
     else:
         module, spec = load_model(Path(name))
+        with contextlib.suppress(ValueError):
+            name = str(Path(name).resolve().relative_to(ROOT))
     return Model(name, module, spec, forward_gflops(module, spec.model))
 
 
@@ -91,9 +96,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ort_export(m: Model, folder: Path) -> Path:
-    """The subject as ``model.onnx`` (BatchNorm folded, config inside), as ddim-export writes it."""
+def ort_export(m: Model, folder: Path, int8: bool) -> Path:
+    """The subject as ``model.onnx`` (BatchNorm folded, config inside) as ddim-export writes it, and
+    ``model.int8.onnx`` quantized the exporter's way (calibrated on the model's own sampling trajectories:
+    latency does not depend on the calibration values, and presets have no training data here)."""
     write_deployed_onnx(m.module, m.spec, folder / "model.onnx", spec_to_metadata(m.spec, {"precision": "fp32"}))
+    if int8:
+        quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", m.spec, lambda: None,  # type: ignore[arg-type]
+                      Int8Options(calibration="sampler", calibration_size=128))
     return folder
 
 
@@ -117,9 +127,12 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> 
         out["eager fp16 (cuda)"] = (eager(copy.deepcopy(base).half(), torch.float16), None)
     if compile_:
         out[f"torch.compile ({device})"] = (eager(torch.compile(copy.deepcopy(base))), None)
-    ort_b = OrtBackend(export_dir, "cpu")
-    out["onnxruntime cpu fp32"] = (lambda x, v: ort_b.session.run(None, {"noisy_images": x, "noise_variances": v}),
-                                   Sampler(ort_b))
+    for precision in ("fp32", "int8"):
+        if precision == "int8" and not (export_dir / "model.int8.onnx").is_file():
+            continue
+        ort_b = OrtBackend(export_dir, "cpu", precision)
+        out[f"onnxruntime cpu {precision}"] = (
+            lambda x, v, s=ort_b.session: s.run(None, {"noisy_images": x, "noise_variances": v}), Sampler(ort_b))
     return out
 
 
@@ -139,10 +152,10 @@ def timed(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> dict
 
 
 def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[int], steps: int, warmup: int,
-                repeats: int, compile_: bool, peak: float) -> list[dict[str, Any]]:
+                repeats: int, compile_: bool, peak: float, int8: bool) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runners = forward_runners(m, ort_export(m, Path(tmp)), device, compile_)
+        runners = forward_runners(m, ort_export(m, Path(tmp), int8), device, compile_)
         c, s = m.spec.model.channels, m.spec.model.image_size
         for batch in batches:
             rng = np.random.default_rng(0)
@@ -229,7 +242,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 @click.command()
 @click.option("--model", "models", multiple=True,
-              help="A preset name or a trainer run directory [default: keras-flowers and fashion-mnist].")
+              help="A preset name (random weights) or a trainer run directory [default: keras-flowers and the "
+                   "shipped models/fashion-mnist].")
 @click.option("--batch", "batches", type=int, multiple=True, help="[default: 1 8 32 64]")
 @click.option("--sample-batch", "sample_batches", type=int, multiple=True,
               help="Batches for the whole-sampling figure [default: 1 8].")
@@ -237,24 +251,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @click.option("--repeats", type=int, default=10, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="Time torch.compile.")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Time ONNX Runtime INT8 (QDQ) too.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when available]")
 @click.option("--quick", is_flag=True, help="Small run (about a minute on 2 cores): batches 1 and 8, 10 steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 def main(models: tuple[str, ...], batches: tuple[int, ...], sample_batches: tuple[int, ...], steps: int,
-         repeats: int, warmup: int, compile_: bool, device: str | None, quick: bool, out: Path) -> None:
+         repeats: int, warmup: int, compile_: bool, int8: bool, device: str | None, quick: bool, out: Path) -> None:
     """Time every backend on the machine at hand and write JSON, Markdown and a plot."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quick:
         batches, sample_batches, steps, repeats, warmup, compile_ = batches or (1, 8), sample_batches or (1,), 10, \
             5, 1, False
-    models = models or ("keras-flowers", "fashion-mnist")
+    models = models or ("keras-flowers", str(SHIPPED_MODEL) if SHIPPED_MODEL.is_dir() else "fashion-mnist")
     peak = matmul_peak(device)
     click.echo(f"latency: {', '.join(models)} on {device} (matmul peak {peak:.0f} GFLOP/s)", err=True)
     rows = []
     for name in models:
         m = load_subject(name)
         rows += bench_model(m, device, list(batches or (1, 8, 32, 64)), list(sample_batches or (1, 8)), steps,
-                            warmup, repeats, compile_, peak)
+                            warmup, repeats, compile_, peak, int8)
     env = environment(device, peak)
     stem = report_stem("latency")
     rows = write_json(out / f"{stem}.json", env, rows, ("model", "backend", "kind", "batch"))

@@ -19,12 +19,27 @@ def latest_run(root: Path = Path("runs")) -> Path | None:
     return max(configs, key=lambda p: p.stat().st_mtime).parent if configs else None
 
 
+def pick_run(run_dir: Path | None) -> tuple[Path, str]:
+    """The run to export and why it was picked: the one given, the latest run, else the shipped model."""
+    from runtime.shipped import SHIPPED_MODEL
+
+    if run_dir is not None:
+        return run_dir, ""
+    latest = latest_run()
+    if latest is not None:
+        return latest, " (the latest run under runs/)"
+    if (SHIPPED_MODEL / "config.json").is_file():
+        return SHIPPED_MODEL, " (the shipped model: no run under runs/)"
+    raise ValueError("no RUN_DIR given, no run under runs/ and no shipped model; train one with python -m trainer fit")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), help="Export directory [default: exports/RUN_NAME].")
 @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx, and model.plan where TensorRT and a GPU exist.")
 @click.option("--raw-weights", is_flag=True, help="Export the raw weights instead of the EMA weights.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory (a default one that holds an "
+              "earlier export is replaced anyway).")
 @click.option("--require-engine", is_flag=True, help="Fail when the TensorRT engine cannot be built here.")
 @click.option("--min-batch", type=int, default=1, show_default=True, help="TensorRT profile: smallest batch.")
 @click.option("--opt-batch", type=int, default=16, show_default=True, help="TensorRT profile: batch tuned for.")
@@ -33,30 +48,63 @@ def latest_run(root: Path = Path("runs")) -> Path | None:
 @click.option("--builder-optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache [default: ~/.cache/ddim-deploy/tensorrt/timing.cache].")
+@click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ INT8 for CPUs), behind a quality "
+              "gate.")
+@click.option("--int8-calibration", type=click.Choice(["both", "data", "sampler"]), default="both", show_default=True,
+              help="Calibration inputs: training images noised across the schedule, the float32 model's own DDIM "
+                   "trajectories, or half of each.")
+@click.option("--int8-calibration-size", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Calibration (image, noise variance) pairs.")
+@click.option("--int8-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen from the calibration set.")
+@click.option("--int8-keep-float", type=click.Choice(["embedding", "first-conv", "last-conv", "none"]), multiple=True,
+              help="Parts left in float32 [default: embedding, first-conv, last-conv].")
+@click.option("--int8-gate-images", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Same-noise samples (50 steps) the quality gate compares.")
+@click.option("--int8-min-psnr", type=float, default=20.0, show_default=True,
+              help="Gate: least same-noise PSNR (dB) of INT8 samples against float32 ONNX ones.")
+@click.option("--int8-max-fd-ratio", type=float, default=1.5, show_default=True,
+              help="Gate: largest FD-classifier of INT8 samples over float32's (Fashion-MNIST models).")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="Where the training data lies, for INT8 calibration [default: where the trainer finds it].")
 @friendly_errors
 def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, force: bool, require_engine: bool,
          min_batch: int, opt_batch: int, max_batch: int, static_batch: int | None, builder_optimization_level: int,
-         timing_cache: Path | None) -> None:
-    """Export the model of RUN_DIR (a trainer run directory; default: the latest under runs/)."""
+         timing_cache: Path | None, int8: bool, int8_calibration: str, int8_calibration_size: int, int8_method: str,
+         int8_keep_float: tuple[str, ...], int8_gate_images: int, int8_min_psnr: float, int8_max_fd_ratio: float,
+         data_path: Path | None) -> None:
+    """Export the model of RUN_DIR (a trainer run directory or shipped model folder; default: the latest
+    run under runs/, else the shipped Fashion-MNIST model)."""
+    from export.int8 import KEEP_FLOAT, GateOptions, Int8Options
     from export.io_spec import BatchProfile
     from export.pipeline import ExportOptions, export_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if run_dir is None:
-        run_dir = latest_run()
-        if run_dir is None:
-            raise ValueError("no RUN_DIR given and no run under runs/; train one with python -m trainer fit")
-    out = out or Path("exports") / run_dir.resolve().name
-    log.info("ddim-export: %s -> %s%s", run_dir, out, " (fp32 + fp16)" if fp16 else " (fp32)")
+    run_dir, why = pick_run(run_dir)
+    if out is None:
+        out = Path("exports") / run_dir.resolve().name
+        # A default folder holding an earlier export of ours is replaced (atomically, after the gates pass).
+        force = force or (out / "export_report.json").is_file()
+    what = " + ".join(["fp32"] + ["fp16"] * fp16 + ["int8"] * int8)
+    log.info("ddim-export: %s%s -> %s (%s)", run_dir, why, out, what)
     profile = BatchProfile.static(static_batch) if static_batch else BatchProfile(min_batch, opt_batch, max_batch)
     opts = ExportOptions(fp16=fp16, raw_weights=raw_weights, force=force, require_engine=require_engine,
-                         profile=profile, optimization_level=builder_optimization_level, timing_cache=timing_cache)
+                         profile=profile, optimization_level=builder_optimization_level, timing_cache=timing_cache,
+                         int8=int8, data_path=data_path,
+                         int8_options=Int8Options(calibration=int8_calibration, calibration_size=int8_calibration_size,  # type: ignore[arg-type]
+                                                  method=int8_method,  # type: ignore[arg-type]
+                                                  keep_float=tuple(k for k in int8_keep_float if k != "none")
+                                                  if int8_keep_float else KEEP_FLOAT),
+                         int8_gate=GateOptions(images=int8_gate_images, min_psnr_db=int8_min_psnr,
+                                               max_fd_ratio=int8_max_fd_ratio))
     report = export_run(run_dir, out, opts)
     for note in report.notes:
         log.info("note: %s", note)
     for name, size in report.files.items():
         secs = report.seconds.get(name)
         log.info("  %-20s %10s bytes%s", name, f"{size:,}", f"  ({secs:.1f} s)" if secs is not None else "")
+    if report.int8:
+        log.info("kept in float32 in the INT8 graph: %s", "; ".join(report.int8["kept_float32"]) or "nothing")
     if report.float32_in_fp16:
         log.info("kept in float32 in the FP16 graph: %s", ", ".join(report.float32_in_fp16))
     log.info("exported %s", out)

@@ -7,6 +7,8 @@ contents of ``--out`` (if any) untouched.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ from typing import Any
 
 import onnx
 
+from export.int8 import GateOptions, Int8Options, quality_gate, quantize_int8
 from export.io_spec import BatchProfile
 from export.onnx_graph import OPSET, embedding_nodes, float32_nodes, save_checked, to_fp16, write_deployed_onnx
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, providers_for
@@ -46,6 +49,10 @@ class ExportOptions:
     optimization_level: int = 3
     timing_cache: Path | None = None
     opset: int = OPSET
+    int8: bool = False
+    int8_options: Int8Options = Int8Options()
+    int8_gate: GateOptions = GateOptions()
+    data_path: Path | None = None  # the training data, for INT8 calibration and the FD gate
 
 
 @dataclass
@@ -57,6 +64,7 @@ class ExportReport:
     seconds: dict[str, float] = field(default_factory=dict)
     parity: list[ParityResult] = field(default_factory=list)
     float32_in_fp16: list[str] = field(default_factory=list)
+    int8: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,6 +87,8 @@ def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
         info = {"toolkit_version": __version__, "weights": weights, "weights_sha256": sha256_file(run_dir / WEIGHTS),
                 "source_run": run_dir.resolve().name, "opset": opts.opset}
         fp32 = _write_onnx(model, spec, staging, info, opts, report)
+        if opts.int8:
+            _write_int8(spec, staging, info, opts, report)
         if opts.fp16:
             _write_fp16(model, spec, fp32, staging, info, report)
             _write_engine(model, spec, staging, opts, report)
@@ -113,6 +123,36 @@ def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, inf
     report.float32_in_fp16 = [f"embedding path ({', '.join(sorted({n.op_type for n in kept if n.name in embed}))})"]
     report.float32_in_fp16 += sorted({n.op_type for n in kept if n.name not in embed})
     _gate(model, spec, staging / "model.fp16.onnx", FP16_TOLERANCE, report)
+
+
+def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, report: ExportReport) -> None:
+    images = functools.cache(lambda: training_images(spec, opts.data_path))
+    path = staging / "model.int8.onnx"
+    q = quantize_int8(staging / "model.onnx", path, spec, images, opts.int8_options)
+    save_checked(onnx.load(str(path)), path, spec_to_metadata(spec, {**info, "precision": "int8"}))
+    report.seconds["model.int8.onnx"] = q.seconds
+    log.info("INT8: calibrated on %s; integer ops: %s", q.calibration,
+             ", ".join(f"{k} x{v}" for k, v in sorted(q.quantized_ops.items())))
+    start = time.perf_counter()
+    gate = quality_gate(staging / "model.onnx", path, spec, images, opts.int8_gate)
+    report.seconds["int8 quality gate"] = time.perf_counter() - start
+    report.int8 = {"calibration": q.calibration, "kept_float32": q.kept_float32, "quantized_ops": q.quantized_ops,
+                   "gate": {**dataclasses.asdict(gate), "passed": gate.passed, "fd_ratio": gate.fd_ratio},
+                   "gate_thresholds": dataclasses.asdict(opts.int8_gate)}
+    log.info("%s", gate.line())
+    if not gate.passed:
+        raise ParityError(f"INT8 quality gate failed: {'; '.join(gate.failures)}; nothing was written "
+                          "(try --int8-calibration or --int8-method, or export without --int8)")
+
+
+def training_images(spec: Any, data_path: Path | None) -> Any:
+    """The model's training images (its own data config) as (N, C, H, W) uint8, for calibration."""
+    from trainer.config import RunConfig
+    from trainer.data import load_images
+
+    cfg = RunConfig.from_spec(spec)
+    data = dataclasses.replace(cfg.data, split="train", random_flip=False)
+    return load_images(data, cfg.model, data_path, cfg.preset, progress=False)
 
 
 def _gate(model: Any, spec: Any, path: Path, tolerance: float, report: ExportReport) -> None:
@@ -176,5 +216,6 @@ def _summary(report: ExportReport) -> dict[str, Any]:
         "parity": [{"file": r.file, "provider": r.provider, "max_abs": r.max_abs, "max_rel": r.max_rel,
                     "tolerance": r.tolerance, "passed": r.passed} for r in report.parity],
         "float32_in_fp16": report.float32_in_fp16,
+        "int8": report.int8,
         "notes": report.notes,
     }

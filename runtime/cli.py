@@ -22,6 +22,20 @@ def latest_export(root: Path = Path("exports")) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
 
 
+def pick_model(model: Path | None) -> tuple[Path, str]:
+    """The model to sample and why: the one given, the latest export, else the shipped model."""
+    from runtime.shipped import SHIPPED_MODEL
+
+    if model is not None:
+        return model, ""
+    latest = latest_export()
+    if latest is not None:
+        return latest, " (the latest export under exports/)"
+    if (SHIPPED_MODEL / "model.onnx").is_file():
+        return SHIPPED_MODEL, " (the shipped model: no export under exports/)"
+    raise ValueError("no MODEL given, no export under exports/ and no shipped model; make one with ddim-export")
+
+
 def check_writable(path: Path | None, what: str) -> None:
     """Fail before sampling, not after, when an output cannot be written."""
     if path is None:
@@ -44,7 +58,8 @@ def check_writable(path: Path | None, what: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="torch takes a trainer run directory: the eager reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when usable]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU).")
 @click.option("--spacing", type=click.Choice(get_args(Spacing)), default="uniform", show_default=True)
 @click.option("--clip-x0", is_flag=True, help="Clip each step's predicted clean image to the pixel range.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
@@ -56,7 +71,8 @@ def check_writable(path: Path | None, what: str) -> None:
 def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
          device: str | None, precision: str, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
          npz: Path | None, progress: bool) -> None:
-    """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest under exports/)."""
+    """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest export under
+    exports/, else the shipped Fashion-MNIST model)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     _run(model, steps, eta, num_images, batch_size, seed, backend, device, precision, spacing, clip_x0, out,
          out_dir, npz, progress)
@@ -71,14 +87,12 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
     from runtime.files import atomic_path
     from runtime.images import grid_scale, png_bytes, save_grid
 
-    if model is None:
-        model = latest_export()
-        if model is None:
-            raise ValueError("no MODEL given and no export under exports/; make one with ddim-export")
+    model, why = pick_model(model)
+    log.info("ddim-run: %s%s", model, why)
     for path, what in ((out, "--out"), (out_dir, "--out-dir"), (npz, "--npz")):
         check_writable(path, what)
     sampler = load(model, backend, device, precision)  # type: ignore[arg-type]
-    log.info("ddim-run: %s with %s", model, sampler.why)
+    log.info("backend: %s", sampler.why)
     batches = -(-num_images // batch_size)
     with tqdm(total=steps * batches, desc="sampling", unit="step", disable=not progress) as bar:
         result = sampler.sample(num_images, steps, seed, eta, spacing, clip_x0, batch_size,  # type: ignore[arg-type]

@@ -235,7 +235,9 @@ def test_cli_defaults_to_the_latest_run(run_dir, tmp_path):
     os.symlink(run_dir, runs / "only")
     proc = cli(cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines()[0].startswith("ddim-export: runs/only -> exports/")
+    assert proc.stderr.splitlines()[0].startswith("ddim-export: runs/only (the latest run under runs/) -> exports/")
+    again = cli(cwd=tmp_path)  # the default folder holds our earlier export: replaced, not refused
+    assert again.returncode == 0, again.stderr
     assert (tmp_path / "exports").is_dir()
 
 

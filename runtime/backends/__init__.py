@@ -17,7 +17,7 @@ from runtime.config import ModelSpec
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 Device = Literal["cpu", "cuda"]
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
 
 
 class BackendError(ValueError):
@@ -44,11 +44,12 @@ def open_backend(path: Path, backend: BackendName = "auto", device: Device | Non
     """The backend to sample ``path`` with, and one line saying which and why.
 
     ``auto`` picks TensorRT (an engine whose manifest matches this machine), then ONNX Runtime CUDA,
-    then ONNX Runtime CPU; a trainer run directory means the eager torch backend.
+    then ONNX Runtime CPU; a trainer run directory (weights, no ONNX) means the eager torch backend.
     """
     if not path.exists():
         raise BackendError(f"{path} does not exist")
-    if backend == "torch" or (backend == "auto" and (path / "model.safetensors").is_file()):
+    run_dir = (path / "model.safetensors").is_file() and not (path / "model.onnx").is_file()
+    if backend == "torch" or (backend == "auto" and run_dir):
         why = "asked for" if backend == "torch" else "a trainer run directory"
         b = plugin("torch")(path, device or "cpu", precision)
         return b, f"torch, {b.provider} ({why}: the eager reference)"

@@ -21,7 +21,7 @@ from runtime.metadata import spec_from_metadata
 from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
-MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
 def cuda_available() -> bool:
@@ -33,7 +33,8 @@ def model_file(path: Path, precision: str) -> Path:
     if path.is_dir():
         path = path / MODEL_FILES[precision]
     if not path.is_file():
-        raise BackendError(f"no model at {path} (export one with ddim-export{' --fp16' if precision == 'fp16' else ''})")
+        flag = {"fp16": " --fp16", "int8": " --int8"}.get(precision, "")
+        raise BackendError(f"no model at {path} (export one with ddim-export{flag})")
     return path
 
 

@@ -1,0 +1,254 @@
+"""INT8 ONNX for CPU deployment: static QDQ quantization calibrated across the whole noise schedule.
+
+A diffusion denoiser sees very different activations at different noise levels (Q-Diffusion,
+PTQ4DM), so the calibration set spans the schedule:
+
+- ``data``: real training images, noised at variances stratified over the training distribution of
+  steps (uniform t, as the trainer draws them): ``x_t = sqrt(1 - v) x0 + sqrt(v) eps``;
+- ``sampler``: the inputs the float32 ONNX model itself sees along 50-step DDIM trajectories
+  (every step of every image, from pure noise to the last step).
+
+The default mixes both, half and half (``calibration_size`` pairs in all, seeded). Weights are
+quantized per output channel (int8, symmetric), activations per tensor (uint8, asymmetric),
+with ONNX Runtime's quantization tools in QDQ format; ONNX Runtime's CPU provider fuses the
+pairs into integer convolutions. Kept in float32: the noise-variance embedding (its angles
+reach 2*pi*1000*variance), the first convolution (it reads the raw noisy image) and the last one
+(its output is the predicted noise itself); measurements behind these choices are in README.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+
+from export.onnx_graph import embedding_nodes
+from runtime.config import ModelSpec
+from runtime.schedule import build_schedule, noise_variance
+
+log = logging.getLogger(__name__)
+
+Calibration = Literal["data", "sampler", "both"]
+Method = Literal["minmax", "percentile", "entropy"]
+KEEP_FLOAT = ("embedding", "first-conv", "last-conv")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How ``model.int8.onnx`` is calibrated and what stays in float32."""
+
+    calibration: Calibration = "both"
+    calibration_size: int = 512  # (image, variance) pairs
+    calibration_steps: int = 50  # DDIM steps of the sampler trajectories
+    method: Method = "minmax"
+    keep_float: tuple[str, ...] = KEEP_FLOAT
+    seed: int = 0
+    batch: int = 16  # calibration batch
+
+
+@dataclass
+class Int8Report:
+    seconds: float = 0.0
+    calibration: str = ""
+    kept_float32: list[str] = field(default_factory=list)
+    quantized_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes reading dequantized tensors
+
+
+def stratified_variances(spec: ModelSpec, n: int, rng: np.random.Generator) -> NDArray[np.float32]:
+    """``n`` noise variances covering the training distribution of steps (uniform t), stratified."""
+    schedule = build_schedule(spec.schedule)
+    u = (np.arange(n) + rng.random(n)) / n
+    if schedule.discrete:
+        assert schedule.num_timesteps is not None  # noqa: S101 (discrete schedules have T)
+        t: NDArray = np.minimum((u * schedule.num_timesteps).astype(np.int64), schedule.num_timesteps - 1)
+    else:
+        t = u
+    return rng.permutation(noise_variance(schedule, t)).astype(np.float32)
+
+
+def data_pairs(spec: ModelSpec, images: NDArray[np.uint8], n: int, rng: np.random.Generator) -> Iterator[
+        tuple[NDArray[np.float32], NDArray[np.float32]]]:
+    """(x_t, variance) for ``n`` training images (N, C, H, W uint8) noised across the schedule."""
+    pick = images[rng.choice(len(images), n, replace=n > len(images))]
+    mean = np.asarray(spec.normalization.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.normalization.std, np.float32).reshape(1, -1, 1, 1)
+    x0 = (pick.astype(np.float32) / 255.0 - mean) / std
+    v = stratified_variances(spec, n, rng).reshape(-1, 1, 1, 1)
+    eps = rng.standard_normal(x0.shape, dtype=np.float32)
+    x_t = np.sqrt(1.0 - v) * x0 + np.sqrt(v) * eps
+    for i in range(n):
+        yield x_t[i], v[i]
+
+
+def sampler_pairs(fp32_model: Path, spec: ModelSpec, n: int, steps: int, seed: int) -> Iterator[
+        tuple[NDArray[np.float32], NDArray[np.float32]]]:
+    """(x_t, variance) the float32 model sees along DDIM trajectories: ``n`` pairs from the whole run."""
+    from runtime.api import Sampler
+    from runtime.backends.ort_backend import OrtBackend
+
+    backend = OrtBackend(fp32_model, "cpu")
+    seen: list[tuple[NDArray[np.float32], float]] = []
+    inner = backend.denoise
+
+    def recording(x: NDArray[np.float32], v: float) -> NDArray[np.float32]:
+        seen.append((x.copy(), v))
+        return inner(x, v)
+
+    backend.denoise = recording  # type: ignore[method-assign]
+    images = max(1, -(-n // steps))  # enough trajectories for n pairs, one pair per image and step
+    Sampler(backend).sample(images, steps=steps, seed=seed + 1, batch_size=min(images, 32))
+    pairs = [(x[i], np.full((1, 1, 1), v, np.float32)) for x, v in seen for i in range(len(x))]
+    rng = np.random.default_rng(seed + 2)
+    for j in rng.permutation(len(pairs))[:n]:
+        yield pairs[j]
+
+
+def calibration_batches(fp32_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
+                        opts: Int8Options) -> list[dict[str, NDArray[np.float32]]]:
+    """The calibration set as ONNX Runtime feeds: ``calibration_size`` pairs in batches of ``batch``."""
+    rng = np.random.default_rng(opts.seed)
+    n_sampler = {"data": 0, "sampler": opts.calibration_size, "both": opts.calibration_size // 2}[opts.calibration]
+    n_data = opts.calibration_size - n_sampler
+    pairs = list(data_pairs(spec, images(), n_data, rng)) if n_data else []
+    if n_sampler:
+        pairs += list(sampler_pairs(fp32_model, spec, n_sampler, opts.calibration_steps, opts.seed))
+    order = rng.permutation(len(pairs))
+    feeds = []
+    for start in range(0, len(order), opts.batch):
+        chunk = [pairs[j] for j in order[start : start + opts.batch]]
+        feeds.append({"noisy_images": np.stack([c[0] for c in chunk]).astype(np.float32),
+                      "noise_variances": np.stack([c[1] for c in chunk]).astype(np.float32)})
+    return feeds
+
+
+def float_nodes(graph: onnx.GraphProto, keep: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Node names to leave in float32, and a description of them for the report."""
+    unknown = set(keep) - set(KEEP_FLOAT)
+    if unknown:
+        raise ValueError(f"cannot keep {', '.join(sorted(unknown))} in float32; allowed: {', '.join(KEEP_FLOAT)}")
+    names, what = [], []
+    if "embedding" in keep:
+        embed = embedding_nodes(graph)
+        names += embed
+        what.append(f"embedding path ({len(embed)} nodes: "
+                    f"{', '.join(sorted({n.op_type for n in graph.node if n.name in set(embed)}))})")
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if "first-conv" in keep and convs:
+        names.append(convs[0].name)
+        what.append(f"first convolution ({convs[0].name})")
+    if "last-conv" in keep and convs:
+        names.append(convs[-1].name)
+        what.append(f"last convolution ({convs[-1].name})")
+    return names, what
+
+
+def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
+                  opts: Int8Options = Int8Options()) -> Int8Report:
+    """Write ``out`` (QDQ INT8) from the float32 ONNX file ``fp32_model``; metadata is the caller's."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    start = time.perf_counter()
+    feeds = calibration_batches(fp32_model, spec, images, opts)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+    graph = onnx.load(str(fp32_model))
+    exclude, kept = float_nodes(graph.graph, opts.keep_float)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[opts.method]
+    quantize_static(str(fp32_model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                    calibrate_method=method)
+    quantized = onnx.load(str(out))
+    counts: dict[str, int] = {}
+    for node in quantized.graph.node:
+        if node.op_type == "DequantizeLinear":
+            counts["DequantizeLinear"] = counts.get("DequantizeLinear", 0) + 1
+    dq_out = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in quantized.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in node.input):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    counts.pop("DequantizeLinear", None)
+    n_data = len(feeds) and sum(len(f["noise_variances"]) for f in feeds)
+    return Int8Report(time.perf_counter() - start,
+                      f"{n_data} pairs ({opts.calibration}), seed {opts.seed}, {opts.method}", kept, counts)
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """The INT8 quality gate: same-noise samples of the float32 and INT8 files, scored."""
+
+    images: int = 256
+    steps: int = 50
+    min_psnr_db: float = 20.0  # same-noise PSNR of the INT8 samples against the float32 ONNX ones
+    max_fd_ratio: float = 1.5  # FD-classifier(INT8) / FD-classifier(float32), both against training images
+    reference_images: int = 10_000
+
+
+@dataclass
+class GateResult:
+    n: int
+    steps: int
+    psnr_db: float
+    max_abs_diff: int
+    fd_fp32: float | None = None
+    fd_int8: float | None = None
+    fd_note: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def fd_ratio(self) -> float | None:
+        return None if self.fd_fp32 is None or self.fd_int8 is None else self.fd_int8 / self.fd_fp32
+
+    def line(self) -> str:
+        fd = (f", FD-classifier {self.fd_int8:.3f} vs float32 {self.fd_fp32:.3f} ({self.fd_ratio:.3f}x)"
+              if self.fd_ratio is not None else f" ({self.fd_note})" if self.fd_note else "")
+        return (f"INT8 quality gate on {self.n} images x {self.steps} steps: same-noise PSNR {self.psnr_db:.1f} dB "
+                f"(max pixel difference {self.max_abs_diff}){fd}: {'passed' if self.passed else 'FAILED'}")
+
+
+def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
+                 opts: GateOptions = GateOptions()) -> GateResult:
+    """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models."""
+    from runtime.api import Sampler
+    from runtime.backends.ort_backend import OrtBackend
+    from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr
+
+    samples = [Sampler(OrtBackend(p, "cpu")).sample(opts.images, steps=opts.steps, seed=0, batch_size=32).images
+               for p in (fp32_model, int8_model)]
+    result = GateResult(opts.images, opts.steps, psnr(samples[1], samples[0]), max_abs_diff(samples[1], samples[0]))
+    m = spec.model
+    if (m.image_size, m.channels) != (32, 1):
+        result.fd_note = "FD-classifier only for 32x32 grey (Fashion-MNIST) models"
+    else:
+        try:
+            ext = ClassifierFeatures()
+        except ValueError as exc:
+            result.fd_note = f"no FD-classifier: {exc}"
+        else:
+            ref = images()
+            pick = np.random.default_rng(0).choice(len(ref), min(opts.reference_images, len(ref)), replace=False)
+            ref_stats = feature_stats(ext.features(ref[pick].transpose(0, 2, 3, 1)))
+            result.fd_fp32, result.fd_int8 = (frechet_distance(feature_stats(ext.features(s)), ref_stats)
+                                              for s in samples)
+    if result.psnr_db < opts.min_psnr_db:
+        result.failures.append(f"same-noise PSNR {result.psnr_db:.1f} dB < {opts.min_psnr_db:g} dB")
+    if result.fd_ratio is not None and result.fd_ratio > opts.max_fd_ratio:
+        result.failures.append(f"FD-classifier {result.fd_ratio:.2f}x the float32 model's > {opts.max_fd_ratio:g}x")
+    return result
