@@ -1,7 +1,8 @@
 """Sample quality of every backend: FID / FD-classifier and KID against the data and against eager
 PyTorch, same-noise parity (PSNR, max pixel difference), over a sweep of DDIM step counts.
 
-    python benchmarks/fid.py                                # the shipped Fashion-MNIST model, 1,000 samples
+    python benchmarks/fid.py                                # the shipped Fashion-MNIST model, 1,000 samples,
+                                                            # eager PyTorch, ONNX Runtime float32 and INT8
     python benchmarks/fid.py --quick                        # smoke test: 64 samples, 10 and 20 steps
     python benchmarks/fid.py --model runs/x --extractor inception --inception-weights pt_inception-2015-12-05.pth
 
@@ -53,8 +54,10 @@ def open_backends(names: tuple[str, ...], model_dir: Path, export_dir: Path, dev
     from runtime.backends.ort_backend import OrtBackend
     from trainer.torch_backend import TorchBackend
 
-    module, spec = load_model(model_dir)
-    out = {EAGER: Sampler(TorchBackend(model=module, spec=spec, device=device))}
+    out = {}
+    if "eager" in names:
+        module, spec = load_model(model_dir)
+        out[EAGER] = Sampler(TorchBackend(model=module, spec=spec, device=device))
     for name in names:
         if name == "eager":
             continue
@@ -65,11 +68,14 @@ def open_backends(names: tuple[str, ...], model_dir: Path, export_dir: Path, dev
 
 def make_export(model_dir: Path, folder: Path, names: tuple[str, ...], data_path: Path | None) -> Path:
     """The ONNX files users get, written by the exporter itself (with its parity and quality gates)."""
+    from export.int8 import GateOptions
     from export.pipeline import ExportOptions, export_run
 
     out = folder / "export"
+    # The INT8 file is calibrated as ddim-export does; its gate is relaxed here: this script measures quality.
+    relaxed = GateOptions(images=4, steps=10, min_psnr_db=float("-inf"), max_fd_ratio=float("inf"))
     export_run(model_dir, out, ExportOptions(fp16="onnxruntime-fp16" in names, int8="onnxruntime-int8" in names,
-                                             data_path=data_path))
+                                             data_path=data_path, int8_gate=relaxed))
     return out
 
 
@@ -121,9 +127,9 @@ def run(model_dir: Path, export_dir: Path | None, names: tuple[str, ...], steps_
                 feats = ext.features(images)
                 row = {**base, "n": n, "backend": label, "steps": steps, "seconds": result.seconds,
                        "images_per_s": n / result.seconds, **scores(ext, feats, ref_stats, ref_feats, kid_subset)}
-                if eager_images is None:
+                if label == EAGER:
                     eager_images, eager_feats = images, feats
-                else:
+                elif eager_images is not None and eager_feats is not None:
                     row.update(fd_vs_eager=frechet_distance(feature_stats(feats), feature_stats(eager_feats)),
                                psnr_vs_eager=psnr(images, eager_images),
                                max_abs_diff_vs_eager=max_abs_diff(images, eager_images),
@@ -234,7 +240,9 @@ def comparison_grid(panels: dict[str, NDArray[np.uint8]], path: Path, scale: int
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
               help="Score these exported files [default: export the model into a temporary folder].")
 @click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True,
-              help="Backends besides eager PyTorch [default: eager and onnxruntime].")
+              help="Backends besides eager PyTorch [default: onnxruntime and onnxruntime-int8].")
+@click.option("--eager/--no-eager", default=True, show_default=True,
+              help="Sample with eager PyTorch too: the reference of the parity columns.")
 @click.option("--steps", "steps_list", type=click.IntRange(min=1), multiple=True, help="[default: 10 20 50 100]")
 @click.option("--num-images", "n", type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
@@ -254,13 +262,13 @@ def comparison_grid(panels: dict[str, NDArray[np.uint8]], path: Path, scale: int
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
 def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, ...], steps_list: tuple[int, ...],
-         n: int, batch_size: int, seed: int, extractor: str | None, inception_weights: Path | None,
+         eager: bool, n: int, batch_size: int, seed: int, extractor: str | None, inception_weights: Path | None,
          classifier: Path | None, reference_size: int | None, data_path: Path | None, device: str | None, quick: bool,
          out: Path) -> None:
     """Score the samples of every backend and write JSON, Markdown, a plot and a comparison grid."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = model_dir or SHIPPED_MODEL
-    names = ("eager", *(backends or ("onnxruntime",)))
+    names = ("eager",) * eager + tuple(b for b in (backends or ("onnxruntime", "onnxruntime-int8")) if b != "eager")
     if quick:
         n, steps_list = min(n, 64), steps_list or (10, 20)
     steps = sorted(set(steps_list or (10, 20, 50, 100)))

@@ -59,7 +59,8 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     save_classifier(model, info, tmp_path / "cls")
     out = tmp_path / "out"
     proc = script("fid.py", "--model", str(run), "--data", str(fashion_dir), "--classifier", str(tmp_path / "cls"),
-                  "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out))
+                  "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out),
+                  "--backend", "onnxruntime", "--backend", "onnxruntime-int8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"fid: {run}")
     (report,) = out.glob("fid-*.json")
@@ -67,7 +68,9 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     real = [r for r in rows if r["steps"] == 0]
     assert len(real) == 1 and real[0]["n"] == 6 and real[0]["extractor"] == "FD-classifier"
     sampled = {(r["backend"], r["steps"]): r for r in rows if r["steps"]}
-    assert set(sampled) == {(b, s) for b in ("eager fp32", "onnxruntime cpu fp32") for s in (2, 3)}
+    assert set(sampled) == {(b, s) for b in ("eager fp32", "onnxruntime cpu fp32", "onnxruntime cpu int8")
+                            for s in (2, 3)}
+    assert all(0 < sampled[("onnxruntime cpu int8", s)]["psnr_vs_eager"] < float("inf") for s in (2, 3))
     for steps in (2, 3):
         ort = sampled[("onnxruntime cpu fp32", steps)]
         # Same noise, same weights: ONNX Runtime's images match eager's to a level or two.
