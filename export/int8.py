@@ -48,6 +48,7 @@ class Int8Options:
     calibration_steps: int = 50  # DDIM steps of the sampler trajectories
     method: Method = "minmax"
     keep_float: tuple[str, ...] = KEEP_FLOAT
+    op_types: tuple[str, ...] | None = None  # op types to quantize; None: every one ONNX Runtime can
     seed: int = 0
     batch: int = 16  # calibration batch
 
@@ -170,6 +171,7 @@ def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable
               "entropy": CalibrationMethod.Entropy}[opts.method]
     quantize_static(str(fp32_model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                    op_types_to_quantize=list(opts.op_types) if opts.op_types else None,
                     calibrate_method=method)
     quantized = onnx.load(str(out))
     counts: dict[str, int] = {}

@@ -49,6 +49,8 @@ def test_fit_default_out_is_a_new_run_directory(tmp_path, fashion_dir):
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("fashion-mnist-") and (run_dir / "config.json").is_file()
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith(f"fit: preset fashion-mnist (the default preset) -> runs/{run_dir.name} on cpu"), first
 
 
 @pytest.mark.parametrize(
