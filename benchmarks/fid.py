@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, cpu_name, report_stem, write_json  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
@@ -186,11 +186,7 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Score against steps per backend (the baseline as a line), and speed against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_q, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     sampled = [r for r in rows if r["steps"] > 0]
     for backend in sorted({r["backend"] for r in sampled}):
@@ -206,9 +202,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (ax_q, ax_s):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def comparison_grid(panels: dict[str, NDArray[np.uint8]], path: Path, scale: int = 3) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, cpu_name, report_stem, write_json  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from benchmarks.latency import load_subject, ort_export, timed  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from export.pipeline import training_images  # noqa: E402
@@ -131,11 +131,7 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         ax.scatter(r["speedup"], r["fd_ratio"], s=40)
@@ -146,9 +142,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
            ylabel="FD-classifier INT8 / float32 (fashion-mnist)", title="INT8 options")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

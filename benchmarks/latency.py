@@ -5,10 +5,10 @@
     python benchmarks/latency.py --model runs/fm --batch 1 --batch 16 --steps 50
 
 Backends (each where available): eager PyTorch float32, eager channels_last, torch.compile,
-ONNX Runtime CPU float32 and INT8 (QDQ, as `ddim-export --int8` writes it), and on a GPU eager float32/float16, ONNX Runtime CUDA. Latency does not
-depend on training, so presets are timed with their initial weights. Every figure is the median
-(with p90 and p99) of repeated runs after warm-up; speed-ups are against eager float32 measured in
-the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
+ONNX Runtime CPU float32 and INT8 (QDQ, as `ddim-export --int8` writes it), and on a GPU eager
+float32/float16, ONNX Runtime CUDA. Latency does not depend on training, so presets are timed
+with their initial weights. Every figure is the median (with p90 and p99) of repeated runs after
+warm-up; speed-ups are against eager float32 measured in the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, cpu_name, report_stem, write_json  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from export.onnx_graph import write_deployed_onnx  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
@@ -214,11 +214,7 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Forward latency and speed-up against batch size, one panel pair per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
     for (ax_lat, ax_up), model in zip(axes, models):
@@ -235,9 +231,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for ax in (ax_lat, ax_up):
             ax.grid(alpha=0.3)
         ax_up.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @click.command()
