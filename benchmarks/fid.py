@@ -281,9 +281,9 @@ def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, .
     rows = write_json(out / f"{stem}.json", env, rows, ("model", "extractor", "backend", "steps", "n"))
     (out / f"{stem}.md").write_text(markdown(env, rows))
     plot(rows, out / f"{stem}.png")
-    comparison_grid(grids[grid_steps], out / f"{stem}-samples.png")
+    comparison_grid(grids[grid_steps], out / f"{stem}-samples-{grid_steps}-steps.png")
     click.echo(markdown(env, rows))
-    click.echo(f"wrote {out / stem}.json, .md, .png and -samples.png")
+    click.echo(f"wrote {out / stem}.json, .md, .png and -samples-{grid_steps}-steps.png")
 
 
 if __name__ == "__main__":
