@@ -59,6 +59,8 @@ def pick_run(run_dir: Path | None) -> tuple[Path, str]:
               show_default=True, help="How activation ranges are chosen from the calibration set.")
 @click.option("--int8-keep-float", type=click.Choice(["embedding", "first-conv", "last-conv", "none"]), multiple=True,
               help="Parts left in float32 [default: embedding, first-conv, last-conv].")
+@click.option("--int8-reduce-range/--int8-full-range", default=True, show_default=True,
+              help="7-bit weights (no int16 saturation on CPUs without VNNI) or the full 8 bits.")
 @click.option("--int8-gate-images", type=click.IntRange(min=2), default=256, show_default=True,
               help="Same-noise samples (50 steps) the quality gate compares.")
 @click.option("--int8-min-psnr", type=float, default=20.0, show_default=True,
@@ -71,8 +73,8 @@ def pick_run(run_dir: Path | None) -> tuple[Path, str]:
 def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, force: bool, require_engine: bool,
          min_batch: int, opt_batch: int, max_batch: int, static_batch: int | None, builder_optimization_level: int,
          timing_cache: Path | None, int8: bool, int8_calibration: str, int8_calibration_size: int, int8_method: str,
-         int8_keep_float: tuple[str, ...], int8_gate_images: int, int8_min_psnr: float, int8_max_fd_ratio: float,
-         data_path: Path | None) -> None:
+         int8_keep_float: tuple[str, ...], int8_reduce_range: bool, int8_gate_images: int, int8_min_psnr: float,
+         int8_max_fd_ratio: float, data_path: Path | None) -> None:
     """Export the model of RUN_DIR (a trainer run directory or shipped model folder; default: the latest
     run under runs/, else the shipped Fashion-MNIST model)."""
     from export.int8 import KEEP_FLOAT, GateOptions, Int8Options
@@ -93,6 +95,7 @@ def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, 
                          int8=int8, data_path=data_path,
                          int8_options=Int8Options(calibration=int8_calibration, calibration_size=int8_calibration_size,  # type: ignore[arg-type]
                                                   method=int8_method,  # type: ignore[arg-type]
+                                                  reduce_range=int8_reduce_range,
                                                   keep_float=tuple(k for k in int8_keep_float if k != "none")
                                                   if int8_keep_float else KEEP_FLOAT),
                          int8_gate=GateOptions(images=int8_gate_images, min_psnr_db=int8_min_psnr,

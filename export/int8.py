@@ -9,11 +9,17 @@ PTQ4DM), so the calibration set spans the schedule:
   (every step of every image, from pure noise to the last step).
 
 The default mixes both, half and half (``calibration_size`` pairs in all, seeded). Weights are
-quantized per output channel (int8, symmetric), activations per tensor (uint8, asymmetric),
+quantized per output channel (symmetric, 7 bits by default: ``reduce_range``), activations per
+tensor (uint8, asymmetric),
 with ONNX Runtime's quantization tools in QDQ format; ONNX Runtime's CPU provider fuses the
 pairs into integer convolutions. Kept in float32: the noise-variance embedding (its angles
 reach 2*pi*1000*variance), the first convolution (it reads the raw noisy image) and the last one
 (its output is the predicted noise itself); measurements behind these choices are in README.
+
+Why 7-bit weights: on x86 CPUs without VNNI (AVX2 only, like this project's machine) ONNX Runtime's
+u8 x s8 kernels add pairs of products in saturating int16 (``vpmaddubsw``); 255 x 127 x 2 overflows
+it. With 7-bit weights it cannot: measured on the shipped model, FD-classifier 1.22x float32's
+with 8-bit weights, 0.96x with 7-bit, at the same speed (``benchmarks/int8_tradeoff.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Int8Options:
     method: Method = "minmax"
     keep_float: tuple[str, ...] = KEEP_FLOAT
     op_types: tuple[str, ...] | None = None  # op types to quantize; None: every one ONNX Runtime can
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation in AVX2 (non-VNNI) u8 x s8 kernels
     seed: int = 0
     batch: int = 16  # calibration batch
 
@@ -170,6 +177,7 @@ def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[opts.method]
     quantize_static(str(fp32_model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=opts.reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                     op_types_to_quantize=list(opts.op_types) if opts.op_types else None,
                     calibrate_method=method)

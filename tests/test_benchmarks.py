@@ -98,10 +98,10 @@ def test_int8_tradeoff_reports_speed_and_quality_per_option(tmp_path, fashion_di
     fit(tiny_config(steps=2), run, fashion_dir, progress=False)
     out = tmp_path / "out"
     proc = script("int8_tradeoff.py", "--model", str(run), "--data", str(fashion_dir), "--num-images", "4",
-                  "--steps", "2", "--batch", "1", "--repeats", "1", "--option", "convolutions only", "--out", str(out))
+                  "--steps", "2", "--batch", "1", "--repeats", "1", "--option", "7-bit weights, convolutions only", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (report,) = out.glob("int8-tradeoff-*.json")
     (row,) = json.loads(report.read_text())["results"]
-    assert row["option"] == "convolutions only" and row["speedup"] > 0 and row["fd_fp32"] > 0
+    assert row["option"] == "7-bit weights, convolutions only" and row["speedup"] > 0 and row["fd_fp32"] > 0
     assert row["flowers_fp32_ms"] > 0 and row["psnr_vs_fp32"] > 0
     assert report.with_suffix(".png").stat().st_size > 10_000

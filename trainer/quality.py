@@ -130,7 +130,8 @@ class InceptionFeatures(FeatureExtractor):
 
     name, score_name = "inception", "FID"
 
-    def __init__(self, weights: Path | None = None, device: str = "cpu", fetch: Callable[[], Path] | None = None) -> None:
+    def __init__(self, weights: Path | None = None, device: str = "cpu",
+                 fetch: Callable[[], Path] | None = None) -> None:
         try:
             from pytorch_fid import inception as pfi
         except Exception as exc:  # ImportError, or torchvision failing to import beside this torch
@@ -180,7 +181,8 @@ def fetch_inception_weights() -> Path:
     from runtime.files import cache_dir
     from trainer.data.download import RemoteFile, fetch
 
-    return fetch(RemoteFile(INCEPTION_FILE, (INCEPTION_URL,), None, sha256_prefix="6726825d"), cache_dir() / "inception")
+    remote = RemoteFile(INCEPTION_FILE, (INCEPTION_URL,), None, sha256_prefix="6726825d")
+    return fetch(remote, cache_dir() / "inception")
 
 
 def make_extractor(name: str, inception_weights: Path | None = None, classifier: Path | None = None,
