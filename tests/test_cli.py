@@ -37,7 +37,7 @@ def test_fit_trains_and_writes_a_run(tmp_path, fashion_dir):
     out = tmp_path / "run"
     proc = fit("--data", str(fashion_dir), "--steps", "4", "--sample-every", "2", "--out", str(out), *TINY)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines()[0].startswith("fit: preset fashion-mnist -> ")
+    assert proc.stderr.splitlines()[0].startswith("fit: preset fashion-mnist (the default preset) -> ")
     assert (out / "samples.png").is_file() and (out / "model.safetensors").is_file()
     again = fit("--out", str(out), "--resume", "--steps", "6", "--data", str(fashion_dir), "--no-progress")
     assert again.returncode == 0, again.stderr

@@ -134,7 +134,8 @@ def test_ddim_run_is_torch_free_and_writes_everything(model_dirs, tmp_path):
                    str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each"), "--npz", str(tmp_path / "s.npz"),
                    "--no-progress", block_torch=True)
     assert proc.returncode == 0, proc.stderr
-    assert "with onnxruntime CPUExecutionProvider model.onnx" in proc.stderr.splitlines()[0]
+    first, second = proc.stderr.splitlines()[:2]
+    assert first == f"ddim-run: {export}" and second.startswith("backend: onnxruntime CPUExecutionProvider model.onnx")
     assert "images/s" in proc.stderr and "outside the network" in proc.stderr
     assert Image.open(tmp_path / "grid.png").size[0] > 64
     assert len(list((tmp_path / "each").iterdir())) == 8
