@@ -6,9 +6,11 @@
 
 Backends (each where available): eager PyTorch float32, eager channels_last, torch.compile,
 ONNX Runtime CPU float32 and INT8 (QDQ, as `ddim-export --int8` writes it), and on a GPU eager
-float32/float16, ONNX Runtime CUDA. Latency does not depend on training, so presets are timed
-with their initial weights. Every figure is the median (with p90 and p99) of repeated runs after
-warm-up; speed-ups are against eager float32 measured in the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
+float16, eager float32/float16 replayed from CUDA graphs, ONNX Runtime CUDA (I/O binding) and
+TensorRT FP16 (a dynamic-batch engine, and a batch-8 static engine replayed from a CUDA graph).
+Latency does not depend on training, so presets are timed with their initial weights. Every
+figure is the median (with p90 and p99) of repeated runs after warm-up; speed-ups are against
+eager float32 measured in the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -124,7 +126,11 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> 
     cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
     out[f"eager channels_last ({device})"] = (eager(cl, fmt=torch.channels_last), None)
     if device == "cuda":
-        out["eager fp16 (cuda)"] = (eager(copy.deepcopy(base).half(), torch.float16), None)
+        half = copy.deepcopy(base).half()
+        out["eager fp16 (cuda)"] = (eager(half, torch.float16), None)
+        out["eager fp32 + CUDA graph (cuda)"] = (graphed(base, torch.float32), None)
+        out["eager fp16 + CUDA graph (cuda)"] = (graphed(half, torch.float16), None)
+        out.update(gpu_onnx_runners(m, export_dir))
     if compile_:
         out[f"torch.compile ({device})"] = (eager(torch.compile(copy.deepcopy(base))), None)
     for precision in ("fp32", "int8"):
@@ -133,6 +139,67 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> 
         ort_b = OrtBackend(export_dir, "cpu", precision)
         out[f"onnxruntime cpu {precision}"] = (
             lambda x, v, s=ort_b.session: s.run(None, {"noisy_images": x, "noise_variances": v}), Sampler(ort_b))
+    return out
+
+
+def graphed(module: torch.nn.Module, dtype: torch.dtype) -> Forward:
+    """Eager forward captured once per input shape in a CUDA graph, then replayed (static buffers)."""
+    cache: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor, Any]] = {}
+
+    @torch.no_grad()
+    def run(x: np.ndarray, v: np.ndarray) -> Any:
+        if x.shape not in cache:
+            sx = torch.from_numpy(x).to("cuda", dtype)
+            sv = torch.from_numpy(v).to("cuda")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocations, autotuning)
+                for _ in range(3):
+                    module(sx, sv)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = module(sx, sv)
+            cache[x.shape] = (graph, sx, sv, out)
+        graph, sx, sv, out = cache[x.shape]
+        sx.copy_(torch.from_numpy(x))
+        sv.copy_(torch.from_numpy(v))
+        graph.replay()
+        return out
+    return run
+
+
+def gpu_onnx_runners(m: Model, export_dir: Path) -> dict[str, tuple[Forward, Any]]:
+    """ONNX Runtime CUDA (I/O binding), and TensorRT FP16 where TensorRT is installed: a dynamic-batch
+    engine, and a batch-8 static engine that the runtime replays from a CUDA graph."""
+    from export.io_spec import BatchProfile
+    from export.tensorrt_build import build_engine, unavailable_reason, write_manifest
+    from runtime.backends.ort_backend import OrtCudaBackend, cuda_available
+    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from runtime.files import cache_dir
+
+    out: dict[str, tuple[Forward, Any]] = {}
+
+    def device_forward(backend: Any) -> Forward:
+        return lambda x, v: backend.denoise(backend.from_host(x), float(v.flat[0]))
+
+    if cuda_available():
+        b = OrtCudaBackend(export_dir, "cuda")
+        out["onnxruntime cuda fp32"] = (device_forward(b), Sampler(b))
+    reason = unavailable_reason()
+    if reason is not None:
+        click.echo(f"  TensorRT rows skipped: {reason}", err=True)
+        return out
+    for label, profile in (("tensorrt fp16", BatchProfile(1, 8, 64)), ("tensorrt fp16 static-8 + CUDA graph",
+                                                                      BatchProfile.static(8))):
+        folder = export_dir / label.replace(" ", "_")
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes((export_dir / "model.onnx").read_bytes())
+        manifest = build_engine(folder / "model.onnx", folder / "model.plan", m.spec, profile,
+                                cache_dir() / "tensorrt" / "timing.cache")
+        write_manifest(folder / "manifest.json", manifest)
+        b = TensorRTBackend(folder, "cuda")
+        out[label] = (device_forward(b), Sampler(b))
     return out
 
 
@@ -162,6 +229,8 @@ def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[
             x = rng.standard_normal((batch, c, s, s), dtype=np.float32)
             v = rng.random((batch, 1, 1, 1), dtype=np.float32)
             for name, (forward, sampler) in runners.items():
+                if "static-8" in name and batch != 8:
+                    continue
                 stats = timed(lambda: forward(x, v), device, warmup, repeats)  # noqa: B023
                 row = {"model": m.name, "backend": name, "kind": "forward", "batch": batch, **stats,
                        "images_per_s": batch / stats["median_s"],
@@ -180,7 +249,8 @@ def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[
                              "loop_overhead": result[-1].overhead_fraction})
                 click.echo(f"  {m.name:14s} {name:30s} sampling batch {batch:3d}: {st['median_s']:9.2f} s "
                            f"({100 * result[-1].overhead_fraction:.1f}% outside the network)", err=True)
-    base = {(r["model"], r["kind"], r["batch"]): r["median_s"] for r in rows if r["backend"].startswith("eager fp32")}
+    reference = f"eager fp32 ({device})"
+    base = {(r["model"], r["kind"], r["batch"]): r["median_s"] for r in rows if r["backend"] == reference}
     for r in rows:
         r["speedup_vs_eager_fp32"] = base[(r["model"], r["kind"], r["batch"])] / r["median_s"]
     return rows

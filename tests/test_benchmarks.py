@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -105,3 +107,18 @@ def test_int8_tradeoff_reports_speed_and_quality_per_option(tmp_path, fashion_di
     assert row["option"] == "7-bit weights, convolutions only" and row["speedup"] > 0 and row["fd_fp32"] > 0
     assert row["flowers_fp32_ms"] > 0 and row["psnr_vs_fp32"] > 0
     assert report.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.gpu
+def test_latency_gpu_rows(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    proc = script("latency.py", "--quick", "--model", "fashion-mnist", "--batch", "8", "--sample-batch", "8",
+                  "--device", "cuda", "--no-int8", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = tmp_path.glob("latency-*.json")
+    backends = {r["backend"] for r in json.loads(report.read_text())["results"]}
+    assert {"eager fp32 (cuda)", "eager fp16 (cuda)", "eager fp32 + CUDA graph (cuda)",
+            "eager fp16 + CUDA graph (cuda)"} <= backends
