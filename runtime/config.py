@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A config that is missing, malformed, or of an unknown schema."""
 
 
-def _check_choice(value: object, allowed: tuple[object, ...], what: str) -> None:
+def check_choice(value: object, allowed: tuple[object, ...], what: str) -> None:
     if value not in allowed:
         raise ConfigError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
 
@@ -51,7 +51,7 @@ class KerasUNetConfig:
     embedding_max_frequency: float = 1000.0
 
     def __post_init__(self) -> None:
-        _check_choice(self.architecture, ("keras",), "architecture")
+        check_choice(self.architecture, ("keras",), "architecture")
         _check_positive_int(self.image_size, "image_size")
         _check_positive_int(self.channels, "channels")
         _check_positive_int(self.block_depth, "block_depth")
@@ -97,7 +97,7 @@ class DDPMUNetConfig:
     embedding_max_frequency: float = 1000.0
 
     def __post_init__(self) -> None:
-        _check_choice(self.architecture, ("ddpm",), "architecture")
+        check_choice(self.architecture, ("ddpm",), "architecture")
         for name in ("image_size", "channels", "base_width", "num_res_blocks", "num_groups", "num_heads"):
             _check_positive_int(getattr(self, name), name)
         if not self.channel_mults:
@@ -137,7 +137,7 @@ class ScheduleConfig:
     max_signal_rate: float = 0.95  # cosine-angle
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, get_args(ScheduleName), "schedule")
+        check_choice(self.name, get_args(ScheduleName), "schedule")
         _check_positive_int(self.num_timesteps, "num_timesteps")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError("need 0 < beta_start < beta_end < 1")
@@ -213,7 +213,7 @@ class ModelSpec:
             if not isinstance(data.get(key), Mapping):
                 raise ConfigError(f"config has no {key!r} section")
         arch = data["model"].get("architecture", "keras")
-        _check_choice(arch, get_args(Architecture), "architecture")
+        check_choice(arch, get_args(Architecture), "architecture")
         extra = {k: v for k, v in data.items() if k not in ("schema_version", "model", "schedule", "normalization")}
         return cls(
             model=dataclass_from_dict(MODEL_CONFIGS[arch], data["model"], "model"),

@@ -12,18 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
 from runtime import __version__
-from runtime.config import ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, dataclass_from_dict
+from runtime.config import (
+    ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, check_choice, dataclass_from_dict,
+)
 
 DataSource = Literal["fashion-mnist", "cifar10", "oxford-flowers", "folder"]
 Split = Literal["train", "val", "all"]
 Normalization = Literal["dataset-stats", "minus-one-one"]
 LossName = Literal["mae", "mse"]
 Precision = Literal["fp32", "bf16", "fp16"]  # fp16: CUDA only, with a gradient scaler
-
-
-def _choice(value: object, allowed: tuple[object, ...], what: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
 def _at_least(value: float | int | None, low: float, what: str) -> None:
@@ -43,9 +40,9 @@ class DataConfig:
     normalization: Normalization = "dataset-stats"  # per-channel mean/std of the training images
 
     def __post_init__(self) -> None:
-        _choice(self.source, get_args(DataSource), "data source")
-        _choice(self.split, get_args(Split), "split")
-        _choice(self.normalization, get_args(Normalization), "normalization")
+        check_choice(self.source, get_args(DataSource), "data source")
+        check_choice(self.split, get_args(Split), "split")
+        check_choice(self.normalization, get_args(Normalization), "normalization")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
 
@@ -75,8 +72,8 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        _choice(self.loss, get_args(LossName), "loss")
-        _choice(self.precision, get_args(Precision), "precision")
+        check_choice(self.loss, get_args(LossName), "loss")
+        check_choice(self.precision, get_args(Precision), "precision")
         if self.steps is None and self.epochs is None:
             raise ConfigError("give the training length as steps or epochs")
         if self.steps is not None and self.epochs is not None:
