@@ -18,7 +18,6 @@ of the same-noise samples of every backend side by side.
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import socket
 import sys
@@ -37,13 +36,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
+from runtime.config import ModelSpec  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
-from trainer.checkpoint import load_model  # noqa: E402
-from trainer.config import RunConfig  # noqa: E402
+from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from trainer.checkpoint import load_model, read_spec  # noqa: E402
+from trainer.config import RunConfig, Split  # noqa: E402
+from trainer.data import model_split_images  # noqa: E402
 from trainer.quality import (  # noqa: E402
     FeatureExtractor, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
 )
-from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 
 EAGER = "eager fp32"
 BACKENDS = ("eager", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
@@ -79,12 +80,9 @@ def make_export(model_dir: Path, folder: Path, names: tuple[str, ...], data_path
     return out
 
 
-def reference_images(cfg: RunConfig, split: str, data_path: Path | None) -> NDArray[np.uint8]:
+def reference_images(spec: ModelSpec, split: Split, data_path: Path | None) -> NDArray[np.uint8]:
     """The model's dataset (its own data config), as (N, H, W, C) uint8."""
-    from trainer.data import load_images
-
-    data = dataclasses.replace(cfg.data, split=split, random_flip=False)
-    return load_images(data, cfg.model, data_path, cfg.preset, progress=False).transpose(0, 2, 3, 1)
+    return model_split_images(spec, split, data_path).transpose(0, 2, 3, 1)
 
 
 def scores(ext: FeatureExtractor, feats: NDArray[np.float64], ref_stats: Any, ref_feats: NDArray[np.float64],
@@ -93,21 +91,21 @@ def scores(ext: FeatureExtractor, feats: NDArray[np.float64], ref_stats: Any, re
     return {"fd_data": frechet_distance(feature_stats(feats), ref_stats), "kid": kid, "kid_std": kid_std}
 
 
-def run(model_dir: Path, export_dir: Path | None, names: tuple[str, ...], steps_list: list[int], n: int,
-        batch_size: int, seed: int, extractor: str, inception_weights: Path | None, classifier: Path | None,
+def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[str, ...], steps_list: list[int],
+        n: int, batch_size: int, seed: int, extractor: str, inception_weights: Path | None, classifier: Path | None,
         data_path: Path | None, reference_size: int | None, device: str,
-        grid_steps: int) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]], str]:
-    cfg = _run_config(model_dir)
+        grid_steps: int) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
+    source = RunConfig.from_spec(spec).data.source
     ext = make_extractor(extractor, inception_weights, classifier, device=device)
-    ref = reference_images(cfg, "train", data_path)
+    ref = reference_images(spec, "train", data_path)
     if reference_size is not None and reference_size < len(ref):
         ref = ref[np.random.default_rng(seed + 1).choice(len(ref), reference_size, replace=False)]
-    click.echo(f"  reference: {len(ref)} images of the {cfg.data.source} training split; features: "
+    click.echo(f"  reference: {len(ref)} images of the {source} training split; features: "
                f"{ext.score_name}", err=True)
     ref_feats = ext.features(ref)
     ref_stats = feature_stats(ref_feats)
     kid_subset = min(1000, n)
-    held_out = reference_images(cfg, "val", data_path)
+    held_out = reference_images(spec, "val", data_path)
     pick = np.random.default_rng(seed).choice(len(held_out), min(n, len(held_out)), replace=False)
     base = {"model": str(model_dir), "extractor": ext.score_name, "n": len(pick)}
     rows = [{**base, "backend": "real (held-out split)", "steps": 0,
@@ -142,13 +140,7 @@ def run(model_dir: Path, export_dir: Path | None, names: tuple[str, ...], steps_
                            f"KID {row['kid']:.4f}  {row['images_per_s']:6.1f} images/s"
                            + (f"  PSNR vs eager {row['psnr_vs_eager']:.1f} dB, max diff {row['max_abs_diff_vs_eager']}"
                               if "psnr_vs_eager" in row else ""), err=True)
-    return rows, grids, ext.score_name
-
-
-def _run_config(model_dir: Path) -> RunConfig:
-    from trainer.checkpoint import read_spec
-
-    return RunConfig.from_spec(read_spec(model_dir))
+    return rows, grids
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -266,15 +258,15 @@ def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, .
     if quick:
         n, steps_list = min(n, 64), steps_list or (10, 20)
     steps = sorted(set(steps_list or (10, 20, 50, 100)))
-    spec = _run_config(model_dir)
+    spec = read_spec(model_dir)
     if extractor is None:
-        fashion = spec.data.source == "fashion-mnist"
+        fashion = RunConfig.from_spec(spec).data.source == "fashion-mnist"
         extractor = "classifier" if fashion else "inception"
     grid_steps = 50 if 50 in steps else steps[-1]
     click.echo(f"fid: {model_dir}, backends {', '.join(names)}, {n} images, steps {steps}, {extractor} features",
                err=True)
-    rows, grids, _ = run(model_dir, export_dir, names, steps, n, batch_size, seed, extractor, inception_weights,
-                         classifier, data_path, reference_size, device, grid_steps)
+    rows, grids = run(model_dir, spec, export_dir, names, steps, n, batch_size, seed, extractor, inception_weights,
+                      classifier, data_path, reference_size, device, grid_steps)
     env = environment(device)
     stem = report_stem("fid")
     out.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from benchmarks.latency import load_subject, ort_export, timed  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
-from export.pipeline import training_images  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from trainer.data import model_split_images  # noqa: E402
 from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr  # noqa: E402
 
 _8BIT = Int8Options(reduce_range=False)
@@ -100,7 +100,7 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
     click.echo(f"int8-tradeoff: {model_dir} ({n} images x {steps} steps) and keras-flowers (batch {batch}); "
                f"{len(names)} options", err=True)
     subject, flowers = load_subject(str(model_dir)), load_subject("keras-flowers")
-    images = training_images(subject.spec, data_path)
+    images = model_split_images(subject.spec, "train", data_path)
     ext = ClassifierFeatures()
     pick = np.random.default_rng(0).choice(len(images), min(10_000, len(images)), replace=False)
     ref = feature_stats(ext.features(images[pick].transpose(0, 2, 3, 1)))

@@ -29,6 +29,7 @@ from runtime import __version__
 from runtime.files import cache_dir, fsync_dir, sha256_file
 from runtime.metadata import spec_to_metadata
 from trainer.checkpoint import WEIGHTS, load_model
+from trainer.data import model_split_images
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, inf
 
 
 def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, report: ExportReport) -> None:
-    images = functools.cache(lambda: training_images(spec, opts.data_path))
+    images = functools.cache(lambda: model_split_images(spec, "train", opts.data_path))
     path = staging / "model.int8.onnx"
     q = quantize_int8(staging / "model.onnx", path, spec, images, opts.int8_options)
     save_checked(onnx.load(str(path)), path, spec_to_metadata(spec, {**info, "precision": "int8"}))
@@ -143,16 +144,6 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
     if not gate.passed:
         raise ParityError(f"INT8 quality gate failed: {'; '.join(gate.failures)}; nothing was written "
                           "(try --int8-calibration or --int8-method, or export without --int8)")
-
-
-def training_images(spec: Any, data_path: Path | None) -> Any:
-    """The model's training images (its own data config) as (N, C, H, W) uint8, for calibration."""
-    from trainer.config import RunConfig
-    from trainer.data import load_images
-
-    cfg = RunConfig.from_spec(spec)
-    data = dataclasses.replace(cfg.data, split="train", random_flip=False)
-    return load_images(data, cfg.model, data_path, cfg.preset, progress=False)
 
 
 def _gate(model: Any, spec: Any, path: Path, tolerance: float, report: ExportReport) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -9,9 +10,9 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from runtime.config import ModelConfig, NormalizationConfig
+from runtime.config import ModelConfig, ModelSpec, NormalizationConfig
 from runtime.files import cache_dir
-from trainer.config import DataConfig
+from trainer.config import DataConfig, RunConfig, Split
 from trainer.data.cifar10 import load_cifar10
 from trainer.data.fashion_mnist import load_fashion_mnist
 from trainer.data.flowers import ensure_flowers
@@ -78,6 +79,14 @@ def load_images(data: DataConfig, model: ModelConfig, path: Path | None, preset:
     files = split_files(list_images(root), data.split, data.val_fraction, data.split_seed)
     log.info("%d images from %s (%s split)", len(files), root, data.split)
     return load_folder(files, size, channels, progress)
+
+
+def model_split_images(spec: ModelSpec, split: Split, path: Path | None) -> NDArray[np.uint8]:
+    """A split of the dataset a trained model's config names, unaugmented, as ``(N, C, H, W)`` uint8:
+    the reference set for calibration and quality scores."""
+    cfg = RunConfig.from_spec(spec)
+    data = dataclasses.replace(cfg.data, split=split, random_flip=False)
+    return load_images(data, cfg.model, path, cfg.preset, progress=False)
 
 
 def compute_normalization(images: NDArray[np.uint8], how: str) -> NormalizationConfig:
