@@ -35,7 +35,9 @@ from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
-from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr  # noqa: E402
+from trainer.quality import (  # noqa: E402
+    ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats,
+)
 
 _8BIT = Int8Options(reduce_range=False)
 OPTIONS: dict[str, Int8Options] = {
@@ -102,8 +104,7 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
     subject, flowers = load_subject(str(model_dir)), load_subject("keras-flowers")
     images = model_split_images(subject.spec, "train", data_path)
     ext = ClassifierFeatures()
-    pick = np.random.default_rng(0).choice(len(images), min(10_000, len(images)), replace=False)
-    ref = feature_stats(ext.features(images[pick].transpose(0, 2, 3, 1)))
+    ref = reference_stats(ext, images)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for sub in ("fm", "fl"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -182,18 +183,12 @@ def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable
                     op_types_to_quantize=list(opts.op_types) if opts.op_types else None,
                     calibrate_method=method)
     quantized = onnx.load(str(out))
-    counts: dict[str, int] = {}
-    for node in quantized.graph.node:
-        if node.op_type == "DequantizeLinear":
-            counts["DequantizeLinear"] = counts.get("DequantizeLinear", 0) + 1
     dq_out = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    for node in quantized.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in node.input):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    counts.pop("DequantizeLinear", None)
-    n_data = len(feeds) and sum(len(f["noise_variances"]) for f in feeds)
-    return Int8Report(time.perf_counter() - start,
-                      f"{n_data} pairs ({opts.calibration}), seed {opts.seed}, {opts.method}", kept, counts)
+    counts = Counter(n.op_type for n in quantized.graph.node
+                     if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input))
+    pairs = sum(len(f["noise_variances"]) for f in feeds)
+    calibration = f"{pairs} pairs ({opts.calibration}), seed {opts.seed}, {opts.method}"
+    return Int8Report(time.perf_counter() - start, calibration, kept, dict(counts))
 
 
 @dataclass(frozen=True)
@@ -238,7 +233,7 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Ca
     """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models."""
     from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
-    from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr
+    from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats
 
     samples = [Sampler(OrtBackend(p, "cpu")).sample(opts.images, steps=opts.steps, seed=0, batch_size=32).images
                for p in (fp32_model, int8_model)]
@@ -252,9 +247,7 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Ca
         except ValueError as exc:
             result.fd_note = f"no FD-classifier: {exc}"
         else:
-            ref = images()
-            pick = np.random.default_rng(0).choice(len(ref), min(opts.reference_images, len(ref)), replace=False)
-            ref_stats = feature_stats(ext.features(ref[pick].transpose(0, 2, 3, 1)))
+            ref_stats = reference_stats(ext, images(), opts.reference_images)
             result.fd_fp32, result.fd_int8 = (frechet_distance(feature_stats(ext.features(s)), ref_stats)
                                               for s in samples)
     if result.psnr_db < opts.min_psnr_db:

@@ -88,10 +88,9 @@ def to_input(images: NDArray[np.uint8]) -> torch.Tensor:
 
 def _shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random translations by up to ``pad`` pixels (zero fill): the only augmentation."""
-    n = x.shape[0]
     padded = F.pad(x, (pad, pad, pad, pad), value=float(-MEAN / STD))
     dx, dy = (torch.randint(0, 2 * pad + 1, (2,), generator=gen)).tolist()
-    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]][:n]
+    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
 
 
 @torch.no_grad()

@@ -48,6 +48,13 @@ def feature_stats(features: NDArray[np.floating]) -> Stats:
     return Stats(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
 
 
+def reference_stats(ext: "FeatureExtractor", images: NDArray[np.uint8], n: int = 10_000, seed: int = 0) -> Stats:
+    """Feature statistics of up to ``n`` images drawn (seeded, without replacement) from a reference set
+    ``(N, C, H, W)`` uint8."""
+    pick = np.random.default_rng(seed).choice(len(images), min(n, len(images)), replace=False)
+    return feature_stats(ext.features(images[pick].transpose(0, 2, 3, 1)))
+
+
 def frechet_distance(a: Stats, b: Stats, eps: float = 1e-6) -> float:
     """Fréchet distance between the Gaussians ``N(a.mu, a.sigma)`` and ``N(b.mu, b.sigma)``."""
     if a.mu.shape != b.mu.shape:
