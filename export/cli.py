@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from runtime.clitools import friendly_errors
+from runtime.shipped import pick
 
 log = logging.getLogger("export")
 
@@ -17,20 +18,6 @@ def latest_run(root: Path = Path("runs")) -> Path | None:
     """The most recently written run directory under ``root`` (by its config.json), if any."""
     configs = [p for p in root.glob("*/config.json") if p.is_file()] if root.is_dir() else []
     return max(configs, key=lambda p: p.stat().st_mtime).parent if configs else None
-
-
-def pick_run(run_dir: Path | None) -> tuple[Path, str]:
-    """The run to export and why it was picked: the one given, the latest run, else the shipped model."""
-    from runtime.shipped import SHIPPED_MODEL
-
-    if run_dir is not None:
-        return run_dir, ""
-    latest = latest_run()
-    if latest is not None:
-        return latest, " (the latest run under runs/)"
-    if (SHIPPED_MODEL / "config.json").is_file():
-        return SHIPPED_MODEL, " (the shipped model: no run under runs/)"
-    raise ValueError("no RUN_DIR given, no run under runs/ and no shipped model; train one with python -m trainer fit")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +69,8 @@ def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, 
     from export.pipeline import ExportOptions, export_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    run_dir, why = pick_run(run_dir)
+    run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
+                        "train one with python -m trainer fit")
     if out is None:
         out = Path("exports") / run_dir.resolve().name
         # A default folder holding an earlier export of ours is replaced (atomically, after the gates pass).

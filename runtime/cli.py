@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from runtime.clitools import friendly_errors
+from runtime.shipped import pick
 from runtime.schedule import Spacing
 
 log = logging.getLogger("runtime")
@@ -20,20 +21,6 @@ def latest_export(root: Path = Path("exports")) -> Path | None:
     """The most recently written export directory under ``root``, if any."""
     found = [p for p in root.glob("*/model.onnx") if p.is_file()] if root.is_dir() else []
     return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
-
-
-def pick_model(model: Path | None) -> tuple[Path, str]:
-    """The model to sample and why: the one given, the latest export, else the shipped model."""
-    from runtime.shipped import SHIPPED_MODEL
-
-    if model is not None:
-        return model, ""
-    latest = latest_export()
-    if latest is not None:
-        return latest, " (the latest export under exports/)"
-    if (SHIPPED_MODEL / "model.onnx").is_file():
-        return SHIPPED_MODEL, " (the shipped model: no export under exports/)"
-    raise ValueError("no MODEL given, no export under exports/ and no shipped model; make one with ddim-export")
 
 
 def check_writable(path: Path | None, what: str) -> None:
@@ -87,7 +74,7 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
     from runtime.files import atomic_path
     from runtime.images import grid_scale, png_bytes, save_grid
 
-    model, why = pick_model(model)
+    model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
     log.info("ddim-run: %s%s", model, why)
     for path, what in ((out, "--out"), (out_dir, "--out-dir"), (npz, "--npz")):
         check_writable(path, what)
