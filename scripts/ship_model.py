@@ -5,16 +5,18 @@
 Writes, all small enough for the repository:
   model.safetensors   the EMA weights only (what every command samples with; keys ``ema.*``)
   config.json         the run's config, unchanged (schema-versioned; the trainer and runtime read it)
-  model.onnx          the deployed float32 ONNX (BatchNorm folded, config inside), checked against eager
-                      PyTorch, so ``ddim-run`` samples the shipped model with nothing but the runtime
+  model.onnx          the deployed float32 ONNX, written by the exporter itself (BatchNorm folded, config
+                      inside, parity gate), so ``ddim-run`` samples the shipped model with nothing but the runtime
   samples.png         64 images, 50 DDIM steps, seed 0, sampled by the runtime on that ONNX file
   loss.csv, loss.png, train.log   the training log and loss curve
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -22,16 +24,13 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.onnx_graph import write_deployed_onnx  # noqa: E402
-from export.parity import FP32_TOLERANCE, check_file  # noqa: E402
-from runtime import __version__  # noqa: E402
+from export.pipeline import ExportOptions, export_run  # noqa: E402
 from runtime.api import load  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
-from runtime.files import atomic_path, sha256_file  # noqa: E402
+from runtime.files import atomic_path  # noqa: E402
 from runtime.images import grid_scale, save_grid  # noqa: E402
-from runtime.metadata import spec_to_metadata  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
-from trainer.checkpoint import CONFIG, WEIGHTS, load_model, load_weights  # noqa: E402
+from trainer.checkpoint import CONFIG, WEIGHTS, load_weights  # noqa: E402
 
 
 @click.command()
@@ -50,15 +49,11 @@ def main(run_dir: Path, out: Path) -> None:
     for name in (CONFIG, "loss.csv", "loss.png", "train.log"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
-    model, spec = load_model(out)  # the shipped folder itself, as every command will read it
-    info = {"toolkit_version": __version__, "weights": "ema", "weights_sha256": sha256_file(out / WEIGHTS),
-            "source_run": run_dir.name, "precision": "fp32"}
-    write_deployed_onnx(model, spec, out / "model.onnx", spec_to_metadata(spec, info))
-    parity = check_file(model, (out / "model.onnx").read_bytes(), "model.onnx", spec, "CPUExecutionProvider",
-                        FP32_TOLERANCE)
-    click.echo(f"  {parity.line()}", err=True)
-    if not parity.passed:
-        raise RuntimeError("model.onnx does not match the eager model; not shipped")
+    # The shipped folder is exported as ddim-export would (parity gate included), and its model.onnx kept.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        report = export_run(out, Path(tmp) / "export", ExportOptions())
+        click.echo(f"  {report.parity[0].line()}", err=True)
+        os.replace(Path(tmp) / "export" / "model.onnx", out / "model.onnx")
     result = load(out / "model.onnx", "onnxruntime", "cpu").sample(64, steps=50, seed=0)
     save_grid(out / "samples.png", result.images, scale=grid_scale(result.images.shape[1], 64))
     for path in sorted(out.iterdir()):
