@@ -6,8 +6,9 @@
 
 Backends (each where available): eager PyTorch float32, eager channels_last, torch.compile,
 ONNX Runtime CPU float32 and INT8 (QDQ, as `ddim-export --int8` writes it), and on a GPU eager
-float16, eager float32/float16 replayed from CUDA graphs, ONNX Runtime CUDA (I/O binding) and
-TensorRT FP16 (a dynamic-batch engine, and a batch-8 static engine replayed from a CUDA graph).
+float16, eager float32/float16 replayed from CUDA graphs, ONNX Runtime CUDA float32 (TF32 off) and
+float16 with I/O binding, and TensorRT built from model.fp16.onnx (strongly typed: a dynamic-batch
+engine, and a batch-8 static engine replayed from a CUDA graph).
 Latency does not depend on training, so presets are timed with their initial weights. Every
 figure is the median (with p90 and p99) of repeated runs after warm-up; speed-ups are against
 eager float32 measured in the same run. Writes benchmarks/results/latency-DATE-HOST.{json,md,png}.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
-from export.onnx_graph import write_deployed_onnx  # noqa: E402
+from export.onnx_graph import write_deployed_onnx, write_fp16_onnx  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
@@ -98,11 +99,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ort_export(m: Model, folder: Path, int8: bool) -> Path:
-    """The subject as ``model.onnx`` (BatchNorm folded, config inside) as ddim-export writes it, and
-    ``model.int8.onnx`` quantized the exporter's way (calibrated on the model's own sampling trajectories:
-    latency does not depend on the calibration values, and presets have no training data here)."""
-    write_deployed_onnx(m.module, m.spec, folder / "model.onnx", spec_to_metadata(m.spec, {"precision": "fp32"}))
+def ort_export(m: Model, folder: Path, int8: bool, fp16: bool = False) -> Path:
+    """The subject as ``model.onnx`` (BatchNorm folded, config inside) as ddim-export writes it, with
+    ``model.fp16.onnx`` (GPU rows) and ``model.int8.onnx`` quantized the exporter's way (calibrated on the
+    model's own sampling trajectories: latency does not depend on the calibration values, and presets
+    have no training data here)."""
+    graph, _ = write_deployed_onnx(m.module, m.spec, folder / "model.onnx",
+                                   spec_to_metadata(m.spec, {"precision": "fp32"}))
+    if fp16:
+        write_fp16_onnx(graph, folder / "model.fp16.onnx", spec_to_metadata(m.spec, {"precision": "fp16"}))
     if int8:
         quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", m.spec, lambda: None,  # type: ignore[arg-type]
                       Int8Options(calibration="sampler", calibration_size=128))
@@ -169,23 +174,27 @@ def graphed(module: torch.nn.Module, dtype: torch.dtype) -> Forward:
     return run
 
 
+def device_forward(backend: Any) -> Forward:
+    """One forward of a GPU backend from host arrays, on the backend's stream like the sampling loop's."""
+    def run(x: np.ndarray, v: np.ndarray) -> Any:
+        with backend.context():
+            return backend.denoise(backend.from_host(x), float(v.flat[0]))
+    return run
+
+
 def gpu_onnx_runners(m: Model, export_dir: Path) -> dict[str, tuple[Forward, Any]]:
-    """ONNX Runtime CUDA (I/O binding), and TensorRT FP16 where TensorRT is installed: a dynamic-batch
-    engine, and a batch-8 static engine that the runtime replays from a CUDA graph."""
+    """ONNX Runtime CUDA fp32 and fp16 (I/O binding), and TensorRT from model.fp16.onnx where TensorRT is
+    installed: a dynamic-batch engine, and a batch-8 static engine that the runtime replays from a CUDA graph."""
     from export.io_spec import BatchProfile
     from export.tensorrt_build import build_engine, unavailable_reason, write_manifest
     from runtime.backends.ort_backend import OrtCudaBackend, cuda_available
     from runtime.backends.tensorrt_backend import TensorRTBackend
-    from runtime.files import cache_dir
 
     out: dict[str, tuple[Forward, Any]] = {}
-
-    def device_forward(backend: Any) -> Forward:
-        return lambda x, v: backend.denoise(backend.from_host(x), float(v.flat[0]))
-
     if cuda_available():
-        b = OrtCudaBackend(export_dir, "cuda")
-        out["onnxruntime cuda fp32"] = (device_forward(b), Sampler(b))
+        for precision in ("fp32", "fp16"):
+            b = OrtCudaBackend(export_dir, "cuda", precision)
+            out[f"onnxruntime cuda {precision}"] = (device_forward(b), Sampler(b))
     reason = unavailable_reason()
     if reason is not None:
         click.echo(f"  TensorRT rows skipped: {reason}", err=True)
@@ -194,9 +203,8 @@ def gpu_onnx_runners(m: Model, export_dir: Path) -> dict[str, tuple[Forward, Any
                                                                       BatchProfile.static(8))):
         folder = export_dir / label.replace(" ", "_")
         folder.mkdir()
-        (folder / "model.onnx").write_bytes((export_dir / "model.onnx").read_bytes())
-        manifest = build_engine(folder / "model.onnx", folder / "model.plan", m.spec, profile,
-                                cache_dir() / "tensorrt" / "timing.cache")
+        (folder / "model.fp16.onnx").write_bytes((export_dir / "model.fp16.onnx").read_bytes())
+        manifest = build_engine(folder / "model.fp16.onnx", folder / "model.plan", m.spec, profile)
         write_manifest(folder / "manifest.json", manifest)
         b = TensorRTBackend(folder, "cuda")
         out[label] = (device_forward(b), Sampler(b))
@@ -222,7 +230,7 @@ def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[
                 repeats: int, compile_: bool, peak: float, int8: bool) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runners = forward_runners(m, ort_export(m, Path(tmp), int8), device, compile_)
+        runners = forward_runners(m, ort_export(m, Path(tmp), int8, fp16=device == "cuda"), device, compile_)
         c, s = m.spec.model.channels, m.spec.model.image_size
         for batch in batches:
             rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ def latest_run(root: Path = Path("runs")) -> Path | None:
 @click.option("--static-batch", type=int, default=None, help="A fixed-batch engine (CUDA-graph friendly).")
 @click.option("--builder-optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="TensorRT timing cache [default: ~/.cache/ddim-deploy/tensorrt/timing.cache].")
+              help="TensorRT timing cache [default: one per TensorRT version and GPU under ~/.cache/ddim-deploy/tensorrt/].")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static QDQ INT8 for CPUs), behind a quality "
               "gate.")
 @click.option("--int8-calibration", type=click.Choice(["both", "data", "sampler"]), default="both", show_default=True,
@@ -98,6 +98,8 @@ def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, 
         log.info("kept in float32 in the INT8 graph: %s", "; ".join(report.int8["kept_float32"]) or "nothing")
     if report.float32_in_fp16:
         log.info("kept in float32 in the FP16 graph: %s", ", ".join(report.float32_in_fp16))
+    for tool, command in report.tensorrt_commands.items():
+        log.info("the same engine with %s (run in %s): %s", tool, out, command)
     log.info("exported %s", out)
 
 

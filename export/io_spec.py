@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.backends import INPUT_NAMES, OUTPUT_NAMES
 from runtime.config import ModelConfig
 
+__all__ = ["BATCH_AXIS", "INPUT_NAMES", "OUTPUT_NAMES", "DTYPE", "BatchProfile", "tensor_shapes", "dynamic_axes",
+           "input_profile"]
 BATCH_AXIS = "batch"
-INPUT_NAMES = ("noisy_images", "noise_variances")
-OUTPUT_NAMES = ("pred_noises",)
 DTYPE = "float32"  # every input and output, in every precision (FP16 is internal to the graph)
 
 

@@ -136,6 +136,18 @@ def drop_round_trip_casts(model: onnx.ModelProto) -> int:
     return len(dead) // 2
 
 
+def graph_precision(model: onnx.ModelProto) -> str:
+    """What a graph computes in: "int8" (Q/DQ nodes), "fp16" (float16 weights or casts), else "fp32"."""
+    graph = model.graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        return "int8"
+    half = onnx.TensorProto.FLOAT16
+    if any(t.data_type == half for t in graph.initializer) or any(
+            n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute) for n in graph.node):
+        return "fp16"
+    return "fp32"
+
+
 def check(path: Path) -> None:
     """onnx's full checker (with shape inference) on the file as written."""
     onnx.checker.check_model(str(path), full_check=True)
@@ -146,6 +158,13 @@ def save_checked(graph: onnx.ModelProto, path: Path, metadata: dict[str, str]) -
     set_metadata(graph, metadata)
     onnx.save(graph, str(path))
     check(path)
+
+
+def write_fp16_onnx(fp32: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> onnx.ModelProto:
+    """``model.fp16.onnx``: :func:`to_fp16` of the deployed float32 graph, config inside, checked."""
+    half = to_fp16(fp32)
+    save_checked(half, path, metadata)
+    return half
 
 
 def write_deployed_onnx(model: torch.nn.Module, spec: ModelSpec, path: Path, metadata: dict[str, str],

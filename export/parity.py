@@ -71,10 +71,21 @@ def gate_inputs(spec: ModelSpec, batches: tuple[int, ...] = BATCHES, seed: int =
 
 def check_file(model: torch.nn.Module, onnx_bytes: bytes, name: str, spec: ModelSpec, provider: str,
                tolerance: float) -> ParityResult:
-    """Run ``onnx_bytes`` on ONNX Runtime ``provider`` and the eager model on the same feeds."""
+    """Run ``onnx_bytes`` on ONNX Runtime ``provider`` and the eager model on the same feeds.
+
+    CUDA sessions run with TF32 off (ONNX Runtime turns it on by default on Ampere and newer; the
+    float32 tolerance is for float32 arithmetic). Raises BackendError when the CUDA provider did not
+    really start (ONNX Runtime falls back to the CPU silently), so CPU results are never labelled CUDA.
+    """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(onnx_bytes, providers=[provider])
+    from runtime.backends.ort_backend import CUDA, check_provider, preload_cuda_libraries, providers_for
+
+    device = "cuda" if provider == CUDA else "cpu"
+    if device == "cuda":
+        preload_cuda_libraries()
+    session = ort.InferenceSession(onnx_bytes, providers=providers_for(device, "fp32"))
+    check_provider(session, provider, name)
     return compare(model, lambda feed: session.run(["pred_noises"], feed)[0], name, spec, provider, tolerance)
 
 
@@ -95,7 +106,7 @@ def compare(model: torch.nn.Module, run: Callable[[dict[str, np.ndarray]], np.nd
     return ParityResult(name, provider, worst_abs, worst_rel, tolerance, worst_batch)
 
 
-def providers_for() -> tuple[list[str], str | None]:
+def gate_providers() -> tuple[list[str], str | None]:
     """ONNX Runtime providers to check files on (CUDA when installed, always CPU), and what is missing."""
     import onnxruntime as ort
 

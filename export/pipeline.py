@@ -22,11 +22,13 @@ import onnx
 
 from export.int8 import GateOptions, Int8Options, quality_gate, quantize_int8
 from export.io_spec import BatchProfile
-from export.onnx_graph import OPSET, embedding_nodes, float32_nodes, save_checked, to_fp16, write_deployed_onnx
-from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, providers_for
-from export.tensorrt_build import build_engine, engine_runner, unavailable_reason, write_manifest
+from export.onnx_graph import OPSET, embedding_nodes, float32_nodes, save_checked, write_deployed_onnx, write_fp16_onnx
+from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, gate_providers
+from export.tensorrt_build import (build_engine, engine_runner, equivalent_commands, unavailable_reason,
+                                   write_manifest)
 from runtime import __version__
-from runtime.files import cache_dir, fsync_dir, sha256_file
+from runtime.backends import BackendError
+from runtime.files import fsync_dir, sha256_file
 from runtime.metadata import spec_to_metadata
 from trainer.checkpoint import WEIGHTS, load_model
 from trainer.data import model_split_images
@@ -66,6 +68,7 @@ class ExportReport:
     parity: list[ParityResult] = field(default_factory=list)
     float32_in_fp16: list[str] = field(default_factory=list)
     int8: dict[str, Any] = field(default_factory=dict)
+    tensorrt_commands: dict[str, str] = field(default_factory=dict)  # trtexec / polygraphy for model.fp16.onnx
     notes: list[str] = field(default_factory=list)
 
 
@@ -92,6 +95,8 @@ def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
             _write_int8(spec, staging, info, opts, report)
         if opts.fp16:
             _write_fp16(model, spec, fp32, staging, info, report)
+            report.tensorrt_commands = equivalent_commands("model.fp16.onnx", spec, opts.profile,
+                                                           opts.optimization_level, FP16_TOLERANCE)
             _write_engine(model, spec, staging, opts, report)
         (staging / "export_report.json").write_text(json.dumps(_summary(report), indent=2) + "\n")
         _commit(staging, out)
@@ -117,7 +122,7 @@ def _write_onnx(model: Any, spec: Any, staging: Path, info: dict, opts: ExportOp
 def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, info: dict,
                 report: ExportReport) -> None:
     start = time.perf_counter()
-    save_checked(to_fp16(fp32), staging / "model.fp16.onnx", spec_to_metadata(spec, {**info, "precision": "fp16"}))
+    write_fp16_onnx(fp32, staging / "model.fp16.onnx", spec_to_metadata(spec, {**info, "precision": "fp16"}))
     report.seconds["model.fp16.onnx"] = time.perf_counter() - start
     embed = set(embedding_nodes(fp32.graph))
     kept = float32_nodes(fp32)
@@ -147,12 +152,17 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
 
 
 def _gate(model: Any, spec: Any, path: Path, tolerance: float, report: ExportReport) -> None:
-    providers, note = providers_for()
+    providers, note = gate_providers()
     if note:
         report.notes.append(f"{path.name}: checked on ONNX Runtime CPU only ({note})")
     data = path.read_bytes()
     for provider in providers:
-        _record(check_file(model, data, path.name, spec, provider, tolerance), report)
+        try:
+            result = check_file(model, data, path.name, spec, provider, tolerance)
+        except BackendError as exc:  # CUDA provider installed but not starting: say so, gate on the CPU
+            report.notes.append(f"{path.name}: not checked on {provider} ({exc})")
+            continue
+        _record(result, report)
 
 
 def _record(result: ParityResult, report: ExportReport) -> None:
@@ -175,9 +185,10 @@ def _write_engine(model: Any, spec: Any, staging: Path, opts: ExportOptions, rep
             raise RuntimeError(msg)
         report.notes.append(msg)
         return
-    cache = opts.timing_cache or cache_dir() / "tensorrt" / "timing.cache"
-    manifest = build_engine(staging / "model.onnx", staging / "model.plan", spec, opts.profile, cache,
-                            opts.optimization_level)
+    # Strongly typed: the engine takes its precision from the FP16 graph (float32 I/O, embedding and
+    # normalisation kept float32), never from builder flags.
+    manifest = build_engine(staging / "model.fp16.onnx", staging / "model.plan", spec, opts.profile,
+                            opts.timing_cache, opts.optimization_level)
     report.seconds["model.plan"] = manifest["build_seconds"]
     batches = tuple(sorted({opts.profile.min, opts.profile.opt, opts.profile.max}))
     result = compare(model, engine_runner(staging / "model.plan"), "model.plan", spec, "TensorRT", FP16_TOLERANCE,
@@ -208,5 +219,6 @@ def _summary(report: ExportReport) -> dict[str, Any]:
                     "tolerance": r.tolerance, "passed": r.passed} for r in report.parity],
         "float32_in_fp16": report.float32_in_fp16,
         "int8": report.int8,
+        "tensorrt_commands": report.tensorrt_commands,
         "notes": report.notes,
     }

@@ -1,68 +1,79 @@
-"""FP16 TensorRT engines built from the ONNX through the TensorRT Python API, with their manifest.
+"""TensorRT engines built from ``model.fp16.onnx`` through the TensorRT Python API, with their manifest.
+
+TensorRT 10 and 11 alike: the network is strongly typed, so every layer runs in the precision the
+ONNX graph gives it (float16 compute, the embedding and normalisation nodes float32, float32 I/O,
+as ``export.onnx_graph.to_fp16`` wrote them). No weak-typing API is used: TensorRT 11 removed
+``BuilderFlag.FP16``, ``OBEY_PRECISION_CONSTRAINTS``, ``ILayer.precision`` and
+``ILayer.set_output_type``, and on TensorRT 10 they would fight the graph's own types. TensorRT 10
+needs ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; TensorRT 11 is always strongly typed (the
+flag is deprecated there and not passed).
 
 The manifest beside ``model.plan`` records what the engine is bound to (TensorRT version, GPU and
-compute capability, the ONNX it was built from) so the runtime can refuse a stale engine with a
-clear "rebuild" message instead of failing later.
+compute capability, the ONNX it was built from and that file's precision) so the runtime can refuse
+a stale engine with a clear "rebuild" message instead of failing later.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from export.io_spec import BatchProfile, input_profile
-from export.onnx_graph import float32_nodes
+from export.onnx_graph import graph_precision
+from runtime.backends import BackendError
+from runtime.backends.cuda_arrays import CupyArrays, device_info, import_cupy
+from runtime.backends.tensorrt_backend import MANIFEST_SCHEMA, Engine, import_tensorrt
 from runtime.config import ModelSpec
-from runtime.files import atomic_write_bytes, atomic_write_text, sha256_file
+from runtime.files import atomic_write_bytes, atomic_write_text, cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
-MANIFEST_SCHEMA = 1
 
 
 def unavailable_reason() -> str | None:
-    """Why no engine can be built here (None when TensorRT and a CUDA GPU are both present)."""
+    """Why no engine can be built here (None when TensorRT 10/11, CuPy and a CUDA GPU are all present)."""
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
+        import_tensorrt()
+        cp = import_cupy()
+    except BackendError as exc:
+        return str(exc)
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA GPU is visible"
+    except Exception as exc:  # noqa: BLE001 - no driver, no device: CuPy says which
+        return f"no CUDA GPU is visible ({type(exc).__name__}: {exc})"
     return None
 
 
-def build_engine(onnx_path: Path, plan_path: Path, spec: ModelSpec, profile: BatchProfile,
-                 timing_cache: Path, optimization_level: int = 3) -> dict[str, Any]:
-    """Build an FP16 engine (embedding and normalisation layers pinned to float32); returns the manifest."""
-    import tensorrt as trt
-    import torch
+def timing_cache_path(trt_version: str, capability: str) -> Path:
+    """The default timing cache: one per TensorRT version and compute capability (they do not transfer)."""
+    return cache_dir() / "tensorrt" / f"timing-trt{trt_version}-sm{capability.replace('.', '')}.cache"
 
+
+def build_engine(onnx_path: Path, plan_path: Path, spec: ModelSpec, profile: BatchProfile,
+                 timing_cache: Path | None = None, optimization_level: int = 3) -> dict[str, Any]:
+    """Build a strongly typed engine from ``onnx_path`` (normally model.fp16.onnx); returns the manifest."""
+    trt = import_tensorrt()
+    gpu, capability = device_info()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    major = int(trt.__version__.split(".")[0])
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major == 10 else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.FP16)
-    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     config.builder_optimization_level = optimization_level
-    keep = {n.name for n in float32_nodes(onnx.load(str(onnx_path), load_external_data=False))}
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.name in keep:
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_file = timing_cache or timing_cache_path(trt.__version__, capability)
+    attach_timing_cache(config, cache_file, trt.__version__)
     trt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in input_profile(spec.model, profile).items():
         trt_profile.set_shape(name, lo, opt, hi)
@@ -73,22 +84,40 @@ def build_engine(onnx_path: Path, plan_path: Path, spec: ModelSpec, profile: Bat
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
     seconds = time.perf_counter() - start
     atomic_write_bytes(plan_path, bytes(serialized))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-    major, minor = torch.cuda.get_device_capability()
-    return manifest(spec, profile, onnx_path, trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}",
-                    seconds, optimization_level)
+    Engine(plan_path, CupyArrays(), trt)  # what was built loads here, with float32 I/O under the denoiser's names
+    cache = config.get_timing_cache()
+    if cache is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache_file, bytes(cache.serialize()))
+    precision = graph_precision(onnx.load(str(onnx_path), load_external_data=False))
+    return manifest(spec, profile, onnx_path, trt.__version__, gpu, capability, seconds, optimization_level,
+                    precision)
+
+
+def attach_timing_cache(config: Any, path: Path, trt_version: str) -> None:
+    """Load ``path`` into the builder config; a cache from another TensorRT or GPU is replaced by a fresh one."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if data:
+        log.warning("timing cache %s does not match TensorRT %s on this GPU; starting a fresh one (it will "
+                    "replace that file)", path, trt_version)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT refused an empty timing cache; building without one")
 
 
 def manifest(spec: ModelSpec, profile: BatchProfile, onnx_path: Path, trt_version: str, gpu: str,
-             capability: str, build_seconds: float, optimization_level: int) -> dict[str, Any]:
+             capability: str, build_seconds: float, optimization_level: int, precision: str) -> dict[str, Any]:
     """The engine's manifest: everything the runtime must match before loading ``model.plan``."""
     return {
         "schema_version": MANIFEST_SCHEMA,
         "tensorrt_version": trt_version,
         "gpu": gpu,
         "compute_capability": capability,
-        "precision": "fp16",
+        "precision": precision,
+        "strongly_typed": True,
         "profile": {"min_batch": profile.min, "opt_batch": profile.opt, "max_batch": profile.max,
                     "static": profile.is_static, "shapes": input_profile(spec.model, profile)},
         "onnx_file": onnx_path.name,
@@ -103,29 +132,42 @@ def write_manifest(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def engine_runner(plan_path: Path) -> Callable[[dict[str, Any]], Any]:
-    """Load ``model.plan`` once; the returned function runs it on host arrays (torch CUDA tensors as buffers)."""
-    import tensorrt as trt
-    import torch
+def engine_runner(plan_path: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """Load ``model.plan`` once; the returned function runs it on host arrays (one variance per image)."""
+    trt = import_tensorrt()
+    arrays = CupyArrays()
+    engine = Engine(plan_path, arrays, trt)
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-    if engine is None:
-        raise RuntimeError(f"TensorRT cannot load {plan_path.name}")
-    context = engine.create_execution_context()
-    stream = torch.cuda.Stream()
-
-    def run(feeds: dict[str, Any]) -> Any:
-        inputs = {name: torch.from_numpy(array).cuda() for name, array in feeds.items()}
-        for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty_like(inputs["noisy_images"])
-        context.set_tensor_address("pred_noises", out.data_ptr())
-        torch.cuda.current_stream().synchronize()  # the inputs' copies are done before the engine reads them
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return out.cpu().numpy()
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        x, v = (arrays.from_host(np.ascontiguousarray(feed[k])) for k in ("noisy_images", "noise_variances"))
+        return arrays.to_host(engine.run(x, v))
 
     return run
+
+
+def equivalent_commands(onnx_name: str, spec: ModelSpec, profile: BatchProfile, optimization_level: int,
+                        tolerance: float) -> dict[str, str]:
+    """trtexec and polygraphy command lines for the same ONNX, profile and builder level.
+
+    trtexec builds the engine inside another TensorRT (a Triton container's, say); polygraphy builds
+    it and compares TensorRT with ONNX Runtime on the same file (add ``--trt-outputs mark all
+    --onnx-outputs mark all`` to compare layer by layer). ``--stronglyTyped`` is needed on TensorRT
+    10 and a no-op on 11.
+    """
+    shapes = input_profile(spec.model, profile)
+
+    def trtexec_shapes(i: int) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, dims[i]))}" for name, dims in shapes.items())
+
+    def polygraphy_shapes(i: int) -> str:
+        return " ".join(shlex.quote(f"{name}:[{','.join(map(str, dims[i]))}]") for name, dims in shapes.items())
+
+    onnx_arg = shlex.quote(onnx_name)
+    trtexec = (f"trtexec --onnx={onnx_arg} --saveEngine=model.plan --stronglyTyped "
+               f"--minShapes={trtexec_shapes(0)} --optShapes={trtexec_shapes(1)} --maxShapes={trtexec_shapes(2)} "
+               f"--builderOptimizationLevel={optimization_level} --timingCacheFile=timing.cache")
+    polygraphy = (f"polygraphy run {onnx_arg} --trt --onnxrt --strongly-typed "
+                  f"--trt-min-shapes {polygraphy_shapes(0)} --trt-opt-shapes {polygraphy_shapes(1)} "
+                  f"--trt-max-shapes {polygraphy_shapes(2)} --input-shapes {polygraphy_shapes(1)} "
+                  f"--builder-optimization-level {optimization_level} --atol {tolerance:g} --rtol {tolerance:g}")
+    return {"trtexec": trtexec, "polygraphy": polygraphy}

@@ -59,7 +59,6 @@ class Sampler:
         plan = SamplingPlan.build(self.schedule, steps, eta, spacing)
         b, m = self.backend, self.spec.model
         shape = (m.channels, m.image_size, m.image_size)
-        bounds = b.clip_bounds(*self.spec.normalization.x0_bounds()) if clip_x0 else None
         net = [0.0]
 
         def timed_denoise(x: Any, v: float) -> Any:
@@ -71,6 +70,7 @@ class Sampler:
         start = time.perf_counter()
         # GPU backends make their stream current, so the update's kernels queue behind the network's.
         with getattr(b, "context", contextlib.nullcontext)():
+            bounds = b.clip_bounds(*self.spec.normalization.x0_bounds()) if clip_x0 else None
             outs = self._batches(num_images, batch_size, seed, plan, shape, bounds, timed_denoise, on_step)
         seconds = time.perf_counter() - start
         samples = np.concatenate(outs)
@@ -94,7 +94,10 @@ class Sampler:
 
 
 def load(path: str | Path, backend: BackendName = "auto", device: Device | None = None,
-         precision: Precision = "fp32") -> Sampler:
-    """A sampler for an export directory, an ONNX file, or (torch backend) a trainer run directory."""
+         precision: Precision | None = None) -> Sampler:
+    """A sampler for an export directory, an ONNX file, or (torch backend) a trainer run directory.
+
+    ``precision`` None: a TensorRT engine's own where one is picked, else fp32 (``model.onnx``).
+    """
     chosen, why = open_backend(Path(path), backend, device, precision)
     return Sampler(chosen, why)

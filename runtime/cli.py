@@ -45,8 +45,9 @@ def check_writable(path: Path | None, what: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="torch takes a trainer run directory: the eager reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when usable]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU) [default: the "
+                   "TensorRT engine's (fp16) where one is picked, else fp32].")
 @click.option("--spacing", type=click.Choice(get_args(Spacing)), default="uniform", show_default=True)
 @click.option("--clip-x0", is_flag=True, help="Clip each step's predicted clean image to the pixel range.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
@@ -56,7 +57,7 @@ def check_writable(path: Path | None, what: str) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
+         device: str | None, precision: str | None, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
          npz: Path | None, progress: bool) -> None:
     """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest export under
     exports/, else the shipped Fashion-MNIST model)."""
@@ -66,7 +67,7 @@ def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size
 
 
 def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
+         device: str | None, precision: str | None, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
          npz: Path | None, progress: bool) -> None:
     from tqdm import tqdm
 

@@ -122,3 +122,11 @@ def test_latency_gpu_rows(tmp_path):
     backends = {r["backend"] for r in json.loads(report.read_text())["results"]}
     assert {"eager fp32 (cuda)", "eager fp16 (cuda)", "eager fp32 + CUDA graph (cuda)",
             "eager fp16 + CUDA graph (cuda)"} <= backends
+    import onnxruntime as ort
+
+    from export.tensorrt_build import unavailable_reason
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert {"onnxruntime cuda fp32", "onnxruntime cuda fp16"} <= backends
+    if unavailable_reason() is None:
+        assert {"tensorrt fp16", "tensorrt fp16 static-8 + CUDA graph"} <= backends

@@ -73,11 +73,13 @@ def exported(run_dir, tmp_path_factory):
 
 def test_writes_checked_files_that_pass_the_gate(exported):
     out, report = exported
-    assert sorted(report.files) == ["export_report.json", "model.fp16.onnx", "model.onnx"]
+    engine = ["manifest.json", "model.plan"] if unavailable_reason() is None else []  # a TensorRT GPU machine
+    assert sorted(report.files) == sorted(["export_report.json", "model.fp16.onnx", "model.onnx"] + engine)
     for name in ("model.onnx", "model.fp16.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)
-    assert [r.file for r in report.parity] == ["model.onnx", "model.fp16.onnx"]
-    fp32, fp16 = report.parity
+    cpu = [r for r in report.parity if r.provider == "CPUExecutionProvider"]  # CUDA adds its own where present
+    assert [r.file for r in cpu] == ["model.onnx", "model.fp16.onnx"] and all(r.passed for r in report.parity)
+    fp32, fp16 = cpu
     assert fp32.passed and fp32.max_rel < 1e-5  # measured ~3e-7
     assert fp16.passed and 1e-6 < fp16.max_rel < parity.FP16_TOLERANCE  # really half precision
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no staging left
@@ -150,7 +152,7 @@ def test_interrupted_export_keeps_the_previous_export(run_dir, tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("export.pipeline.to_fp16", interrupted)
+    monkeypatch.setattr("export.pipeline.write_fp16_onnx", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_run(run_dir, out, ExportOptions(fp16=True, force=True))
     assert (out / "model.onnx").read_bytes() == before and not (out / "model.fp16.onnx").exists()
@@ -166,7 +168,7 @@ def test_profile_and_manifest(run_dir, tmp_path):
         BatchProfile(4, 2, 8)
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"graph")
-    m = manifest(spec, BatchProfile.static(8), onnx_file, "10.9.0", "NVIDIA H100", "9.0", 12.5, 3)
+    m = manifest(spec, BatchProfile.static(8), onnx_file, "10.9.0", "NVIDIA H100", "9.0", 12.5, 3, "fp16")
     assert m["profile"]["static"] and m["onnx_sha256"] == sha256_file(onnx_file)
     assert ModelSpec.from_dict(m["config"]).model == spec.model
 
@@ -178,7 +180,10 @@ def test_tensorrt_engine_and_manifest(run_dir, tmp_path):
     export_run(run_dir, out, ExportOptions(fp16=True, profile=BatchProfile(1, 2, 4), timing_cache=tmp_path / "tc"))
     data = json.loads((out / "manifest.json").read_text())
     assert (out / "model.plan").stat().st_size > 0 and (tmp_path / "tc").is_file()
-    assert data["onnx_sha256"] == sha256_file(out / "model.onnx") and data["precision"] == "fp16"
+    assert data["onnx_file"] == "model.fp16.onnx" and data["precision"] == "fp16"
+    assert data["onnx_sha256"] == sha256_file(out / "model.fp16.onnx")
+    summary = json.loads((out / "export_report.json").read_text())
+    assert [r["provider"] for r in summary["parity"] if r["file"] == "model.plan"] == ["TensorRT"]
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -271,9 +276,12 @@ def test_engine_branch_wiring_with_stand_ins(run_dir, tmp_path, monkeypatch):
     TensorRT; the TensorRT calls themselves run in the gpu-marked test above."""
     import export.pipeline as pipeline
 
+    built = []
+
     def fake_build(onnx_path, plan_path, spec, profile, cache, level):
+        built.append(onnx_path.name)
         plan_path.write_bytes(onnx_path.read_bytes())
-        return manifest(spec, profile, onnx_path, "stand-in", "no GPU", "0.0", 0.1, level)
+        return manifest(spec, profile, onnx_path, "stand-in", "no GPU", "0.0", 0.1, level, "fp16")
 
     def fake_runner(plan_path, scale=1.0):
         session = ort.InferenceSession(str(plan_path))
@@ -285,7 +293,9 @@ def test_engine_branch_wiring_with_stand_ins(run_dir, tmp_path, monkeypatch):
     report = export_run(run_dir, tmp_path / "out", ExportOptions(fp16=True, profile=BatchProfile(1, 2, 4)))
     assert [r.provider for r in report.parity][-1] == "TensorRT" and report.parity[-1].worst_batch in (1, 2, 4)
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert data["onnx_sha256"] == sha256_file(tmp_path / "out" / "model.onnx")
+    assert built == ["model.fp16.onnx"]  # the engine's precision comes from the FP16 graph
+    assert data["onnx_file"] == "model.fp16.onnx"
+    assert data["onnx_sha256"] == sha256_file(tmp_path / "out" / "model.fp16.onnx")
     assert data["profile"]["max_batch"] == 4 and (tmp_path / "out" / "model.plan").is_file()
     monkeypatch.setattr(pipeline, "engine_runner", lambda p: fake_runner(p, scale=1.5))
     with pytest.raises(ParityError, match="model.plan on TensorRT"):

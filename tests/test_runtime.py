@@ -23,6 +23,8 @@ from test_export import randomise_weights
 from trainer.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
+# The CPU reference, named explicitly: with no backend given, a GPU machine picks TensorRT or ONNX Runtime CUDA.
+CPU = {"backend": "onnxruntime", "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +69,18 @@ def test_same_seed_same_images_any_batch_size(model_dirs):
 
 def test_fp16_file_and_clipping_and_spacings(model_dirs):
     _, export = model_dirs
-    fp16 = load(export, precision="fp16")
+    fp16 = load(export, backend="onnxruntime", precision="fp16")
     assert fp16.backend.model_path.name == "model.fp16.onnx"
-    ref = load(export).sample(4, steps=20, seed=0, batch_size=4).images
+    ref = load(export, **CPU).sample(4, steps=20, seed=0, batch_size=4).images
     half = fp16.sample(4, steps=20, seed=0, batch_size=4).images
     assert np.abs(ref.astype(int) - half.astype(int)).mean() < 2
-    clipped = load(export).sample(2, steps=10, seed=0, clip_x0=True, spacing="trailing", batch_size=2)
+    clipped = load(export, **CPU).sample(2, steps=10, seed=0, clip_x0=True, spacing="trailing", batch_size=2)
     assert clipped.images.shape == (2, 32, 32, 1)
 
 
 def test_sampling_overhead_is_small(model_dirs):
     _, export = model_dirs
-    result = load(export).sample(16, steps=20, seed=0, batch_size=16)
+    result = load(export, **CPU).sample(16, steps=20, seed=0, batch_size=16)
     assert result.calls == 20 and 0 < result.network_seconds < result.seconds
     assert result.overhead_fraction < 0.5  # a loose bound on 2 busy cores; ddim-run reports the real figure
 
@@ -106,7 +108,7 @@ def test_runtime_errors(model_dirs, tmp_path):
         load(tmp_path / "missing")
     with pytest.raises(BackendError, match="no model at .*model.onnx"):
         load(tmp_path)
-    sampler = load(export)
+    sampler = load(export, **CPU)
     sampler.backend.denoise = lambda x, v: x * np.float32("nan")
     with pytest.raises(NonFiniteError, match="step 1/5"):
         sampler.sample(1, steps=5)
@@ -130,7 +132,7 @@ def run_cli(*args: str, block_torch: bool = False, cwd: Path = ROOT) -> subproce
 
 def test_ddim_run_is_torch_free_and_writes_everything(model_dirs, tmp_path):
     _, export = model_dirs
-    proc = run_cli(str(export), "--steps", "50", "--num-images", "8", "--batch-size", "4", "--out",
+    proc = run_cli(str(export), "--device", "cpu", "--steps", "50", "--num-images", "8", "--batch-size", "4", "--out",
                    str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each"), "--npz", str(tmp_path / "s.npz"),
                    "--no-progress", block_torch=True)
     assert proc.returncode == 0, proc.stderr
@@ -203,8 +205,9 @@ def test_tensorrt_manifest_must_match_this_machine(model_dirs, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
-def test_gpu_backends_match_cpu(model_dirs, tmp_path, backend):
+@pytest.mark.parametrize(("backend", "precision", "levels"),
+                         [("onnxruntime", "fp32", 1), ("onnxruntime", "fp16", 8), ("tensorrt", "fp16", 8)])
+def test_gpu_backends_match_cpu(model_dirs, tmp_path, backend, precision, levels):
     pytest.importorskip("cupy")
     if backend == "tensorrt":
         pytest.importorskip("tensorrt")
@@ -219,7 +222,8 @@ def test_gpu_backends_match_cpu(model_dirs, tmp_path, backend):
 
         target = tmp_path / "trt"
         export_run(run, target, ExportOptions(fp16=True, profile=BatchProfile.static(4)))
-    precision = "fp32" if backend == "onnxruntime" else "fp16"
-    gpu = load(target, backend=backend, device="cuda", precision=precision).sample(4, steps=20, seed=0, batch_size=4)
-    cpu = load(export).sample(4, steps=20, seed=0, batch_size=4)
-    assert np.abs(gpu.images.astype(int) - cpu.images.astype(int)).max() <= (1 if precision == "fp32" else 8)
+    sampler = load(target, backend=backend, device="cuda", precision=precision)
+    assert sampler.backend.device == "cuda" and sampler.backend.precision == precision
+    gpu = sampler.sample(4, steps=20, seed=0, batch_size=4)
+    cpu = load(export, **CPU).sample(4, steps=20, seed=0, batch_size=4)
+    assert np.abs(gpu.images.astype(int) - cpu.images.astype(int)).max() <= levels

@@ -31,10 +31,19 @@ class SinusoidalEmbedding(nn.Module):
         freqs = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dims // 2))
         # A plain list, not a buffer: model.half() must not round these speeds (up to 2 pi 1000).
         self.angular_speeds = (2.0 * math.pi * freqs).tolist()
+        # The speeds as a float32 tensor per device, made on first use outside any CUDA-graph capture:
+        # a host-to-device copy inside a capture raises. Not a buffer, so .half() and .to() leave it alone.
+        self._speeds: dict[torch.device, torch.Tensor] = {}
+
+    def speeds(self, device: torch.device) -> torch.Tensor:  # (1, dims / 2, 1, 1) float32
+        cached = self._speeds.get(device)
+        if cached is None:
+            cached = torch.tensor(self.angular_speeds, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            self._speeds[device] = cached
+        return cached
 
     def forward(self, noise_variances: torch.Tensor) -> torch.Tensor:  # (N, 1, 1, 1) -> (N, dims, 1, 1)
-        speeds = torch.tensor(self.angular_speeds, dtype=torch.float32, device=noise_variances.device)
-        angles = speeds.view(1, -1, 1, 1) * noise_variances.float()
+        angles = self.speeds(noise_variances.device) * noise_variances.float()
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 

@@ -18,6 +18,9 @@ from runtime.config import ModelSpec
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 Device = Literal["cpu", "cuda"]
 Precision = Literal["fp32", "fp16", "int8"]
+# The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these).
+INPUT_NAMES = ("noisy_images", "noise_variances")
+OUTPUT_NAMES = ("pred_noises",)
 
 
 class BackendError(ValueError):
@@ -40,44 +43,65 @@ class Backend(Protocol):
 
 
 def open_backend(path: Path, backend: BackendName = "auto", device: Device | None = None,
-                 precision: Precision = "fp32") -> tuple[Backend, str]:
+                 precision: Precision | None = None) -> tuple[Backend, str]:
     """The backend to sample ``path`` with, and one line saying which and why.
 
-    ``auto`` picks TensorRT (an engine whose manifest matches this machine), then ONNX Runtime CUDA,
-    then ONNX Runtime CPU; a trainer run directory (weights, no ONNX) means the eager torch backend.
+    ``auto`` picks TensorRT (an engine whose manifest matches this machine, when no precision or
+    the engine's was asked), then ONNX Runtime CUDA, then ONNX Runtime CPU; a trainer run directory
+    (weights, no ONNX) means the eager torch backend. ``precision`` None means the engine's where
+    TensorRT is picked, else fp32. A backend that cannot start here is skipped with its reason.
     """
     if not path.exists():
         raise BackendError(f"{path} does not exist")
     run_dir = (path / "model.safetensors").is_file() and not (path / "model.onnx").is_file()
     if backend == "torch" or (backend == "auto" and run_dir):
         why = "asked for" if backend == "torch" else "a trainer run directory"
-        b = plugin("torch")(path, device or "cpu", precision)
+        b = plugin("torch")(path, device or "cpu", precision or "fp32")
         return b, f"torch, {b.provider} ({why}: the eager reference)"
-    skipped = ""
+    skipped = []
     if backend == "tensorrt" or (backend == "auto" and device != "cpu" and (path / "model.plan").is_file()):
+        if backend == "auto" and precision not in (None, "fp16"):
+            skipped.append(f"TensorRT skipped: the engine is fp16 and --precision {precision} was asked")
+        else:
+            try:
+                from runtime.backends.tensorrt_backend import TensorRTBackend
+
+                b = TensorRTBackend(path, device or "cuda", precision)
+                why = "asked for" if backend == "tensorrt" else "engine matches this machine"
+                return b, f"tensorrt, {b.provider} ({why})"
+            except BackendError as exc:
+                if backend == "tensorrt":
+                    raise
+                skipped.append(f"TensorRT skipped: {exc}")
+    try:
+        from runtime.backends.ort_backend import OrtBackend, OrtCudaBackend, cuda_available, install_problem
+    except ImportError as exc:
+        raise BackendError(f"ONNX Runtime is not installed ({exc}): pip install 'ddim-deploy[cpu]', or "
+                           "'ddim-deploy[gpu]' on a CUDA machine (one of them, not both)") from None
+
+    precision = precision or "fp32"
+    if backend == "auto" and not (path / "model.plan").is_file():
+        skipped.insert(0, "no TensorRT engine")
+    if device == "cuda" or (device is None and cuda_available()):
         try:
-            from runtime.backends.tensorrt_backend import TensorRTBackend
-
-            b = TensorRTBackend(path, device or "cuda")
-            return b, f"tensorrt, {b.provider} ({'asked for' if backend == 'tensorrt' else 'engine matches this machine'})"
+            b = OrtCudaBackend(path, "cuda", precision)
+            return b, _ort_line(b, backend, skipped)
         except BackendError as exc:
-            if backend == "tensorrt":
+            if device == "cuda":
                 raise
-            skipped = f"TensorRT skipped: {exc}; "
-    from runtime.backends.ort_backend import OrtBackend, OrtCudaBackend, cuda_available
+            skipped.append(f"ONNX Runtime CUDA skipped: {exc}")
+    b = OrtBackend(path, "cpu", precision)
+    if backend == "auto" and device is None and not cuda_available():
+        problem = install_problem()
+        skipped.append("ONNX Runtime has no CUDA provider" + (f" ({problem})" if problem else ""))
+    elif backend == "auto" and device == "cpu":
+        skipped.append("--device cpu")
+    return b, _ort_line(b, backend, skipped)
 
-    if device is None:
-        device = "cuda" if cuda_available() else "cpu"
-    b = OrtCudaBackend(path, device, precision) if device == "cuda" else OrtBackend(path, device, precision)
-    if backend == "onnxruntime":
-        why = "asked for"
-    elif not skipped and not (path / "model.plan").is_file():
-        why = "no TensorRT engine"
-    else:
-        why = skipped.rstrip("; ")
-    if device == "cpu" and backend == "auto":
-        why += "; ONNX Runtime has no CUDA provider" if not cuda_available() else "; --device cpu"
-    return b, f"onnxruntime {b.provider} {b.model_path.name} ({why})"
+
+def _ort_line(b: Any, backend: str, skipped: list[str]) -> str:
+    why = ["asked for"] if backend == "onnxruntime" else []
+    return f"onnxruntime {b.provider} {b.model_path.name} ({'; '.join(why + skipped)})"
 
 
 def plugin(name: str) -> Any:

@@ -3,6 +3,11 @@
 ``runtime.schedule.ddim_step`` uses only arithmetic and ``.clip``, which CuPy arrays provide, so the
 update, the noise and the finite checks stay on the device between steps; only the initial and
 per-step noise (drawn on the host so every backend sees the same numbers) cross once per step.
+
+Every array the loop feeds an engine is made on the backend's stream (CuPy queues a copy or a
+kernel on the *current* stream): an array made on another stream could be read by the engine
+before it is written. The methods here make their stream current themselves, so callers outside
+:meth:`CupyArrays.context` (benchmarks, one-off forwards) are safe too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ def import_cupy() -> Any:
     return cupy
 
 
+def device_info() -> tuple[str, str]:
+    """The current CUDA device's name and compute capability ("9.0"), as engines and manifests record them."""
+    cp = import_cupy()
+    device = cp.cuda.Device()
+    name = cp.cuda.runtime.getDeviceProperties(device.id)["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return name, "{}.{}".format(*divmod(int(device.compute_capability), 10))
+
+
 class CupyArrays:
     """The array half of the Backend protocol for CuPy device arrays on ``stream``."""
 
@@ -35,16 +49,30 @@ class CupyArrays:
         return self.stream
 
     def from_host(self, x: NDArray[np.float32]) -> Any:
-        return self.cp.asarray(x)
+        with self.stream:
+            return self.cp.asarray(x)
+
+    def full(self, shape: tuple[int, ...], value: float) -> Any:
+        """A float32 device array of ``value`` (the noise variances an engine reads)."""
+        with self.stream:
+            return self.cp.full(shape, value, dtype=self.cp.float32)
+
+    def empty_like(self, x: Any) -> Any:
+        with self.stream:
+            return self.cp.empty_like(x)
 
     def to_host(self, x: Any) -> NDArray[np.float32]:
-        return self.cp.asnumpy(x, stream=self.stream)
+        host = self.cp.asnumpy(x, stream=self.stream)
+        self.stream.synchronize()  # the copy is complete before the host reads it, whatever CuPy's default
+        return host
 
     def is_finite(self, x: Any) -> bool:
-        return bool(self.cp.isfinite(x).all())  # one scalar back to the host per step
+        with self.stream:
+            return bool(self.cp.isfinite(x).all())  # one scalar back to the host per step
 
     def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]:
-        return tuple(self.cp.asarray(b, dtype=self.cp.float32).reshape(1, -1, 1, 1) for b in (lo, hi))  # type: ignore[return-value]
+        with self.stream:
+            return tuple(self.cp.asarray(b, dtype=self.cp.float32).reshape(1, -1, 1, 1) for b in (lo, hi))  # type: ignore[return-value]
 
 
 class OnDevice:

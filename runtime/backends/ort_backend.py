@@ -1,4 +1,10 @@
-"""ONNX Runtime backend: CPU (and CUDA with onnxruntime-gpu), sessions tuned and cached on disk."""
+"""ONNX Runtime backend: CPU (and CUDA with onnxruntime-gpu), sessions tuned and cached on disk.
+
+On CUDA, float32 means float32: ONNX Runtime's CUDA provider runs convolutions and matmuls in TF32
+by default on Ampere and newer GPUs (10-bit mantissas), so fp32 sessions set ``use_tf32=0``; the
+fp16 file is the fast path. A CUDA session that silently fell back to the CPU (cuDNN or the CUDA
+runtime missing) is refused, never labelled "CUDA".
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from runtime.backends import BackendError
+from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError
 from runtime.files import cache_dir
@@ -24,8 +30,58 @@ log = logging.getLogger(__name__)
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
 def cuda_available() -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return CUDA in ort.get_available_providers()
+
+
+def providers_for(device: str, precision: str = "fp32") -> list[Any]:
+    """ONNX Runtime's providers list for ``device``; float32 on CUDA without TF32 (see the module docstring)."""
+    if device != "cuda":
+        return [CPU]
+    return [(CUDA, {"use_tf32": "0"}) if precision == "fp32" else CUDA, CPU]
+
+
+def install_problem() -> str | None:
+    """Why this ONNX Runtime may lack its CUDA provider: onnxruntime and onnxruntime-gpu both installed.
+
+    The two distributions own the same ``onnxruntime`` package folder; whichever was installed last
+    wins, file by file, and the CUDA provider can vanish. Users need exactly one of them.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    if len(found) < 2:
+        return None
+    return (f"both {' and '.join(found)} are installed and overwrite each other; keep one: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+
+
+def preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find the CUDA/cuDNN libraries of the nvidia-* wheels (ORT >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a failed preload shows as the provider check below
+            log.debug("onnxruntime.preload_dlls: %s", exc)
+
+
+def check_provider(session: ort.InferenceSession, wanted: str, what: str) -> None:
+    """Refuse a session whose first provider is not ``wanted`` (ORT falls back to the CPU silently)."""
+    active = session.get_providers()
+    if wanted == CUDA and (not active or active[0] != CUDA):
+        raise BackendError(f"{what}: ONNX Runtime's CUDA provider did not start (active: {', '.join(active)}); "
+                           "the CUDA runtime or cuDNN libraries it needs are missing - see ONNX Runtime's CUDA "
+                           "requirements, or pip install 'ddim-deploy[gpu]'")
 
 
 def model_file(path: Path, precision: str) -> Path:
@@ -52,10 +108,11 @@ def session_options(optimized_path: Path | None) -> ort.SessionOptions:
     return so
 
 
-def cached_session(model_path: Path, providers: list[str]) -> ort.InferenceSession:
+def cached_session(model_path: Path, providers: list[Any]) -> ort.InferenceSession:
     """A session on the optimised graph cached by model hash, ORT version, CPU features and provider."""
     data = model_path.read_bytes()
-    key = "-".join([hashlib.sha256(data).hexdigest()[:16], ort.__version__, cpu_fingerprint(), providers[0]])
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    key = "-".join([hashlib.sha256(data).hexdigest()[:16], ort.__version__, cpu_fingerprint(), first])
     cached = cache_dir() / "onnxruntime" / f"{key}.onnx"
     try:
         if cached.is_file():
@@ -79,21 +136,24 @@ class OrtBackend:
 
     def __init__(self, path: Path, device: str = "cpu", precision: str = "fp32") -> None:
         if device == "cuda" and not cuda_available():
-            raise BackendError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+            raise BackendError("--device cuda: this onnxruntime has no CUDA provider ("
+                               + (install_problem() or "pip install 'ddim-deploy[gpu]'") + ")")
         self.model_path = model_file(path, precision)
         self.device, self.precision = device, precision
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        if device == "cuda":
+            preload_cuda_libraries()
         try:
-            self.session = cached_session(self.model_path, providers)
+            self.session = cached_session(self.model_path, providers_for(device, precision))
         except Exception as exc:  # ORT raises its own exception types for corrupt or invalid files
             raise BackendError(f"cannot load {self.model_path}: {str(exc).strip().splitlines()[0]}") from None
+        check_provider(self.session, CUDA if device == "cuda" else CPU, str(self.model_path))
         self.provider = self.session.get_providers()[0]
         try:
             self.spec = spec_from_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         except ConfigError as exc:
             raise BackendError(str(exc)) from None
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
-        if names != (["noisy_images", "noise_variances"], ["pred_noises"]):
+        if names != (list(INPUT_NAMES), list(OUTPUT_NAMES)):
             raise BackendError(f"{self.model_path} has inputs/outputs {names}, not the denoiser's")
 
     def denoise(self, x: NDArray[np.float32], noise_var: float) -> NDArray[np.float32]:
@@ -118,13 +178,17 @@ class OrtCudaBackend(OnDevice, OrtBackend):
 
     def __init__(self, path: Path, device: str = "cuda", precision: str = "fp32") -> None:
         OrtBackend.__init__(self, path, "cuda", precision)
-        self.arrays = CupyArrays()
+        try:
+            self.arrays = CupyArrays()
+        except BackendError:
+            raise
+        except Exception as exc:  # a CuPy that cannot reach the GPU: a reason, not a traceback
+            raise BackendError(f"CuPy could not start on the GPU: {type(exc).__name__}: {exc}") from exc
         self.binding = self.session.io_binding()
 
     def denoise(self, x: Any, noise_var: float) -> Any:
-        cp = self.arrays.cp
-        v = cp.full((x.shape[0], 1, 1, 1), noise_var, dtype=cp.float32)
-        out = cp.empty_like(x)
+        v = self.arrays.full((x.shape[0], 1, 1, 1), noise_var)
+        out = self.arrays.empty_like(x)
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()

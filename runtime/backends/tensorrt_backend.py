@@ -1,8 +1,10 @@
 """TensorRT backend: ``model.plan`` loaded only after its manifest matches this machine.
 
-Buffers are CuPy device arrays on the backend's stream; the DDIM update runs there too. With a
-static-batch engine, the engine's enqueue is captured once in a CUDA graph and replayed each step
-(inputs are copied into the captured buffers first).
+Works with TensorRT 10 and 11 (strongly typed engines: the precision is the ONNX graph's, recorded
+in the manifest). Buffers are CuPy device arrays on the backend's stream; the DDIM update runs
+there too. With a static-batch engine, the engine's enqueue is captured once in a CUDA graph and
+replayed each step (inputs are copied into the captured buffers first); a capture that fails falls
+back to plain enqueues with a warning, never to a graph that replays garbage.
 """
 
 from __future__ import annotations
@@ -12,29 +14,47 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from runtime.backends import BackendError
-from runtime.backends.cuda_arrays import CupyArrays, OnDevice
+from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
+from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
 from runtime.files import sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = 1
+SUPPORTED_MAJORS = (10, 11)
+REBUILD = "rebuild it with ddim-export --fp16 on this machine"
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, refused with a clear message when it is missing or older than 10."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError("TensorRT is not installed (pip install 'ddim-deploy[gpu]')") from None
+    version = str(getattr(trt, "__version__", "unknown"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < SUPPORTED_MAJORS[0]:
+        raise BackendError(f"TensorRT {version} is installed; ddim-deploy needs TensorRT 10 or 11")
+    return trt
 
 
 def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[str, Any]:
     """The engine's manifest, if it matches the installed TensorRT, this GPU and the ONNX beside it."""
     plan, path = export_dir / "model.plan", export_dir / "manifest.json"
-    rebuild = "rebuild it with ddim-export --fp16 on this machine"
     if not plan.is_file():
         raise BackendError(f"{export_dir} holds no model.plan; build one with ddim-export --fp16 on a GPU machine")
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise BackendError(f"{plan} has no manifest.json beside it; {rebuild}") from None
+        raise BackendError(f"{plan} has no manifest.json beside it; {REBUILD}") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise BackendError(f"unreadable {path} ({exc}); {rebuild}") from None
-    if manifest.get("schema_version") != MANIFEST_SCHEMA:
-        raise BackendError(f"{path} has manifest schema {manifest.get('schema_version')!r}; {rebuild}")
+        raise BackendError(f"unreadable {path} ({exc}); {REBUILD}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA:
+        schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise BackendError(f"{path} has manifest schema {schema!r}; {REBUILD}")
     checks = [
         ("TensorRT version", manifest.get("tensorrt_version"), trt_version),
         ("GPU compute capability", manifest.get("compute_capability"), capability),
@@ -44,8 +64,44 @@ def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[
         checks.append(("ONNX sha256", manifest.get("onnx_sha256"), sha256_file(onnx_file)))
     for what, built, here in checks:
         if built != here:
-            raise BackendError(f"model.plan was built for {what} {built}, this machine has {here}; {rebuild}")
+            raise BackendError(f"model.plan was built for {what} {built}, this machine has {here}; {REBUILD}")
     return manifest
+
+
+class Engine:
+    """A deserialized engine and one execution context, enqueued on a :class:`CupyArrays` stream."""
+
+    def __init__(self, plan: Path, arrays: CupyArrays, trt: Any) -> None:
+        self.arrays = arrays
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise BackendError(f"TensorRT {trt.__version__} cannot load {plan}; {REBUILD}")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if sorted(names) != sorted(INPUT_NAMES + OUTPUT_NAMES):
+            raise BackendError(f"{plan} has I/O tensors {names}, not the denoiser's")
+        not_float = {n: str(engine.get_tensor_dtype(n)) for n in names
+                     if engine.get_tensor_dtype(n) != trt.DataType.FLOAT}
+        if not_float:
+            raise BackendError(f"{plan} has non-float32 I/O {not_float}; {REBUILD}")
+        self.engine, self.context = engine, engine.create_execution_context()
+
+    def bind(self, x: Any, v: Any, out: Any) -> None:
+        for name, arr in zip(INPUT_NAMES, (x, v)):
+            if not self.context.set_input_shape(name, tuple(arr.shape)):
+                raise BackendError(f"TensorRT refused shape {tuple(arr.shape)} for {name}")
+            self.context.set_tensor_address(name, arr.data.ptr)
+        self.context.set_tensor_address(OUTPUT_NAMES[0], out.data.ptr)
+
+    def enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.arrays.stream.ptr):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
+
+    def run(self, x: Any, v: Any) -> Any:
+        """Predicted noise for device arrays ``x`` (N, C, H, W) and ``v`` (N, 1, 1, 1), on the stream."""
+        out = self.arrays.empty_like(x)
+        self.bind(x, v, out)
+        self.enqueue()
+        return out
 
 
 class TensorRTBackend(OnDevice):
@@ -53,69 +109,81 @@ class TensorRTBackend(OnDevice):
 
     name = "tensorrt"
 
-    def __init__(self, path: Path, device: str = "cuda", precision: str = "fp16") -> None:
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise BackendError("TensorRT is not installed (pip install 'ddim-deploy[gpu]')") from None
+    def __init__(self, path: Path, device: str = "cuda", precision: str | None = None) -> None:
+        trt = import_tensorrt()
         if device != "cuda":
             raise BackendError("the TensorRT backend runs on CUDA only (--device cuda)")
+        try:
+            self._start(path if path.is_dir() else path.parent, precision, trt)
+        except BackendError:
+            raise
+        except Exception as exc:  # CuPy, CUDA or TensorRT errors, a manifest missing a key: say which
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise BackendError(f"the TensorRT backend could not start: {type(exc).__name__}: {first}") from exc
+
+    def _start(self, export_dir: Path, precision: str | None, trt: Any) -> None:
         self.arrays = CupyArrays()
-        cp = self.arrays.cp
-        cap = "{}.{}".format(*divmod(int(cp.cuda.Device().compute_capability), 10))
-        export_dir = path if path.is_dir() else path.parent
-        manifest = check_manifest(export_dir, trt.__version__, cap)
+        _, capability = device_info()
+        manifest = check_manifest(export_dir, trt.__version__, capability)
+        built = manifest["precision"]
+        if precision is not None and precision != built:
+            raise BackendError(f"model.plan is a {built} engine and --precision {precision} was asked; "
+                               "ONNX Runtime runs the other precisions (--backend onnxruntime)")
         try:
             self.spec = ModelSpec.from_dict(manifest["config"])
         except ConfigError as exc:
             raise BackendError(f"manifest.json: {exc}") from None
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
-            (export_dir / "model.plan").read_bytes())
-        if engine is None:
-            raise BackendError(f"TensorRT cannot load {export_dir / 'model.plan'}; rebuild it with ddim-export --fp16")
-        self.engine, self.exec_ctx = engine, engine.create_execution_context()
+        self.model_path = export_dir / "model.plan"
+        self.engine = Engine(self.model_path, self.arrays, trt)
         prof = manifest["profile"]
         self.min_batch, self.max_batch, self.static = prof["min_batch"], prof["max_batch"], prof["static"]
-        self.device, self.precision = "cuda", manifest.get("precision", "fp16")
-        self.provider = f"TensorRT {trt.__version__} {manifest.get('precision', 'fp16')} engine"
-        self.model_path = export_dir / "model.plan"
+        self.device, self.precision = "cuda", built
+        self.provider = f"TensorRT {trt.__version__} {built} engine"
         self._graph: Any = None
+        self._capture_failed = False
         self._buffers: dict[str, Any] = {}
 
-    def _bind(self, x: Any, v: Any, out: Any) -> None:
-        for name, arr in (("noisy_images", x), ("noise_variances", v)):
-            self.exec_ctx.set_input_shape(name, tuple(arr.shape))
-            self.exec_ctx.set_tensor_address(name, arr.data.ptr)
-        self.exec_ctx.set_tensor_address("pred_noises", out.data.ptr)
-
     def denoise(self, x: Any, noise_var: float) -> Any:
-        cp, stream = self.arrays.cp, self.arrays.stream
         n = x.shape[0]
         if not self.min_batch <= n <= self.max_batch:
             raise BackendError(f"batch {n} is outside the engine's profile {self.min_batch}..{self.max_batch}; "
                                "use --batch-size within it or rebuild with ddim-export --min-batch/--max-batch")
-        if self.static:
+        if self.static and not self._capture_failed:
             return self._replay(x, noise_var)
-        v = cp.full((n, 1, 1, 1), noise_var, dtype=cp.float32)
-        out = cp.empty_like(x)
-        self._bind(x, v, out)
-        if not self.exec_ctx.execute_async_v3(stream.ptr):
-            raise RuntimeError("TensorRT execution failed")
-        return out
+        return self.engine.run(x, self.arrays.full((n, 1, 1, 1), noise_var))
 
     def _replay(self, x: Any, noise_var: float) -> Any:
         """Static batch: copy into the captured buffers and launch the captured engine run."""
-        cp, stream = self.arrays.cp, self.arrays.stream
-        if self._graph is None:
-            b = self._buffers = {"x": cp.empty_like(x), "v": cp.empty((x.shape[0], 1, 1, 1), dtype=cp.float32),
-                                 "out": cp.empty_like(x)}
-            self._bind(b["x"], b["v"], b["out"])
-            self.exec_ctx.execute_async_v3(stream.ptr)  # a first run outside capture lets TensorRT allocate
-            stream.begin_capture()
-            self.exec_ctx.execute_async_v3(stream.ptr)
-            self._graph = stream.end_capture()
-        b = self._buffers
-        b["x"][...] = x
-        b["v"].fill(noise_var)
+        if self._graph is None and not self._capture(x):
+            return self.denoise(x, noise_var)
+        b, stream = self._buffers, self.arrays.stream
+        with stream:
+            b["x"][...] = x
+            b["v"].fill(noise_var)
         self._graph.launch(stream)
         return b["out"]  # consumed by the update before the next replay overwrites it
+
+    def _capture(self, x: Any) -> bool:
+        """Capture one enqueue on the static buffers; False (and plain enqueues from now on) if it fails."""
+        a = self.arrays
+        b = self._buffers = {"x": a.empty_like(x), "v": a.full((x.shape[0], 1, 1, 1), 0.0), "out": a.empty_like(x)}
+        self.engine.bind(b["x"], b["v"], b["out"])
+        self.engine.enqueue()  # a first run outside capture lets TensorRT allocate what it needs
+        ok, graph, error = False, None, ""
+        a.stream.begin_capture()
+        try:
+            ok = bool(self.engine.context.execute_async_v3(a.stream.ptr))
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not replay this graph
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            try:  # always end the capture: a stream left capturing breaks every later launch
+                graph = a.stream.end_capture()
+            except Exception as exc:  # noqa: BLE001
+                error = error or f"end_capture: {type(exc).__name__}: {exc}"
+        if ok and graph is not None and not error:
+            self._graph = graph
+            return True
+        self._capture_failed = True
+        log.warning("CUDA-graph capture of the TensorRT engine failed (%s); running without a graph",
+                    error or "execute_async_v3 returned False")
+        return False
