@@ -180,7 +180,7 @@ def _write_engine(model: Any, spec: Any, staging: Path, opts: ExportOptions, rep
     reason = unavailable_reason()
     if reason is not None:
         msg = (f"model.plan not built: a TensorRT engine needs TensorRT and a CUDA GPU ({reason}); on such a "
-               "machine run ddim-export again with --fp16 (pip install 'ddim-deploy[gpu]')")
+               "machine run ddim-export again with --fp16, or build it with the trtexec command below")
         if opts.require_engine:
             raise RuntimeError(msg)
         report.notes.append(msg)
