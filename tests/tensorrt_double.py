@@ -9,7 +9,7 @@ or writable), enums and module values. :class:`TensorRTDouble` turns it into a m
 - every call is checked against the version's signatures (argument count, keyword names, enum and
   interface types) and recorded in ``calls``;
 - the few calls the project relies on behave like a GPU: the parser reads the ONNX file, the
-  "engine" is that ONNX run on ONNX Runtime CPU, with its I/O dtypes from the graph, and
+  "engine" is that ONNX run on ONNX Runtime CPU, with its I/O dtypes and shapes (-1 where symbolic) from the graph, and
   ``execute_async_v3`` reads and writes the CuPy-double buffers at the addresses it was given
   (or is captured into a CUDA graph when its stream is capturing). Every buffer the engine reads is
   logged with the stream it was made on (``stream_log``).
@@ -253,7 +253,11 @@ def _parse(d: TensorRTDouble, parser: FakeObject, model: str) -> bool:
                       io={v.name: (DTYPES.get(v.type.tensor_type.elem_type, "UNKNOWN"), "INPUT")
                           for v in graph.graph.input}
                       | {v.name: (DTYPES.get(v.type.tensor_type.elem_type, "UNKNOWN"), "OUTPUT")
-                         for v in graph.graph.output})
+                         for v in graph.graph.output},
+                      # TensorRT's network dims: the ONNX graph's, -1 where they are symbolic
+                      shapes={v.name: [d.dim_value if d.HasField("dim_value") else -1
+                                       for d in v.type.tensor_type.shape.dim]
+                              for v in [*graph.graph.input, *graph.graph.output]})
     return True
 
 
@@ -261,7 +265,8 @@ def _build(d: TensorRTDouble, builder: FakeObject, network: FakeObject, config: 
     strongly = d.version.startswith("11.") or bool(
         network._state["flags"] & (1 << int(d.enums["NetworkDefinitionCreationFlag"].STRONGLY_TYPED)))
     header = {"tensorrt": d.version, "capability": d.capability, "strongly_typed": strongly,
-              "io": network._state["io"], "profiles": [p._state.get("shapes", {}) for p in config._state["profiles"]]}
+              "io": network._state["io"], "shapes": network._state["shapes"],
+              "profiles": [p._state.get("shapes", {}) for p in config._state["profiles"]]}
     return d.host_memory(PLAN_MAGIC + json.dumps(header).encode() + b"\n" + network._state["onnx"])
 
 
@@ -308,6 +313,13 @@ def _execute(d: TensorRTDouble, ctx: FakeObject, stream_handle: int) -> bool:
     else:
         run()
     return True
+
+
+class Dims(tuple):
+    """``tensorrt.Dims`` as the engine returns it: a sequence of ints, -1 for a dimension set at run time."""
+
+    def __repr__(self) -> str:
+        return f"({', '.join(map(str, self))})"
 
 
 def _set_input_shape(d: TensorRTDouble, ctx: FakeObject, name: str, shape: Any) -> bool:
@@ -362,6 +374,10 @@ HOOKS: dict[str, Callable[..., Any]] = {
     "Runtime.deserialize_cuda_engine": _deserialize,
     "ICudaEngine.get_tensor_name": lambda d, e, index: e._state["names"][int(index)],
     "ICudaEngine.get_tensor_dtype": lambda d, e, name: d.enums["DataType"].__members__[e._state["header"]["io"][name][0]],
+    "ICudaEngine.get_tensor_shape": lambda d, e, name: Dims(e._state["header"]["shapes"][name]),
+    "ICudaEngine.get_tensor_profile_shape": lambda d, e, name, profile_index: [
+        Dims(s) for s in e._state["header"]["profiles"][int(profile_index)][name]],
+    "ICudaEngine.num_optimization_profiles": lambda d, e: len(e._state["header"]["profiles"]),
     "ICudaEngine.get_tensor_mode": lambda d, e, name: d.enums["TensorIOMode"].__members__[e._state["header"]["io"][name][1]],
     "ICudaEngine.create_execution_context": _context,
     "IExecutionContext.set_input_shape": _set_input_shape,

@@ -8,9 +8,7 @@ runtime missing) is refused, never labelled "CUDA".
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +17,18 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
+from runtime.backends import ort_cache
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
-from runtime.config import ConfigError
-from runtime.files import cache_dir
-from runtime.hostinfo import cpu_fingerprint, physical_cores
+from runtime.config import ConfigError, ModelSpec
+from runtime.hostinfo import physical_cores
 from runtime.metadata import spec_from_metadata
 from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# A graph with symbolic image sizes cannot confirm what its metadata claims: cap what that may allocate
+# (the largest preset samples 64x64; runtime.limits uses the same default for configs).
+MAX_SYMBOLIC_IMAGE_SIZE = 1024
 
 
 CUDA = "CUDAExecutionProvider"
@@ -94,9 +95,16 @@ def model_file(path: Path, precision: str) -> Path:
     return path
 
 
-def session_options(optimized_path: Path | None) -> ort.SessionOptions:
-    """Full graph optimisation, one thread per physical core, spinning between the loop's back-to-back runs."""
+def session_options(optimized_path: Path | None, model_dir: Path | None = None) -> ort.SessionOptions:
+    """Full graph optimisation, one thread per physical core, spinning between the loop's back-to-back runs.
+
+    Sessions are made from the model's bytes, so ONNX Runtime would resolve external-data paths
+    against the working directory: ``model_dir`` makes them resolve in the model's own folder,
+    and ONNX Runtime refuses paths that leave it (absolute or ``..``).
+    """
     so = ort.SessionOptions()
+    if model_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = physical_cores()
     so.inter_op_num_threads = 1
@@ -109,24 +117,38 @@ def session_options(optimized_path: Path | None) -> ort.SessionOptions:
 
 
 def cached_session(model_path: Path, providers: list[Any]) -> ort.InferenceSession:
-    """A session on the optimised graph cached by model hash, ORT version, CPU features and provider."""
-    data = model_path.read_bytes()
-    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    key = "-".join([hashlib.sha256(data).hexdigest()[:16], ort.__version__, cpu_fingerprint(), first])
-    cached = cache_dir() / "onnxruntime" / f"{key}.onnx"
-    try:
-        if cached.is_file():
-            so = session_options(None)
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised already
-            return ort.InferenceSession(str(cached), so, providers=providers)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        session = ort.InferenceSession(data, session_options(tmp), providers=providers)
-        if tmp.is_file():
-            os.replace(tmp, cached)
-        return session
-    except OSError:  # an unwritable cache only costs start-up time
-        return ort.InferenceSession(data, session_options(None), providers=providers)
+    """A session on the optimised graph, cached on disk (see :mod:`runtime.backends.ort_cache`)."""
+    folder = model_path.resolve().parent
+    return ort_cache.cached_session(model_path, providers, lambda tmp: session_options(tmp, folder))
+
+
+def graph_dims(args: list[Any], name: str) -> list[int | str | None]:
+    """The dims of input/output ``name`` (ints; strings or None where symbolic)."""
+    shape = next((a.shape for a in args if a.name == name), None) or []
+    return [d if isinstance(d, (int, str)) or d is None else str(d) for d in shape]
+
+
+def check_image_dims(dims: list[Any], spec: ModelSpec, tensor: str, source: str, what: str = "graph",
+                     told: str = "metadata") -> None:
+    """Refuse a graph whose ``tensor`` is not [N, C, H, W] of the spec's images, before any allocation.
+
+    ``told`` (metadata, manifest) sizes what the sampler allocates: a hostile file claiming 65536x65536
+    images would cost gigabytes before the engine looked at a shape. Symbolic sizes (strings, None or
+    -1) are taken only for images up to :data:`MAX_SYMBOLIC_IMAGE_SIZE`.
+    """
+    m = spec.model
+    want = [m.channels, m.image_size, m.image_size]
+    said = f"{told} says {'x'.join(map(str, want))} images"
+    if len(dims) != 4:
+        raise BackendError(f"{source}: {tensor} has {len(dims)} dims in the {what}, not N, C, H, W ({said})")
+    got = ["?" if not isinstance(d, int) or d < 0 else d for d in dims[1:]]
+    if any(g != "?" and g != w for g, w in zip(got, want)):
+        raise BackendError(f"{source}: {said}, the {what} takes {'x'.join(map(str, got))} ({tensor}); "
+                           f"not a model ddim-export wrote, or its {told} was changed")
+    if "?" in got and m.image_size > MAX_SYMBOLIC_IMAGE_SIZE:
+        raise BackendError(f"{source}: {said}, and the {what}'s {tensor} does not fix its sizes "
+                           f"({'x'.join(map(str, got))}); refusing images over {MAX_SYMBOLIC_IMAGE_SIZE} "
+                           "pixels a side without a graph that confirms them")
 
 
 class OrtBackend:
@@ -155,6 +177,10 @@ class OrtBackend:
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if names != (list(INPUT_NAMES), list(OUTPUT_NAMES)):
             raise BackendError(f"{self.model_path} has inputs/outputs {names}, not the denoiser's")
+        # Before anything is allocated: the sampler sizes its buffers from the metadata.
+        io = ((self.session.get_inputs(), INPUT_NAMES[0]), (self.session.get_outputs(), OUTPUT_NAMES[0]))
+        for args, name in io:
+            check_image_dims(graph_dims(args, name), self.spec, name, str(self.model_path))
 
     def denoise(self, x: NDArray[np.float32], noise_var: float) -> NDArray[np.float32]:
         v = np.full((x.shape[0], 1, 1, 1), noise_var, dtype=np.float32)

@@ -17,7 +17,7 @@ from typing import Any
 from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
-from runtime.files import sha256_file
+from runtime.files import read_capped, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = 1
@@ -47,10 +47,10 @@ def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[
     if not plan.is_file():
         raise BackendError(f"{export_dir} holds no model.plan; build one with ddim-export --fp16 on a GPU machine")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_capped(path, what="manifest"))
     except FileNotFoundError:
         raise BackendError(f"{plan} has no manifest.json beside it; {REBUILD}") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: JSON, too large, not a regular file
         raise BackendError(f"unreadable {path} ({exc}); {REBUILD}") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA:
         schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
@@ -84,6 +84,21 @@ class Engine:
         if not_float:
             raise BackendError(f"{plan} has non-float32 I/O {not_float}; {REBUILD}")
         self.engine, self.context = engine, engine.create_execution_context()
+
+    def check_dims(self, spec: ModelSpec, source: str) -> None:
+        """Refuse an engine whose image tensors are not the manifest's sizes (the sampler allocates those)."""
+        from runtime.backends.ort_backend import check_image_dims  # ONNX Runtime comes with TensorRT's extra
+
+        for name in (INPUT_NAMES[0], OUTPUT_NAMES[0]):
+            check_image_dims(self.dims(name), spec, name, source, what="engine", told="manifest.json")
+
+    def dims(self, name: str) -> list[int]:
+        """``name``'s dims, -1 where set at run time, unless the first profile pins an input's size."""
+        dims = [int(d) for d in self.engine.get_tensor_shape(name)]
+        if -1 in dims[1:] and name in INPUT_NAMES and self.engine.num_optimization_profiles > 0:
+            lo, _, hi = ([int(d) for d in shape] for shape in self.engine.get_tensor_profile_shape(name, 0))
+            dims = [lo[i] if d < 0 and i > 0 and lo[i] == hi[i] else d for i, d in enumerate(dims)]
+        return dims
 
     def bind(self, x: Any, v: Any, out: Any) -> None:
         for name, arr in zip(INPUT_NAMES, (x, v)):
@@ -135,6 +150,7 @@ class TensorRTBackend(OnDevice):
             raise BackendError(f"manifest.json: {exc}") from None
         self.model_path = export_dir / "model.plan"
         self.engine = Engine(self.model_path, self.arrays, trt)
+        self.engine.check_dims(self.spec, str(self.model_path))
         prof = manifest["profile"]
         self.min_batch, self.max_batch, self.static = prof["min_batch"], prof["max_batch"], prof["static"]
         self.device, self.precision = "cuda", built
