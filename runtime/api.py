@@ -54,9 +54,10 @@ class Sampler:
                spacing: Spacing = "uniform", clip_x0: bool = False, batch_size: int = 16,
                on_step: Callable[[int], None] | None = None) -> SampleResult:
         """Sample ``num_images`` images; image i depends only on (seed, i), not on the batch size."""
-        if num_images < 1 or batch_size < 1:
-            raise ValueError("num_images and batch_size must be >= 1")
-        plan = SamplingPlan.build(self.schedule, steps, eta, spacing)
+        for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        plan = self.plan(steps, eta, spacing)
         b, m = self.backend, self.spec.model
         shape = (m.channels, m.image_size, m.image_size)
         net = [0.0]
@@ -76,6 +77,11 @@ class Sampler:
         samples = np.concatenate(outs)
         calls = len(plan) * len(outs)
         return SampleResult(to_uint8(samples, self.spec.normalization), samples, seconds, net[0], len(plan), calls)
+
+    def plan(self, steps: int, eta: float = 0.0, spacing: Spacing = "uniform") -> SamplingPlan:
+        """The step plan for this model's schedule; ValueError for steps, eta or spacing it cannot take
+        (cheap: callers use it to refuse bad input before sampling)."""
+        return SamplingPlan.build(self.schedule, steps, eta, spacing)
 
     def _batches(self, num_images: int, batch_size: int, seed: int, plan: SamplingPlan, shape: tuple[int, int, int],
                  bounds: Any, denoise: Callable[[Any, float], Any],

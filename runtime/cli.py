@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from runtime.clitools import friendly_errors
+from runtime.outputs import StagedOutputs, check_file, check_folder
 from runtime.shipped import pick
 from runtime.schedule import Spacing
 
@@ -18,30 +19,42 @@ log = logging.getLogger("runtime")
 
 
 def latest_export(root: Path = Path("exports")) -> Path | None:
-    """The most recently written export directory under ``root``, if any."""
-    found = [p for p in root.glob("*/model.onnx") if p.is_file()] if root.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
+    """The most recently completed export folder under ``root``, if any.
+
+    Only folders of ours that ``ddim-export`` finished count: ``export_report.json`` is written last,
+    inside a staging folder renamed into place. Hidden names are skipped: a killed export leaves its
+    ``.NAME.partial-PID`` staging folder (an ungated model) or ``.NAME.old-PID`` (the replaced one).
+    """
+    found: list[tuple[float, Path]] = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        report = folder / "export_report.json"
+        if folder.name.startswith(".") or not (report.is_file() and (folder / "model.onnx").is_file()):
+            continue
+        try:
+            found.append((report.stat().st_mtime, folder))
+        except OSError:  # removed meanwhile
+            continue
+    return max(found)[1] if found else None
 
 
-def check_writable(path: Path | None, what: str) -> None:
-    """Fail before sampling, not after, when an output cannot be written."""
-    if path is None:
-        return
-    parent = path if what == "--out-dir" else path.parent
-    ancestor = next((p for p in [parent, *parent.absolute().parents] if p.exists()), None)
-    if ancestor is None or not ancestor.is_dir():
-        raise ValueError(f"cannot write {what} {path}: {ancestor} is not a folder")
-    if path.is_dir() and what != "--out-dir":
-        raise ValueError(f"cannot write {what} {path}: it is a folder")
+def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
+    """Fail before loading and sampling, not after, when an output cannot be written."""
+    check_file(out, "--out", ".png")
+    if out_dir is not None:
+        check_folder(out_dir, "--out-dir")
+    if npz is not None:
+        check_file(npz, "--npz", ".npz")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM sampling steps.")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="0 = deterministic DDIM, 1 = DDPM-like.")
-@click.option("--num-images", type=int, default=64, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDIM sampling steps.")
+@click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 = deterministic DDIM, 1 = DDPM-like.")
+@click.option("--num-images", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Noise seed (numpy seeds are non-negative).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="torch takes a trainer run directory: the eager reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when usable]")
@@ -72,30 +85,28 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
     from tqdm import tqdm
 
     from runtime.api import load
-    from runtime.files import atomic_path
-    from runtime.images import grid_scale, png_bytes, save_grid
+    from runtime.images import grid_png, grid_scale, png_bytes
 
     model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
     log.info("ddim-run: %s%s", model, why)
-    for path, what in ((out, "--out"), (out_dir, "--out-dir"), (npz, "--npz")):
-        check_writable(path, what)
+    check_outputs(out, out_dir, npz)
     sampler = load(model, backend, device, precision)  # type: ignore[arg-type]
     log.info("backend: %s", sampler.why)
+    sampler.plan(steps, eta, spacing)  # type: ignore[arg-type]  # refuse steps the schedule cannot take, now
     batches = -(-num_images // batch_size)
     with tqdm(total=steps * batches, desc="sampling", unit="step", disable=not progress) as bar:
         result = sampler.sample(num_images, steps, seed, eta, spacing, clip_x0, batch_size,  # type: ignore[arg-type]
                                 on_step=lambda i: bar.update(1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(out, result.images, scale=grid_scale(result.images.shape[1], len(result.images)))
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(result.images):
-            with atomic_path(out_dir / f"{i:05d}.png") as tmp:
-                tmp.write_bytes(png_bytes(image))
-    if npz is not None:
-        with atomic_path(npz) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, samples=result.samples, images=result.images)
+    # All or nothing: a full disk at the npz must not leave a new grid beside the old per-image files.
+    with StagedOutputs() as staged:
+        staged.stage(out, grid_png(result.images, scale=grid_scale(result.images.shape[1], len(result.images))),
+                     "--out")
+        if out_dir is not None:
+            for i, image in enumerate(result.images):
+                staged.stage(out_dir / f"{i:05d}.png", png_bytes(image), "--out-dir")
+        if npz is not None:
+            staged.stage(npz, lambda fh: np.savez(fh, samples=result.samples, images=result.images), "--npz")
+        staged.commit()
     b = sampler.backend
     per_step = result.seconds / max(result.calls, 1)
     log.info("%s on %s: %d images in %.2f s, %.1f ms per step (batch %d), %.2f images/s, "

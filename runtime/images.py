@@ -52,11 +52,16 @@ def png_bytes(image: NDArray[np.uint8]) -> bytes:
     return buf.getvalue()
 
 
-def save_grid(path: str | Path, images: NDArray[np.uint8], ncols: int | None = None, scale: int = 1) -> Path:
-    """Write a PNG grid of ``(N, H, W, C)`` uint8 images atomically; ``scale`` enlarges small images."""
+def grid_png(images: NDArray[np.uint8], ncols: int | None = None, scale: int = 1) -> bytes:
+    """The PNG bytes of a grid of ``(N, H, W, C)`` uint8 images; ``scale`` enlarges small images."""
     grid = make_grid(images, ncols)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return png_bytes(grid)
+
+
+def save_grid(path: str | Path, images: NDArray[np.uint8], ncols: int | None = None, scale: int = 1) -> Path:
+    """Write a PNG grid of ``(N, H, W, C)`` uint8 images atomically; ``scale`` enlarges small images."""
     path = Path(path)
-    atomic_write_bytes(path, png_bytes(grid))
+    atomic_write_bytes(path, grid_png(images, ncols, scale))
     return path

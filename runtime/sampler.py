@@ -42,7 +42,9 @@ class SamplingPlan:
 
     @classmethod
     def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing = "uniform") -> "SamplingPlan":
-        ts = select_steps(schedule, num_steps, spacing)
+        """The plan for ``num_steps`` steps; ValueError before anything is allocated when the schedule cannot
+        take that many (more than T for a discrete schedule, see ``runtime.schedule.check_num_steps``)."""
+        ts = select_steps(schedule, num_steps, spacing)  # checks num_steps first
         a = schedule.alpha_bar(ts)  # float64, decreasing in noise -> increasing along the plan
         a_prev = np.append(a[1:], 1.0)  # after the final step: the clean image, alpha_bar = 1
         planned = tuple(

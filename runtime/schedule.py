@@ -138,6 +138,11 @@ def signal_rate(schedule: Schedule, t: NDArray) -> F64:
 
 # --------------------------------------------------------------------------- step selection
 
+# A plan is built up front (a few hundred bytes per step), and DDIM samples stop improving long before
+# 1,000 steps (the DDPM chain itself has T = 1000): 10x that bounds the plan at a few MB instead of
+# letting a typo such as --steps 100000000 allocate gigabytes.
+MAX_CONTINUOUS_STEPS = 10_000
+
 
 def select_steps(schedule: Schedule, num_steps: int, spacing: Spacing = "uniform") -> NDArray:
     """The steps a sampler visits, noisiest first, strictly decreasing.
@@ -151,20 +156,34 @@ def select_steps(schedule: Schedule, num_steps: int, spacing: Spacing = "uniform
     - ``leading`` / ``trailing`` / ``linspace``: diffusers' DDIMScheduler ``timestep_spacing``
       (``steps_offset = 0``).
 
-    The continuous schedule returns times in (0, 1] for any num_steps >= 1: ``uniform`` gives
-    1, 1 - 1/S, ..., 1/S (the Keras example's reverse diffusion), ``quadratic`` ((S - i)/S)^2.
+    The continuous schedule returns times in (0, 1] for 1 <= num_steps <= MAX_CONTINUOUS_STEPS:
+    ``uniform`` gives 1, 1 - 1/S, ..., 1/S (the Keras example's reverse diffusion), ``quadratic``
+    ((S - i)/S)^2.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"number of sampling steps must be an integer >= 1, got {num_steps!r}")
+    check_num_steps(schedule, num_steps)
     if not schedule.discrete:
         return _continuous_steps(num_steps, spacing)
-    total = schedule.num_timesteps
-    assert total is not None  # discrete schedules always have T  # noqa: S101 (internal invariant)
-    if num_steps > total:
-        raise ValueError(f"schedule {schedule.name!r} has T={total} steps; cannot sample with {num_steps}")
-    return _discrete_steps(total, int(num_steps), spacing)
+    assert schedule.num_timesteps is not None  # discrete schedules always have T  # noqa: S101 (invariant)
+    return _discrete_steps(schedule.num_timesteps, int(num_steps), spacing)
+
+
+def check_num_steps(schedule: Schedule, num_steps: int) -> None:
+    """Refuse a step count the schedule cannot take, before anything is allocated for it.
+
+    Discrete schedules have T distinct steps: more would repeat steps, so they are refused. The
+    continuous schedule takes at most :data:`MAX_CONTINUOUS_STEPS`.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"number of sampling steps must be an integer >= 1, got {num_steps!r}")
+    total = schedule.num_timesteps if schedule.discrete else None
+    if total is not None and num_steps > total:
+        raise ValueError(f"--steps {num_steps} is more than the {schedule.name!r} schedule's T={total} timesteps; "
+                         f"use at most {total}")
+    if total is None and num_steps > MAX_CONTINUOUS_STEPS:
+        raise ValueError(f"--steps {num_steps} is more than {MAX_CONTINUOUS_STEPS:,}, the most the continuous "
+                         f"{schedule.name!r} schedule takes")
 
 
 def _continuous_steps(num_steps: int, spacing: Spacing) -> F64:

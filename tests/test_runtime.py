@@ -150,9 +150,8 @@ def test_ddim_run_bad_input_is_one_line(model_dirs, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     cases = [
-        ((str(export), "--steps", "0"), "steps must be an integer >= 1"),
         ((str(export), "--steps", "2000"), "T=1000"),
-        ((str(export), "--eta", "-0.5"), "eta must be"),
+        ((str(export), "--eta", "nan"), "eta must be"),
         ((str(tmp_path / "nope"),), "does not exist"),
         ((str(export), "--out", str(blocker / "grid.png")), "is not a folder"),
         ((str(export), "--backend", "tensorrt"), "TensorRT is not installed"),

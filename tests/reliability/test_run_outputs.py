@@ -1,0 +1,157 @@
+"""ddim-run as a hostile user meets it: what it samples from, bad numbers, outputs it cannot write.
+
+Every failure is one line naming the flag, comes before the sampling it would waste, and leaves
+what the user had (an old grid, npz, per-image folder) byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from faults import SHIPPED, assert_kept, cli, one_error_line, read_only, shipped_export, small_disk, snapshot
+
+FAST = ("--steps", "2", "--num-images", "2", "--no-progress")
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    """A working folder with an export of the shipped model at exports/fm."""
+    shipped_export(tmp_path / "exports" / "fm")
+    return tmp_path
+
+
+def ddim_run(tmp: Path, *args: str, timeout: float = 60):
+    """``ddim-run ARGS`` in ``tmp`` (its exports/), with a cache of its own."""
+    return cli("runtime.cli", *args, cwd=tmp, env={"DDIM_DEPLOY_CACHE": str(tmp / "cache")}, timeout=timeout)
+
+
+def old_outputs(folder: Path) -> dict[str, str]:
+    """Outputs of an earlier run in ``folder`` (grid, npz, per-image folder); their snapshot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "samples.png").write_bytes(b"old grid")
+    (folder / "s.npz").write_bytes(b"old npz")
+    (folder / "each").mkdir(exist_ok=True)
+    (folder / "each" / "00000.png").write_bytes(b"old image 0")
+    (folder / "each" / "notes.txt").write_text("mine")
+    return snapshot(folder)
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))
+
+
+def test_staging_folders_and_incomplete_exports_are_never_picked(tmp_path):
+    exports = tmp_path / "exports"
+    partial = exports / ".fm.partial-12345"  # a killed ddim-export: ungated model, no report yet
+    partial.mkdir(parents=True)
+    shutil.copy2(SHIPPED / "model.onnx", partial / "model.onnx")
+    shipped_export(exports / ".fm.old-12345")  # the export a killed ddim-export was replacing
+    broken = exports / "broken"  # a model.onnx but no export_report.json: not an export of ours
+    broken.mkdir()
+    shutil.copy2(SHIPPED / "model.onnx", broken / "model.onnx")
+    future = time.time() + 3600  # newer than any real export
+    for folder in (partial, exports / ".fm.old-12345", broken):
+        for f in folder.iterdir():
+            os.utime(f, (future, future))
+    proc = ddim_run(tmp_path, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == f"ddim-run: {SHIPPED} (the shipped model: no export under exports/)"
+    shipped_export(exports / "fm")
+    proc = ddim_run(tmp_path, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == "ddim-run: exports/fm (the latest export under exports/)"
+    assert (tmp_path / "samples.png").is_file() and not temp_files(tmp_path)
+
+
+def test_read_only_out_fails_before_the_model_loads(tmp):
+    before = old_outputs(tmp / "ro")
+    with read_only(tmp / "ro"):
+        start = time.perf_counter()
+        # 100,000 images x 50 steps would sample for hours: only an up-front check returns in time.
+        proc = ddim_run(tmp, "--num-images", "100000", "--out", "ro/samples.png", "--no-progress", timeout=30)
+        seconds = time.perf_counter() - start
+    line = one_error_line(proc)
+    assert line.startswith("error: cannot write --out ro/samples.png: ro is not writable"), line
+    assert "backend:" not in proc.stderr and "sampling" not in proc.stderr and seconds < 20
+    assert_kept(before, tmp / "ro")
+
+
+def test_read_only_npz_writes_no_grid(tmp):
+    before = old_outputs(tmp)
+    (tmp / "ro").mkdir()
+    (tmp / "ro" / "s.npz").write_bytes(b"old npz in ro")
+    before_ro = snapshot(tmp / "ro")
+    with read_only(tmp / "ro"):
+        proc = ddim_run(tmp, *FAST, "--out", "samples.png", "--out-dir", "each", "--npz", "ro/s.npz")
+    line = one_error_line(proc)
+    assert line.startswith("error: cannot write --npz ro/s.npz: ro is not writable"), line
+    assert "backend:" not in proc.stderr
+    assert_kept(before, tmp)  # the old grid and per-image files are byte-identical
+    assert_kept(before_ro, tmp / "ro")
+    assert sorted(p.name for p in (tmp / "each").iterdir()) == ["00000.png", "notes.txt"]
+
+
+@pytest.mark.parametrize(("extra", "flag"), [(("--npz", "disk/s.npz"), "--npz"),
+                                             (("--out-dir", "disk/each", "--npz", "disk/s.npz"), "--out-dir")])
+def test_disk_full_writes_nothing_and_keeps_everything(tmp, extra, flag):
+    # 256 KiB: the old files and the new 64-image grid (~47 KB) fit; the npz (~330 KB) or
+    # 64 per-image PNGs (a 4 KiB page each) do not.
+    with small_disk(tmp / "disk", "256k"):
+        before = old_outputs(tmp / "disk")
+        proc = ddim_run(tmp, "--steps", "2", "--num-images", "64", "--no-progress", "--out", "disk/samples.png",
+                        *extra)
+        line = one_error_line(proc)
+        assert f"cannot write {flag} disk/" in line and "No space left on device" in line, line
+        assert_kept(before, tmp / "disk")
+        assert not temp_files(tmp / "disk")
+        assert sorted(p.name for p in (tmp / "disk" / "each").iterdir()) == ["00000.png", "notes.txt"]
+        assert shutil.disk_usage(tmp / "disk").used < 64 * 1024  # the staged files' space was given back
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (("--batch-size", "0"), "--batch-size"),
+    (("--steps", "0"), "--steps"),
+    (("--num-images", "0"), "--num-images"),
+    (("--seed", "-1"), "--seed"),
+    (("--eta", "-0.5"), "--eta"),
+])
+def test_numbers_out_of_range_name_the_flag(tmp, args, flag):
+    before = old_outputs(tmp)
+    proc = ddim_run(tmp, "--steps", "2", "--num-images", "2", "--no-progress", *args)
+    line = one_error_line(proc)
+    assert f"'{flag}'" in line and "not in the range" in line, line
+    assert_kept(before, tmp)
+
+
+def test_steps_beyond_the_schedule_fail_fast(tmp):
+    before = old_outputs(tmp)
+    start = time.perf_counter()
+    proc = ddim_run(tmp, "--steps", "100000000", "--num-images", "2", timeout=30)
+    line = one_error_line(proc)
+    assert line == "error: --steps 100000000 is more than 10,000, the most the continuous 'cosine-angle' " \
+                   "schedule takes", line
+    assert "MemoryError" not in proc.stderr and "sampling" not in proc.stderr
+    assert time.perf_counter() - start < 20
+    assert_kept(before, tmp)
+
+
+def test_outputs_of_the_wrong_kind_are_refused(tmp):
+    before = old_outputs(tmp)
+    (tmp / "results").mkdir()
+    cases = [
+        (("--out", "x.jpg"), "error: --out x.jpg must end in .png: the file is written as PNG"),
+        (("--npz", "arrays.npy"), "error: --npz arrays.npy must end in .npz: the file is written as NPZ"),
+        (("--out", "results"), "error: --out results is a folder; give a file name, e.g. results/samples.png"),
+        (("--out-dir", "s.npz"), "error: --out-dir s.npz is a file, not a folder"),
+    ]
+    for args, expected in cases:
+        proc = ddim_run(tmp, *FAST, *args)
+        assert one_error_line(proc) == expected, args
+        assert "backend:" not in proc.stderr, args
+    assert not (tmp / "x.jpg").exists() and not (tmp / "arrays.npy").exists()
+    assert_kept(before, tmp)
