@@ -1,8 +1,15 @@
 """A trainer run directory to an export directory, staged so that nothing half-written looks valid.
 
-Everything is written into a hidden staging folder beside the target and renamed into place only
-after every file passed the parity gate; an interrupted or failed export leaves the previous
-contents of ``--out`` (if any) untouched.
+Everything is written into a hidden staging folder ``.NAME.partial-PID`` beside the target and
+renamed into place only after every file passed the parity gate; an interrupted or failed export
+leaves the previous contents of ``--out`` (if any) untouched. The rename is the only commit point:
+the previous export moves to ``.NAME.old-PID`` first and is deleted once the new one is in place.
+
+Ownership: ``--out`` is replaced only when it is an export of ours (it holds ``export_report.json``,
+written last) and ``--force`` is given (or it is the default folder); a run directory, any other
+folder and any file are never replaced. One export at a time per ``--out`` (an OS lock), and each
+export first finishes what a killed one left: stale staging folders of dead processes are removed,
+and an ``--out`` that a kill between the two renames left missing is restored from ``.NAME.old-PID``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,9 +36,10 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
                                    write_manifest)
 from runtime import __version__
 from runtime.backends import BackendError
-from runtime.files import fsync_dir, sha256_file
+from runtime.files import PathLock, fsync_dir, pid_alive, sha256_file
+from runtime.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
-from trainer.checkpoint import WEIGHTS, load_model
+from trainer.checkpoint import CONFIG, WEIGHTS, load_model
 from trainer.data import model_split_images
 
 log = logging.getLogger(__name__)
@@ -56,6 +65,7 @@ class ExportOptions:
     int8_options: Int8Options = Int8Options()
     int8_gate: GateOptions = GateOptions()
     data_path: Path | None = None  # the training data, for INT8 calibration and the FD gate
+    limits: SizeLimits = SizeLimits()
 
 
 @dataclass
@@ -72,17 +82,74 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
+REPORT = "export_report.json"
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+
+
+def is_our_export(folder: Path) -> bool:
+    """A folder ``ddim-export`` wrote: it holds our report and is not a training run directory."""
+    return (folder.is_dir() and not folder.is_symlink() and (folder / REPORT).is_file()
+            and not (folder / CONFIG).is_file() and not (folder / "checkpoints").exists())
+
+
 def check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    """Refuse an ``--out`` that is not ours to replace (see the module docstring)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} is a file, not an export folder; it is never replaced: pick another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if (out / CONFIG).is_file() or (out / "checkpoints").is_dir():
+        raise FileExistsError(f"--out {out} is a training run directory; it is never replaced (even with --force): "
+                              "pick another --out")
+    if not is_our_export(out):
+        raise FileExistsError(f"--out {out} holds files that are not an export of ddim-export (no {REPORT}); it is "
+                              "never replaced (even with --force): pick another --out")
+    if not force:
+        raise FileExistsError(f"--out {out} holds an earlier export; pass --force to replace it")
+
+
+def recover_staging(out: Path) -> list[str]:
+    """Finish what a killed export into ``out`` left (call with ``out``'s lock held): remove staging
+    folders of dead processes and restore ``out`` from ``.NAME.old-PID`` when a kill came between
+    the two renames of the commit. Returns what it did, one phrase each."""
+    done: list[str] = []
+    if not out.parent.is_dir():
+        return done
+    found = []
+    for p in out.parent.iterdir():
+        m = _STAGING.match(p.name)
+        if m and m["name"] == out.name and p.is_dir() and not p.is_symlink() and not pid_alive(int(m["pid"])):
+            found.append((m["kind"], p))
+    # Newest previous export first: it is the one the cut commit was replacing.
+    for kind, p in sorted(found, key=lambda kp: (kp[0] != "old", -kp[1].stat().st_mtime)):
+        if kind == "old" and not out.exists() and is_our_export(p):
+            os.replace(p, out)
+            fsync_dir(out.parent)
+            done.append(f"restored {out} from {p.name} (an export was killed while replacing it)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by a killed export)")
+    return done
 
 
 def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
     """Export the model of ``run_dir`` into ``out`` (see the module docstring)."""
-    check_out_dir(out, opts.force)
+    try:
+        lock = PathLock(out, "export folder").__enter__()
+    except OSError as exc:
+        raise FileExistsError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    try:
+        for line in recover_staging(out):
+            log.info("%s", line)
+        check_out_dir(out, opts.force)
+        return _export(run_dir, out, opts)
+    finally:
+        lock.__exit__()
+
+
+def _export(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
     weights = "raw" if opts.raw_weights else "ema"
-    model, spec = load_model(run_dir, weights)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    model, spec = load_model(run_dir, weights, opts.limits)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -98,7 +165,7 @@ def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
             report.tensorrt_commands = equivalent_commands("model.fp16.onnx", spec, opts.profile,
                                                            opts.optimization_level, FP16_TOLERANCE)
             _write_engine(model, spec, staging, opts, report)
-        (staging / "export_report.json").write_text(json.dumps(_summary(report), indent=2) + "\n")
+        (staging / REPORT).write_text(json.dumps(_summary(report), indent=2) + "\n")  # last: marks it complete
         _commit(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

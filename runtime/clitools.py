@@ -34,3 +34,21 @@ def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
             sys.exit(1)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+
+
+def size_limit_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """``--max-image-size``, ``--max-parameters``, ``--max-memory-gib``: the bounds of
+    :class:`runtime.limits.SizeLimits`, checked before a model is built."""
+    from runtime.limits import SizeLimits
+
+    d = SizeLimits()
+    for option in (
+        click.option("--max-memory-gib", type=click.FloatRange(min=0, min_open=True), default=d.memory_gib,
+                     show_default=True, help="Refuse a model whose training batch needs more (estimated)."),
+        click.option("--max-parameters", type=click.IntRange(min=1), default=d.parameters, show_default=True,
+                     help="Refuse a model with more parameters."),
+        click.option("--max-image-size", type=click.IntRange(min=1), default=d.image_size, show_default=True,
+                     help="Refuse a model for larger images."),
+    ):
+        fn = option(fn)
+    return fn

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+
+from runtime.files import read_capped
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -161,6 +164,8 @@ class NormalizationConfig:
     def __post_init__(self) -> None:
         if not self.mean or len(self.mean) != len(self.std):
             raise ConfigError("normalization mean and std must list one value per channel")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ConfigError("normalization mean and std must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ConfigError("normalization std must be > 0")
 
@@ -234,11 +239,13 @@ class ModelSpec:
     def load(cls, path: str | Path) -> "ModelSpec":
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            text = read_capped(p, what="config").decode("utf-8")
         except FileNotFoundError:
             raise ConfigError(f"no config at {p}") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # not a regular file, too large, or not UTF-8
             raise ConfigError(f"cannot read config {p}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
         return cls.from_json(text, source=str(p))
 
 
@@ -274,6 +281,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN / Infinity literals, or 1e999 read as inf
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where} must be an integer, got {value!r}")

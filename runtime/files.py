@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -81,3 +82,92 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+MAX_JSON_BYTES = 1 << 20  # configs and metadata are a few KB: 1 MiB bounds what a hostile file can cost
+
+
+def read_capped(path: str | Path, limit: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.
+
+    Refuses devices, FIFOs and sockets (a symlink to /dev/zero never ends) and files over the
+    limit, reading at most ``limit + 1`` bytes whatever the file claims. OSError otherwise.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{what} {path} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{what} {path} is larger than {limit // 1024} KiB: not one of ours")
+    return data
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class LockHeld(RuntimeError):
+    """Another process is writing to the same place."""
+
+
+class PathLock:
+    """An exclusive OS lock (``flock``) on ``.NAME.lock`` beside ``target``; the kernel drops it when
+    the holder dies, so a crash never leaves a stale lock. The file holds the holder's PID.
+
+    A second writer fails at once with :class:`LockHeld` naming that PID; ``what`` names the place
+    in that message ("run directory", "export folder").
+    """
+
+    def __init__(self, target: str | Path, what: str) -> None:
+        self.target = Path(target)
+        self.what = what
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "PathLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise LockHeld(f"{self.what} {self.target} is in use by another process (PID {holder}); "
+                               "wait for it to finish or stop it") from None
+            # The file may have been unlinked by a holder that just finished: lock the one on disk.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # still holding it: nobody can have taken it meanwhile
+        finally:
+            os.close(self._fd)
+            self._fd = None

@@ -23,13 +23,11 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
     return path
 
 
-@pytest.fixture
-def fashion_dir(tmp_path: Path) -> Path:
-    """A Fashion-MNIST folder of 96 train and 32 test items (blobs of varying brightness)."""
+def write_fashion(folder: Path, train: int = 96, test: int = 32) -> Path:
+    """A Fashion-MNIST folder of ``train`` and ``test`` items (blobs of varying brightness)."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "fmnist"
-    folder.mkdir()
-    for split, n in (("train", 96), ("t10k", 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("t10k", test)):
         images = np.zeros((n, 28, 28), dtype=np.uint8)
         for i in range(n):
             y, x = rng.integers(4, 16, size=2)
@@ -37,6 +35,12 @@ def fashion_dir(tmp_path: Path) -> Path:
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
     return folder
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    """A Fashion-MNIST folder of 96 train and 32 test items."""
+    return write_fashion(tmp_path / "fmnist")
 
 
 @pytest.fixture

@@ -59,9 +59,9 @@ def test_fit_default_out_is_a_new_run_directory(tmp_path, fashion_dir):
         (["--preset", "imagenet"], r"Invalid value for '--preset'", 2),
         (["--schedule", "sigmoid"], r"Invalid value for '--schedule'", 2),
         (["--widths", "32,x"], r"comma-separated integers", 2),
-        (["--image-size", "36", "--widths", "8,16,32,64"], r"does not fit widths", 1),
+        (["--image-size", "36", "--widths", "8,16,32,64"], r"--image-size 36 does not fit --widths", 1),
         (["--steps", "5", "--epochs", "1"], r"not both", 1),
-        (["--lr", "-1"], r"lr must lie in", 1),
+        (["--lr", "-1"], r"Invalid value for '--lr'", 2),
         (["--data", "/nonexistent/fmnist"], r"/nonexistent/fmnist does not exist", 1),
         (["--resume", "--preset", "fashion-mnist"], r"drop --preset", 2),
         (["--resume"], r"nothing to resume: .*config.json does not exist", 1),
@@ -89,7 +89,7 @@ def test_fit_refuses_a_run_directory_with_another_config(tmp_path, fashion_dir):
     assert_one_line_error(proc, r"already holds a run with a different config \(train.lr differ\)")
     assert (out / "config.json").read_bytes() == before
     proc = fit("--out", str(out), "--resume", "--lr", "0.01", "--no-progress")
-    assert_one_line_error(proc, r"cannot change lr when resuming")
+    assert_one_line_error(proc, r"cannot change --lr when resuming")
 
 
 def test_resume_needs_a_run_directory():

@@ -223,7 +223,8 @@ def test_cli_refuses_a_non_empty_out_and_requires_engine_when_asked(run_dir, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    one_line_error(cli(str(run_dir), "--out", str(out)), "not empty; pass --force")
+    one_line_error(cli(str(run_dir), "--out", str(out)), "not an export of ddim-export")
+    one_line_error(cli(str(run_dir), "--out", str(out), "--force"), "never replaced")
     assert (out / "keep.txt").read_text() == "mine"
     if unavailable_reason() is not None:
         one_line_error(cli(str(run_dir), "--out", str(tmp_path / "e"), "--fp16", "--require-engine"),

@@ -88,7 +88,7 @@ def test_run_directory_refusals(tmp_path, fashion_dir):
         fit(tiny_config(steps=2), run, fashion_dir, progress=False)
     with pytest.raises(RunDirError, match="trained with a different config"):
         fit(tiny_config(steps=4, lr=5e-4), run, fashion_dir, resume=True, progress=False)
-    with pytest.raises(RunDirError, match="cannot change lr when resuming"):
+    with pytest.raises(RunDirError, match="cannot change --lr when resuming"):
         with_train_overrides(load_run_config(run), {"lr": 1e-2})
     assert (run / "config.json").read_bytes() == config_before
     other = tmp_path / "other"

@@ -30,7 +30,8 @@ from torch import nn
 
 from runtime import __version__
 from runtime.config import ModelSpec
-from runtime.files import atomic_path, atomic_write_text, fsync_dir
+from runtime.limits import SizeLimits
+from runtime.files import atomic_path, atomic_write_text, fsync_dir, sha256_file
 from trainer.errors import CheckpointError
 from trainer.models import build_model
 
@@ -59,8 +60,10 @@ def write_config(run_dir: Path, spec: ModelSpec) -> None:
 
 def read_spec(run_dir: Path) -> ModelSpec:
     """The config of a run directory (ConfigError when missing or unreadable)."""
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run directory")
     return ModelSpec.load(run_dir / CONFIG)
 
 
@@ -81,24 +84,100 @@ def save_checkpoint(run_dir: Path, model: nn.Module, ema: nn.Module, state: Trai
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    tensors.update({f"raw.{k}": v for k, v in model.state_dict().items()})
-    meta = {"format": "ddim-deploy", "step": str(state.step), "toolkit_version": __version__}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS, metadata=meta)
-    torch.save({"format": STATE_FORMAT, "step": state.step, "optimizer": state.optimizer, "rng": state.rng,
-                "scaler": state.scaler}, tmp / STATE)
-    for name in (WEIGHTS, STATE):
-        with open(tmp / name, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        _write_checkpoint(tmp, model, ema, state)
+    except BaseException as exc:  # disk full, Ctrl-C: the half-written folder must not hold the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
+        done = step_dirs(run_dir)
+        last = f"the last complete one, {done[-1][1].name}, is intact" if done else "none was complete yet"
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {root} ({why}); {last}: free space and "
+                              f"continue with --resume --out {run_dir}") from exc
     if final.exists():  # re-saving a step (an interrupted run's last step): replace it whole
-        shutil.rmtree(final)
+        _remove_dir(final)
     os.replace(tmp, final)
     fsync_dir(root)
     for name in (WEIGHTS, STATE):
         _link_latest(final / name, run_dir / name)
     for _, old in step_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_dir(old)
     return final
+
+
+def _write_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, state: TrainState) -> None:
+    tensors = {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors.update({f"raw.{k}": v for k, v in model.state_dict().items()})
+    meta = {"format": "ddim-deploy", "step": str(state.step), "toolkit_version": __version__}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / WEIGHTS, metadata=meta)
+    torch.save({"format": STATE_FORMAT, "step": state.step, "optimizer": state.optimizer, "rng": state.rng,
+                "scaler": state.scaler}, folder / STATE)
+    for name in (WEIGHTS, STATE):
+        with open(folder / name, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _remove_dir(folder: Path) -> None:
+    """Remove a checkpoint folder so that a crash midway never leaves a partial ``step-N``: rename it
+    to a hidden name first (one atomic step), then delete; :func:`recover_run_dir` finishes the job."""
+    doomed = folder.with_name(f".prune-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def recover_run_dir(run_dir: Path) -> list[str]:
+    """Finish or undo what a killed process left in ``run_dir`` (call with the run's lock held).
+
+    Removes half-written (``.tmp-step-N``) and half-pruned (``.prune-step-N``) checkpoint folders,
+    incomplete ``step-N`` folders of older versions, and temporary files of atomic writes; points
+    the top-level weights and state at the latest complete checkpoint again when a crash came
+    between the two links. Returns what it did, one phrase each, for the log.
+    """
+    done: list[str] = []
+    root = run_dir / "checkpoints"
+    complete = {p for _, p in step_dirs(run_dir)}
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            stale = p.name.startswith((".tmp-", ".prune-")) or (_STEP_DIR.match(p.name) and p not in complete)
+            if stale and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed the unfinished checkpoint folder {p.name}")
+    for p in sorted(run_dir.glob(".*.tmp")):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            done.append(f"removed the temporary file {p.name}")
+    latest = step_dirs(run_dir)
+    if latest:
+        for name in (WEIGHTS, STATE):
+            src, dest = latest[-1][1] / name, run_dir / name
+            if not _same_file(src, dest):
+                _link_latest(src, dest)
+                done.append(f"pointed {name} at {latest[-1][1].name} again")
+    return done
+
+
+def set_aside(ckpt_dir: Path) -> Path:
+    """Rename an unusable checkpoint folder to ``corrupt-step-N`` (kept for the user, ignored by
+    every reader) and return the new path."""
+    aside = ckpt_dir.with_name(f"corrupt-{ckpt_dir.name}")
+    n = 1
+    while aside.exists():
+        aside, n = ckpt_dir.with_name(f"corrupt-{ckpt_dir.name}-{n}"), n + 1
+    os.replace(ckpt_dir, aside)
+    fsync_dir(ckpt_dir.parent)
+    return aside
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``b`` is ``a`` (a hard link) or a copy of it with the same bytes."""
+    if not b.is_file():
+        return False
+    if os.path.samefile(a, b):
+        return True
+    return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
 
 
 def _link_latest(src: Path, dest: Path) -> None:
@@ -130,20 +209,29 @@ def load_state_dicts(model: nn.Module, tensors: dict[str, torch.Tensor], prefix:
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
+    # No silent casts: int64 or float16 tensors where the model has float32 ones are not its weights.
+    dtypes = [f"{k} ({str(sd[k].dtype).removeprefix('torch.')}, not {str(expected[k].dtype).removeprefix('torch.')})"
+              for k in expected if k in sd and k not in shapes and sd[k].dtype != expected[k].dtype]
+    if missing or unexpected or shapes or dtypes:
         parts = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
+                                      ("wrong dtype", dtypes))
                  if names]
         raise CheckpointError(f"weights in {source} do not match the config's architecture ({'; '.join(parts)})")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"weights in {source} hold NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): a diverged or corrupt checkpoint")
     model.load_state_dict(sd)
 
 
-def load_model(run_dir: Path, weights: str = "ema") -> tuple[nn.Module, ModelSpec]:
+def load_model(run_dir: Path, weights: str = "ema",
+               limits: SizeLimits = SizeLimits()) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the model a run directory describes, with its EMA (default) or raw weights, in eval mode."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"unknown weights {weights!r}; allowed: ema, raw")
     spec = read_spec(run_dir)
-    model = build_model(spec.model)
+    model = build_model(spec.model, limits)
     load_state_dicts(model, load_weights(run_dir / WEIGHTS), weights, run_dir / WEIGHTS)
     return model.eval(), spec
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from runtime.files import atomic_path, atomic_write_text
+from runtime.files import atomic_path, atomic_write_text, read_capped
 from runtime.shipped import SHIPPED_CLASSIFIER
 from trainer.checkpoint import load_weights
 from trainer.errors import CheckpointError
@@ -150,7 +150,7 @@ def save_classifier(model: FashionClassifier, info: ClassifierInfo, folder: Path
 def load_classifier(folder: Path = SHIPPED) -> tuple[FashionClassifier, ClassifierInfo]:
     """The classifier of ``folder`` (default: the shipped one), checked against its description."""
     try:
-        raw = json.loads((folder / INFO).read_text())
+        raw = json.loads(read_capped(folder / INFO, what="classifier description"))
         info = ClassifierInfo(**raw)
     except FileNotFoundError:
         raise CheckpointError(f"no Fashion-MNIST classifier in {folder} (train one: python -m trainer classifier)") \

@@ -9,16 +9,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Callable, get_args
 
 import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from runtime.clitools import friendly_errors
-from runtime.config import ScheduleName
+from runtime.clitools import friendly_errors, size_limit_options
+from runtime.config import ConfigError, ScheduleName
+from runtime.limits import SizeLimits
 from trainer.config import DataConfig, LossName, Normalization, Precision, RunConfig, Split, TrainConfig
 from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset
 
@@ -64,6 +66,19 @@ def apply_overrides(cfg: RunConfig, opts: dict[str, Any]) -> RunConfig:
     )
 
 
+def with_flag_names(build: Callable[[], RunConfig], opts: dict[str, Any]) -> RunConfig:
+    """``build()``, its config errors naming the flags the user typed (``--block-depth``) rather than
+    the fields they set (``block_depth``)."""
+    try:
+        return build()
+    except ConfigError as exc:
+        text = str(exc)
+        for name in sorted((k for k, v in opts.items() if v is not None), key=len, reverse=True):
+            field = SCHEDULE_FIELDS.get(name, name)
+            text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w-])", "--" + name.replace("_", "-"), text)
+        raise ConfigError(text) from None
+
+
 def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -90,36 +105,36 @@ _CHOICE = click.Choice
 @click.option("--device", type=_CHOICE(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
 # training (TrainConfig)
-@click.option("--steps", type=int, help="Total optimiser steps.")
-@click.option("--epochs", type=int, help="Total epochs (each of dataset_repetitions passes).")
-@click.option("--dataset-repetitions", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--ema-decay", type=float)
+@click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Total epochs (each of dataset_repetitions passes).")
+@click.option("--dataset-repetitions", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--weight-decay", type=click.FloatRange(min=0))
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--ema-warmup/--no-ema-warmup", default=None, help="Ramp the EMA decay up over the first steps.")
 @click.option("--loss", type=_CHOICE(get_args(LossName)))
-@click.option("--warmup-steps", type=int)
-@click.option("--grad-clip", type=float, help="Max gradient norm.")
+@click.option("--warmup-steps", type=click.IntRange(min=0))
+@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), help="Max gradient norm.")
 @click.option("--precision", type=_CHOICE(get_args(Precision)), help="bf16 = bfloat16 autocast.")
-@click.option("--seed", type=int)
-@click.option("--sample-every", type=int, help="Steps between sample grids.")
-@click.option("--sample-steps", type=int, help="DDIM steps of those grids.")
-@click.option("--num-samples", type=int, help="Images per grid.")
-@click.option("--checkpoint-every", type=int)
-@click.option("--keep-checkpoints", type=int, help="How many checkpoints to keep.")
-@click.option("--log-every", type=int, help="Steps per loss.csv row.")
+@click.option("--seed", type=click.IntRange(min=0))
+@click.option("--sample-every", type=click.IntRange(min=1), help="Steps between sample grids.")
+@click.option("--sample-steps", type=click.IntRange(min=1), help="DDIM steps of those grids.")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Images per grid.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1))
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), help="How many checkpoints to keep.")
+@click.option("--log-every", type=click.IntRange(min=1), help="Steps per loss.csv row.")
 # model (KerasUNetConfig)
-@click.option("--image-size", type=int)
-@click.option("--channels", type=int)
+@click.option("--image-size", type=click.IntRange(min=1))
+@click.option("--channels", type=click.IntRange(min=1))
 @click.option("--widths", callback=parse_widths, help="Block widths, e.g. 32,64,96,128.")
-@click.option("--block-depth", type=int)
-@click.option("--embedding-dims", type=int)
+@click.option("--block-depth", type=click.IntRange(min=1))
+@click.option("--embedding-dims", type=click.IntRange(min=2))
 @click.option("--embedding-min-frequency", type=float)
 @click.option("--embedding-max-frequency", type=float)
 # schedule (ScheduleConfig)
 @click.option("--schedule", type=_CHOICE(get_args(ScheduleName)))
-@click.option("--num-timesteps", type=int, help="T of discrete schedules.")
+@click.option("--num-timesteps", type=click.IntRange(min=1), help="T of discrete schedules.")
 @click.option("--beta-start", type=float)
 @click.option("--beta-end", type=float)
 @click.option("--cosine-s", type=float, help="Offset s of the cosine schedule.")
@@ -128,12 +143,13 @@ _CHOICE = click.Choice
 # data (DataConfig)
 @click.option("--split", type=_CHOICE(get_args(Split)))
 @click.option("--val-fraction", type=float)
-@click.option("--split-seed", type=int)
+@click.option("--split-seed", type=click.IntRange(min=0))
 @click.option("--flip/--no-flip", "random_flip", default=None, help="Random horizontal flips.")
 @click.option("--normalization", type=_CHOICE(get_args(Normalization)))
+@size_limit_options
 @friendly_errors
 def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bool, device: str, progress: bool,
-        **opts: Any) -> None:
+        max_image_size: int, max_parameters: int, max_memory_gib: float, **opts: Any) -> None:
     """Train a denoiser into a run directory (under torchrun: one process per rank, DDP)."""
     from trainer import distributed
     from trainer.rundir import load_run_config, with_train_overrides
@@ -146,7 +162,8 @@ def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bo
             raise click.UsageError("--resume takes the preset stored in the run directory; drop --preset")
         cfg = with_train_overrides(load_run_config(out), {k: v for k, v in opts.items() if v is not None})
     else:
-        cfg = apply_overrides(get_preset(preset or DEFAULT_PRESET).config, opts)
+        cfg = with_flag_names(lambda: apply_overrides(get_preset(preset or DEFAULT_PRESET).config, opts), opts)
+    limits = SizeLimits(max_image_size, max_parameters, max_memory_gib)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if multi and out is None:
         raise click.UsageError("under torchrun pass --out RUN_DIR: every process must agree on the run directory")
@@ -163,7 +180,8 @@ def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bo
 
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger("trainer"), logging.getLogger("runtime")]):
-            result = run_fit(cfg, run_dir, data_path, resume=resume, device=dev, progress=progress, dist=dist)
+            result = run_fit(cfg, run_dir, data_path, resume=resume, device=dev, progress=progress, dist=dist,
+                             limits=limits)
     finally:
         distributed.teardown(dist)
     state = "stopped" if result.interrupted else "done"
@@ -205,7 +223,7 @@ def info(preset: tuple[str, ...]) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write it [default: models/fashion-mnist-classifier, the shipped one].")
 @click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def classifier(data_path: Path | None, out: Path | None, epochs: int, seed: int, progress: bool) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
 from runtime import __version__
+from runtime.schedule import MAX_CONTINUOUS_STEPS
 from runtime.config import (
     ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, check_choice, dataclass_from_dict,
 )
@@ -106,6 +107,12 @@ class RunConfig:
     schedule: ScheduleConfig
     data: DataConfig
     train: TrainConfig
+
+    def __post_init__(self) -> None:
+        most = self.schedule.num_timesteps if self.schedule.discrete else MAX_CONTINUOUS_STEPS
+        if self.train.sample_steps > most:  # refused now, not at the first sample grid
+            raise ConfigError(f"sample_steps {self.train.sample_steps} is more than the {self.schedule.name!r} "
+                              f"schedule takes ({most:,})")
 
     def to_spec(self, normalization: NormalizationConfig) -> ModelSpec:
         """The config that travels with the checkpoint."""

@@ -20,12 +20,16 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def with_train_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """``cfg`` with some training fields replaced; only fields that may change on resume."""
+    """``cfg`` with some training fields replaced; only fields that may change on resume (a value
+    equal to the stored one is no change: ``--resume --batch-size 64`` of a batch-64 run is fine)."""
+    current = {**dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.train)}
+    overrides = {k: v for k, v in overrides.items() if k not in current or current[k] != v}
     refused = sorted(set(overrides) - RESUMABLE_FIELDS)
     if refused:
-        raise RunDirError(
-            f"cannot change {', '.join(refused)} when resuming; allowed: {', '.join(sorted(RESUMABLE_FIELDS))}"
-        )
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in refused)
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE_FIELDS))
+        raise RunDirError(f"cannot change {flags} when resuming (the run was trained with other values); "
+                          f"allowed: {allowed}")
     if "steps" in overrides:  # a new length given as steps replaces one given as epochs, and back
         overrides = {"epochs": None, **overrides}
     elif "epochs" in overrides:

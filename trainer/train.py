@@ -21,13 +21,16 @@ from runtime.images import grid_scale, save_grid
 from runtime.schedule import build_schedule
 from trainer import diffusion
 from trainer.batches import Batches, to_model_space
-from trainer.checkpoint import TrainState, load_checkpoint, save_checkpoint, step_dirs, write_config
+from runtime.files import LockHeld, PathLock
+from runtime.limits import SizeLimits
+from trainer.checkpoint import (CONFIG, TrainState, load_checkpoint, recover_run_dir, save_checkpoint, set_aside,
+                                step_dirs, write_config)
 from trainer.config import RunConfig
 from trainer.data import compute_normalization, load_images
 from trainer.distributed import DistInfo, barrier, gather, wrap
-from trainer.errors import TrainingDivergedError
+from trainer.errors import CheckpointError, RunDirError, TrainingDivergedError
 from trainer.logbook import LossLog
-from trainer.models import build_model, count_parameters
+from trainer.models import build_model, check_size, count_parameters
 from trainer.rundir import check_run_dir, create_run_dir
 from trainer.step import Trainee, optimizer_step
 
@@ -80,19 +83,69 @@ def stop_requests() -> Iterator[list[bool]]:
 
 
 def fit(cfg: RunConfig, run_dir: Path, data_path: Path | None = None, resume: bool = False,
-        device: str = "cpu", progress: bool = True, dist: DistInfo = DistInfo()) -> FitResult:
+        device: str = "cpu", progress: bool = True, dist: DistInfo = DistInfo(),
+        limits: SizeLimits = SizeLimits()) -> FitResult:
     """Train ``cfg`` into ``run_dir`` (resuming its latest checkpoint when asked).
 
-    Under torchrun every rank calls this with its :class:`DistInfo`; rank 0 alone writes files.
+    Under torchrun every rank calls this with its :class:`DistInfo`; rank 0 alone writes files and
+    holds the run directory's lock (a second ``fit`` on the same directory fails at once). A new
+    run that fails before its first checkpoint leaves nothing behind, so the same ``--out`` works
+    next time.
     """
-    stored = check_run_dir(cfg, run_dir, resume)
-    images = load_images(cfg.data, cfg.model, data_path, cfg.preset, progress and dist.is_main)
-    if dist.is_main:
-        create_run_dir(run_dir)
-    barrier(dist)
-    logging_to_file = log_to_file(run_dir / "train.log") if dist.is_main else contextlib.nullcontext()
-    with logging_to_file:
-        return _fit(cfg, run_dir, images, stored, resume, torch.device(device), progress and dist.is_main, dist)
+    check_size(cfg.model, limits, cfg.train.batch_size)  # before any data or weights are allocated
+    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main and (run_dir / CONFIG).is_file():
+            for line in recover_run_dir(run_dir):
+                log.info("%s: %s (left by an interrupted run)", run_dir, line)
+        stored = check_run_dir(cfg, run_dir, resume)
+        created = not run_dir.exists()
+        try:
+            images = load_images(cfg.data, cfg.model, data_path, cfg.preset, progress and dist.is_main)
+            if dist.is_main:
+                create_run_dir(run_dir)
+            barrier(dist)
+            logging_to_file = log_to_file(run_dir / "train.log") if dist.is_main else contextlib.nullcontext()
+            with logging_to_file:
+                return _fit(cfg, run_dir, images, stored, resume, torch.device(device), progress and dist.is_main,
+                            dist)
+        except BaseException:
+            if dist.is_main and not resume and not step_dirs(run_dir):
+                undo_start(run_dir, created)
+            raise
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """The run directory's OS lock (see :class:`runtime.files.PathLock`), as a RunDirError when taken."""
+    try:
+        lock = PathLock(run_dir, "run directory").__enter__()
+    except LockHeld as exc:
+        raise RunDirError(str(exc)) from None
+    except OSError as exc:
+        ancestor = next((p for p in run_dir.absolute().parents if p.exists()), None)
+        why = f"{ancestor} is not a folder" if ancestor is not None and not ancestor.is_dir() else exc.strerror
+        raise RunDirError(f"cannot create run directory {run_dir}: {why or exc}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__()
+
+
+def undo_start(run_dir: Path, created: bool) -> None:
+    """Remove what a new run wrote before failing ahead of its first checkpoint (its own files only)."""
+    for name in (CONFIG, "train.log", "loss.csv", "loss.png", "samples.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    for sub in ("samples", "checkpoints"):
+        folder = run_dir / sub
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if p.is_file() and (p.name.startswith(("step-", ".step-")) or p.suffix == ".tmp"):
+                    p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 @contextmanager
@@ -120,7 +173,7 @@ def _fit(cfg: RunConfig, run_dir: Path, images: np.ndarray, stored: ModelSpec | 
     if dist.is_main:
         write_config(run_dir, spec)  # on resume: records a changed length or cadence
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model).to(dev)
+    model = build_model(cfg.model, limits=None).to(dev)  # checked by fit
     net = wrap(model, dist, dev)
     if dist.rank > 0:  # dropout masks differ between ranks, as they would across one big batch
         torch.manual_seed(t.seed + dist.rank)
@@ -139,7 +192,22 @@ def _restore(run_dir: Path, t: Trainee) -> int:
     if not ckpts:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
         return 0
-    state = load_checkpoint(ckpts[-1][1], t.model, t.ema.model)
+    state = None
+    for _, path in reversed(ckpts):  # newest first; a corrupt one is set aside, never deleted
+        try:
+            state = load_checkpoint(path, t.model, t.ema.model)
+            break
+        except CheckpointError as exc:
+            if not t.dist.is_main:
+                raise
+            aside = set_aside(path)
+            log.warning("checkpoint %s is unusable (%s); kept as %s, resuming from the one before", path.name,
+                        exc, aside.name)
+    if state is None:
+        raise CheckpointError(f"no usable checkpoint in {run_dir / 'checkpoints'} (the unusable ones were kept "
+                              "as corrupt-step-N)")
+    if t.dist.is_main:
+        recover_run_dir(run_dir)  # the top-level files follow the checkpoint actually used
     t.opt.load_state_dict(state.optimizer)
     per_rank = state.rng["torch"]
     if t.dist.rank < len(per_rank):  # else a different process count: keep this rank's fresh seed

@@ -28,7 +28,8 @@ class SinusoidalEmbedding(nn.Module):
 
     def __init__(self, dims: int, min_frequency: float, max_frequency: float) -> None:
         super().__init__()
-        freqs = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dims // 2))
+        # On the CPU even inside a meta-device build (trainer.models.count_parameters_of): these are plain numbers.
+        freqs = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), dims // 2, device="cpu"))
         # A plain list, not a buffer: model.half() must not round these speeds (up to 2 pi 1000).
         self.angular_speeds = (2.0 * math.pi * freqs).tolist()
         # The speeds as a float32 tensor per device, made on first use outside any CUDA-graph capture:

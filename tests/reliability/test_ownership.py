@@ -1,0 +1,126 @@
+"""Nothing a user owns is replaced by ``ddim-export``; staging never counts; a killed export is
+finished by the next one; one export at a time per ``--out``."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.cli import latest_run
+from export.pipeline import REPORT, ExportOptions, export_run, is_our_export
+from faults import assert_kept, cli, one_error_line, snapshot, tiny_data, tiny_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("own")
+    return tiny_run(tmp / "runs" / "tiny", tiny_data(tmp / "data"))
+
+
+def export(run_dir: Path, out: Path, *flags: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return cli("export.cli", str(run_dir), "--out", str(out), *flags, cwd=cwd or out.parent)
+
+
+def test_force_never_replaces_a_run_directory(run_dir, tmp_path):
+    victim = tmp_path / "victim"
+    shutil.copytree(run_dir, victim)
+    before = snapshot(victim)
+    line = one_error_line(export(run_dir, victim, "--force"))
+    assert "is a training run directory; it is never replaced" in line
+    assert_kept(before, victim)
+    # The source run itself as --out: the same refusal.
+    line = one_error_line(export(run_dir, run_dir, "--force"))
+    assert "training run directory" in line
+
+
+def test_force_never_replaces_a_file_or_another_folder(run_dir, tmp_path):
+    plain = tmp_path / "notes.txt"
+    plain.write_text("mine")
+    assert "is a file, not an export folder" in one_error_line(export(run_dir, plain, "--force"))
+    assert plain.read_text() == "mine"
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.png").write_bytes(b"png")
+    before = snapshot(other)
+    line = one_error_line(export(run_dir, other, "--force"))
+    assert "not an export of ddim-export" in line and "--force" in line and "never replaced" in line
+    assert_kept(before, other)
+
+
+def test_an_earlier_export_is_replaced_only_with_force(run_dir, tmp_path):
+    out = tmp_path / "exp"
+    assert export(run_dir, out).returncode == 0
+    assert is_our_export(out)
+    before = snapshot(out)
+    assert "holds an earlier export; pass --force" in one_error_line(export(run_dir, out))
+    assert_kept(before, out)
+    proc = export(run_dir, out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / REPORT).is_file() and not list(tmp_path.glob(".exp.*-*"))
+
+
+def test_staging_folders_are_never_the_latest_run_or_export(run_dir, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(run_dir, runs / ".tiny.partial-1")
+    assert latest_run(runs) is None
+    os.symlink(run_dir, runs / "real")
+    assert latest_run(runs) == runs / "real"
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_export_cleans_and_restores_what_a_killed_one_left(run_dir, tmp_path):
+    out = tmp_path / "exp"
+    assert export(run_dir, out).returncode == 0
+    pid = dead_pid()
+    # A kill between the two renames of the commit: --out gone, the old export under .exp.old-PID.
+    os.replace(out, tmp_path / f".exp.old-{pid}")
+    (tmp_path / f".exp.partial-{pid}").mkdir()
+    (tmp_path / f".exp.partial-{pid}" / "model.onnx").write_bytes(b"half")
+    live = tmp_path / f".exp.partial-{os.getpid()}"  # a live process's staging: left alone
+    live.mkdir()
+    other = tmp_path / f".other.partial-{pid}"  # another --out's staging: not ours to touch here
+    other.mkdir()
+    proc = export(run_dir, out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert f"restored {out} from .exp.old-{pid}" in proc.stderr
+    assert f"removed .exp.partial-{pid}" in proc.stderr
+    assert is_our_export(out)
+    assert live.is_dir() and other.is_dir()
+    assert not (tmp_path / f".exp.old-{pid}").exists() and not (tmp_path / f".exp.partial-{pid}").exists()
+
+
+def test_recovery_without_a_new_export_in_python(run_dir, tmp_path):
+    """A kill after the commit but before the old export was deleted: the next export removes it."""
+    out = tmp_path / "exp"
+    export_run(run_dir, out, ExportOptions())
+    pid = dead_pid()
+    shutil.copytree(out, tmp_path / f".exp.old-{pid}")
+    export_run(run_dir, out, ExportOptions(force=True))
+    assert not (tmp_path / f".exp.old-{pid}").exists() and is_our_export(out)
+
+
+def test_one_export_at_a_time_per_out(run_dir, tmp_path):
+    out = tmp_path / "exp"
+    lock = tmp_path / ".exp.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another exporter holds it
+    try:
+        line = one_error_line(export(run_dir, out))
+        assert "export folder" in line and "in use by another process (PID 4242)" in line
+        assert not out.exists()
+    finally:
+        os.close(fd)
+    assert export(run_dir, out).returncode == 0  # released (the kernel drops it with its holder)
