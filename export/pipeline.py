@@ -134,6 +134,8 @@ def recover_staging(out: Path) -> list[str]:
 
 def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
     """Export the model of ``run_dir`` into ``out`` (see the module docstring)."""
+    if out.name in ("", ".", ".."):  # staging and the lock live beside --out: it needs a name
+        out = out.resolve()
     try:
         lock = PathLock(out, "export folder").__enter__()
     except OSError as exc:

@@ -134,7 +134,8 @@ class PathLock:
     def __init__(self, target: str | Path, what: str) -> None:
         self.target = Path(target)
         self.what = what
-        self.path = self.target.parent / f".{self.target.name}.lock"
+        where = self.target.absolute()  # "." has no name of its own
+        self.path = where.parent / f".{where.name}.lock"
         self._fd: int | None = None
 
     def __enter__(self) -> "PathLock":

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from faults import ROOT, cli, one_error_line, shipped_export, tiny_data, tiny_run
+from faults import ROOT, one_error_line, run_here, shipped_export, tiny_data, tiny_run
 from runtime.metadata import METADATA_KEY
 
 
@@ -31,7 +31,7 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 
 def export_error(run: Path, tmp: Path, *flags: str) -> str:
     start = time.perf_counter()
-    line = one_error_line(cli("export.cli", str(run), "--out", str(tmp / "out"), *flags))
+    line = one_error_line(run_here("export.cli", str(run), "--out", str(tmp / "out"), *flags))
     assert time.perf_counter() - start < 60
     assert not (tmp / "out").exists()
     return line
@@ -74,7 +74,7 @@ def test_non_finite_normalisation_in_onnx_metadata(tmp_path):
         if prop.key == METADATA_KEY:
             prop.value = json.dumps({**json.loads(prop.value), "normalization": {"mean": [float("nan")], "std": [1.0]}})
     onnx.save(model, str(exp / "model.onnx"))
-    proc = cli("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
+    proc = run_here("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
                "--no-progress", env={"DDIM_DEPLOY_CACHE": str(tmp_path / "cache")})
     assert "must be a finite number" in one_error_line(proc)
     assert not (tmp_path / "s.png").exists()
@@ -128,7 +128,7 @@ def test_limits_can_be_raised_by_flag(run_dir, tmp_path):
 
 
 def test_fit_refuses_a_batch_that_cannot_fit(tmp_path):
-    proc = cli("trainer", "fit", "--preset", "fashion-mnist", "--image-size", "1024", "--batch-size", "512",
+    proc = run_here("trainer", "fit", "--preset", "fashion-mnist", "--image-size", "1024", "--batch-size", "512",
                "--out", str(tmp_path / "run"), "--no-progress")
     line = one_error_line(proc)
     assert "would need about" in line and "--max-memory-gib" in line
@@ -148,7 +148,7 @@ def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path, locati
     entry = init.external_data.add()
     entry.key, entry.value = "location", location
     onnx.save(model, str(exp / "model.onnx"))
-    proc = cli("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
+    proc = run_here("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
                "--no-progress", cwd=tmp_path, env={"DDIM_DEPLOY_CACHE": str(tmp_path / "cache")})
     line = one_error_line(proc)
     assert "cannot load" in line and ("escapes" in line or "Absolute path not allowed" in line)
@@ -170,10 +170,10 @@ def test_onnx_external_data_inside_the_folder_resolves_there_not_in_the_working_
     onnx.save(model, str(exp / "model.onnx"))
     args = ("--steps", "3", "--num-images", "2", "--no-progress", "--npz")
     env = {"DDIM_DEPLOY_CACHE": str(tmp_path / "cache"), "DDIM_DEPLOY_ORT_CACHE": "0"}
-    got = cli("runtime.cli", str(exp), *args, str(tmp_path / "a.npz"), "--out", str(tmp_path / "a.png"),
+    got = run_here("runtime.cli", str(exp), *args, str(tmp_path / "a.npz"), "--out", str(tmp_path / "a.png"),
               cwd=tmp_path, env=env)
     assert got.returncode == 0, got.stderr
-    ref = cli("runtime.cli", str(ROOT / "models" / "fashion-mnist" / "model.onnx"), *args, str(tmp_path / "b.npz"),
+    ref = run_here("runtime.cli", str(ROOT / "models" / "fashion-mnist" / "model.onnx"), *args, str(tmp_path / "b.npz"),
               "--out", str(tmp_path / "b.png"), cwd=tmp_path, env=env)
     assert ref.returncode == 0, ref.stderr
     import numpy as np
@@ -184,7 +184,7 @@ def test_onnx_external_data_inside_the_folder_resolves_there_not_in_the_working_
 def test_non_onnx_bytes(tmp_path):
     exp = shipped_export(tmp_path / "exp")
     (exp / "model.onnx").write_bytes(b"PK\x03\x04 not a model" * 100)
-    proc = cli("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
+    proc = run_here("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
                "--no-progress", env={"DDIM_DEPLOY_CACHE": str(tmp_path / "cache")})
     assert "cannot load" in one_error_line(proc)
 

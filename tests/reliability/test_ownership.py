@@ -14,7 +14,7 @@ import pytest
 
 from export.cli import latest_run
 from export.pipeline import REPORT, ExportOptions, export_run, is_our_export
-from faults import assert_kept, cli, one_error_line, snapshot, tiny_data, tiny_run
+from faults import assert_kept, one_error_line, run_here, snapshot, tiny_data, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def export(run_dir: Path, out: Path, *flags: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return cli("export.cli", str(run_dir), "--out", str(out), *flags, cwd=cwd or out.parent)
+    return run_here("export.cli", str(run_dir), "--out", str(out), *flags, cwd=cwd or out.parent)
 
 
 def test_force_never_replaces_a_run_directory(run_dir, tmp_path):
@@ -88,7 +88,7 @@ def test_the_next_export_cleans_and_restores_what_a_killed_one_left(run_dir, tmp
     os.replace(out, tmp_path / f".exp.old-{pid}")
     (tmp_path / f".exp.partial-{pid}").mkdir()
     (tmp_path / f".exp.partial-{pid}" / "model.onnx").write_bytes(b"half")
-    live = tmp_path / f".exp.partial-{os.getpid()}"  # a live process's staging: left alone
+    live = tmp_path / f".exp.partial-{os.getppid()}"  # a live process's staging: left alone
     live.mkdir()
     other = tmp_path / f".other.partial-{pid}"  # another --out's staging: not ours to touch here
     other.mkdir()

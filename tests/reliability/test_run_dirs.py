@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from faults import TINY_FLAGS, assert_kept, cli, one_error_line, small_disk, snapshot, tiny_data, tiny_run
+from faults import TINY_FLAGS, assert_kept, one_error_line, run_here, small_disk, snapshot, tiny_data, tiny_run
 from trainer.checkpoint import load_checkpoint, step_dirs
 from trainer.models import build_model
 
@@ -22,8 +22,8 @@ def data(tmp_path_factory) -> Path:
 
 def fit(*args: str, data: Path) -> object:
     if "--resume" in args:  # the run directory holds the rest
-        return cli("trainer", "fit", "--data", str(data), "--no-progress", *args)
-    return cli("trainer", "fit", "--data", str(data), *TINY_FLAGS, *args)
+        return run_here("trainer", "fit", "--data", str(data), "--no-progress", *args)
+    return run_here("trainer", "fit", "--data", str(data), *TINY_FLAGS, *args)
 
 
 def test_a_second_writer_gets_one_line_naming_the_holder(data, tmp_path):
@@ -133,4 +133,4 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one_and_resume_work
 def test_a_file_is_not_a_run_directory(tmp_path):
     f = tmp_path / "run"
     f.write_text("x")
-    assert "is a file, not a run directory" in one_error_line(cli("export.cli", str(f), "--out", str(tmp_path / "e")))
+    assert "is a file, not a run directory" in one_error_line(run_here("export.cli", str(f), "--out", str(tmp_path / "e")))
