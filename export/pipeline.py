@@ -8,7 +8,8 @@ the previous export moves to ``.NAME.old-PID`` first and is deleted once the new
 Ownership: ``--out`` is replaced only when it is an export of ours (it holds ``export_report.json``,
 written last) and ``--force`` is given (or it is the default folder); a run directory, any other
 folder and any file are never replaced. One export at a time per ``--out`` (an OS lock), and each
-export first finishes what a killed one left: stale staging folders of dead processes are removed,
+export first finishes what a killed one left: stale staging folders are removed (under the lock
+no other export into ``--out`` can be running),
 and an ``--out`` that a kill between the two renames left missing is restored from ``.NAME.old-PID``.
 """
 
@@ -36,7 +37,7 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
                                    write_manifest)
 from runtime import __version__
 from runtime.backends import BackendError
-from runtime.files import PathLock, fsync_dir, pid_alive, sha256_file
+from runtime.files import PathLock, fsync_dir, sha256_file
 from runtime.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
 from trainer.checkpoint import CONFIG, WEIGHTS, load_model
@@ -109,8 +110,8 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def recover_staging(out: Path) -> list[str]:
-    """Finish what a killed export into ``out`` left (call with ``out``'s lock held): remove staging
-    folders of dead processes and restore ``out`` from ``.NAME.old-PID`` when a kill came between
+    """Finish what a killed export into ``out`` left (call with ``out``'s lock held): remove its
+    staging folders and restore ``out`` from ``.NAME.old-PID`` when a kill came between
     the two renames of the commit. Returns what it did, one phrase each."""
     done: list[str] = []
     if not out.parent.is_dir():
@@ -118,7 +119,9 @@ def recover_staging(out: Path) -> list[str]:
     found = []
     for p in out.parent.iterdir():
         m = _STAGING.match(p.name)
-        if m and m["name"] == out.name and p.is_dir() and not p.is_symlink() and not pid_alive(int(m["pid"])):
+        # Under out's lock no other export into out runs: every staging entry of its name is stale,
+        # even where its PID now belongs to another process (PIDs are reused).
+        if m and m["name"] == out.name and p.is_dir() and not p.is_symlink():
             found.append((m["kind"], p))
     # Newest previous export first: it is the one the cut commit was replacing.
     for kind, p in sorted(found, key=lambda kp: (kp[0] != "old", -kp[1].stat().st_mtime)):

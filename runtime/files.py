@@ -106,19 +106,6 @@ def read_capped(path: str | Path, limit: int = MAX_JSON_BYTES, what: str = "file
     return data
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on this machine)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class LockHeld(RuntimeError):
     """Another process is writing to the same place."""
 
@@ -134,7 +121,7 @@ class PathLock:
     def __init__(self, target: str | Path, what: str) -> None:
         self.target = Path(target)
         self.what = what
-        where = self.target.absolute()  # "." has no name of its own
+        where = self.target.resolve()  # one lock per folder, however it is named ("." , "..", symlinks)
         self.path = where.parent / f".{where.name}.lock"
         self._fd: int | None = None
 

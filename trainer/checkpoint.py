@@ -91,10 +91,10 @@ def save_checkpoint(run_dir: Path, model: nn.Module, ema: nn.Module, state: Trai
         if not isinstance(exc, Exception):
             raise
         done = step_dirs(run_dir)
-        last = f"the last complete one, {done[-1][1].name}, is intact" if done else "none was complete yet"
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot write checkpoint {final.name} in {root} ({why}); {last}: free space and "
-                              f"continue with --resume --out {run_dir}") from exc
+        then = (f"the last complete one, {done[-1][1].name}, is intact: free space and continue with --resume "
+                f"--out {run_dir}") if done else "no checkpoint was complete yet: free space and run it again"
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {root} ({why}); {then}") from exc
     if final.exists():  # re-saving a step (an interrupted run's last step): replace it whole
         _remove_dir(final)
     os.replace(tmp, final)
@@ -196,7 +196,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"no weights at {path}")
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except OSError as exc:  # unreadable (permissions, I/O): the file may well be fine
+        raise CheckpointError(f"cannot read weights file {path}: {exc.strerror or exc}") from exc
+    except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"corrupt weights file {path}: {exc}") from None
 
 

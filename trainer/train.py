@@ -94,10 +94,10 @@ def fit(cfg: RunConfig, run_dir: Path, data_path: Path | None = None, resume: bo
     """
     check_size(cfg.model, limits, cfg.train.batch_size)  # before any data or weights are allocated
     with run_lock(run_dir) if dist.is_main else contextlib.nullcontext():
-        if dist.is_main and (run_dir / CONFIG).is_file():
+        stored = check_run_dir(cfg, run_dir, resume)
+        if dist.is_main and resume:  # a run of ours (its config checked): finish what a kill left
             for line in recover_run_dir(run_dir):
                 log.info("%s: %s (left by an interrupted run)", run_dir, line)
-        stored = check_run_dir(cfg, run_dir, resume)
         created = not run_dir.exists()
         try:
             images = load_images(cfg.data, cfg.model, data_path, cfg.preset, progress and dist.is_main)
@@ -190,19 +190,28 @@ def _fit(cfg: RunConfig, run_dir: Path, images: np.ndarray, stored: ModelSpec | 
 def _restore(run_dir: Path, t: Trainee) -> int:
     ckpts = step_dirs(run_dir)
     if not ckpts:
+        if list((run_dir / "checkpoints").glob("corrupt-step-*")):  # never silently restart from scratch
+            raise CheckpointError(f"every checkpoint in {run_dir / 'checkpoints'} was unusable (kept as "
+                                  "corrupt-step-N); nothing to resume from")
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
         return 0
-    state = None
-    for _, path in reversed(ckpts):  # newest first; a corrupt one is set aside, never deleted
+    state, unusable = None, []
+    # Newest first. Every rank reads the same files and takes the same decision; rank 0 sets the
+    # unusable ones aside (kept, never deleted) once all ranks are done reading.
+    for _, path in reversed(ckpts):
         try:
             state = load_checkpoint(path, t.model, t.ema.model)
             break
         except CheckpointError as exc:
-            if not t.dist.is_main:
+            if isinstance(exc.__cause__, OSError):  # unreadable now (permissions, I/O): not corrupt
                 raise
-            aside = set_aside(path)
-            log.warning("checkpoint %s is unusable (%s); kept as %s, resuming from the one before", path.name,
-                        exc, aside.name)
+            unusable.append(path)
+            log.warning("checkpoint %s is unusable (%s)%s", path.name, exc,
+                        "; resuming from the one before" if path != ckpts[0][1] else "")
+    barrier(t.dist)
+    if t.dist.is_main:
+        for path in unusable:
+            log.warning("kept the unusable checkpoint as %s", set_aside(path).name)
     if state is None:
         raise CheckpointError(f"no usable checkpoint in {run_dir / 'checkpoints'} (the unusable ones were kept "
                               "as corrupt-step-N)")

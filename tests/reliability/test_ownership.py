@@ -88,8 +88,8 @@ def test_the_next_export_cleans_and_restores_what_a_killed_one_left(run_dir, tmp
     os.replace(out, tmp_path / f".exp.old-{pid}")
     (tmp_path / f".exp.partial-{pid}").mkdir()
     (tmp_path / f".exp.partial-{pid}" / "model.onnx").write_bytes(b"half")
-    live = tmp_path / f".exp.partial-{os.getppid()}"  # a live process's staging: left alone
-    live.mkdir()
+    reused = tmp_path / f".exp.partial-{os.getppid()}"  # a PID alive again (reused): still stale under the lock
+    reused.mkdir()
     other = tmp_path / f".other.partial-{pid}"  # another --out's staging: not ours to touch here
     other.mkdir()
     proc = export(run_dir, out, "--force")
@@ -97,7 +97,7 @@ def test_the_next_export_cleans_and_restores_what_a_killed_one_left(run_dir, tmp
     assert f"restored {out} from .exp.old-{pid}" in proc.stderr
     assert f"removed .exp.partial-{pid}" in proc.stderr
     assert is_our_export(out)
-    assert live.is_dir() and other.is_dir()
+    assert not reused.exists() and other.is_dir()
     assert not (tmp_path / f".exp.old-{pid}").exists() and not (tmp_path / f".exp.partial-{pid}").exists()
 
 

@@ -134,3 +134,39 @@ def test_a_file_is_not_a_run_directory(tmp_path):
     f = tmp_path / "run"
     f.write_text("x")
     assert "is a file, not a run directory" in one_error_line(run_here("export.cli", str(f), "--out", str(tmp_path / "e")))
+
+
+def test_a_foreign_folder_with_a_config_is_never_recovered(data, tmp_path):
+    """Another tool's training folder (its own config.json, checkpoints, temp files) given as --out."""
+    other = tmp_path / "other"
+    (other / "checkpoints" / "step-1000").mkdir(parents=True)
+    (other / "checkpoints" / "step-1000" / "weights.bin").write_bytes(b"theirs")
+    (other / ".notes.tmp").write_text("theirs")
+    (other / "config.json").write_text('{"lr": 0.1}')
+    before = snapshot(other)
+    for args in (("--out", str(other), "--steps", "2"), ("--resume", "--out", str(other))):
+        assert "config" in one_error_line(fit(*args, data=data))
+        assert_kept(before, other)
+
+
+def test_one_lock_per_folder_whatever_its_name(tmp_path):
+    from runtime.files import LockHeld, PathLock
+
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "runs" / "x")
+    with PathLock(tmp_path / "runs" / "x", "run directory"):
+        for name in (tmp_path / "alias", tmp_path / "runs" / "x" / "sub" / ".."):
+            with pytest.raises(LockHeld, match=f"PID {os.getpid()}"):
+                PathLock(name, "run directory").__enter__()
+
+
+def test_a_run_whose_every_checkpoint_is_corrupt_never_restarts_from_scratch(data, tmp_path):
+    run = tiny_run(tmp_path / "run", data, keep_checkpoints=1)
+    weights = run / "checkpoints" / "step-0000002" / "model.safetensors"
+    weights.unlink()
+    weights.write_bytes(b"garbage")
+    line = one_error_line(fit("--resume", "--out", str(run), "--steps", "3", data=data))
+    assert "no usable checkpoint" in line
+    line = one_error_line(fit("--resume", "--out", str(run), "--steps", "3", data=data))
+    assert "every checkpoint" in line and "nothing to resume from" in line
+    assert (run / "checkpoints" / "corrupt-step-0000002" / "model.safetensors").read_bytes() == b"garbage"
