@@ -22,7 +22,7 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-_MODE = _default_mode()
+DEFAULT_FILE_MODE = _default_mode()  # what atomic writes give their files, as open() would
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -35,7 +35,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _MODE)
+        os.chmod(tmp, DEFAULT_FILE_MODE)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:
@@ -87,20 +87,26 @@ def sha256_file(path: str | Path) -> str:
 MAX_JSON_BYTES = 1 << 20  # configs and metadata are a few KB: 1 MiB bounds what a hostile file can cost
 
 
-def read_capped(path: str | Path, limit: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes.
-
-    Refuses devices, FIFOs and sockets (a symlink to /dev/zero never ends) and files over the
-    limit, reading at most ``limit + 1`` bytes whatever the file claims. OSError otherwise.
-    """
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a regular file (the caller tells "more than ``limit``" by the
+    length). Refuses devices, FIFOs and sockets with ValueError (a symlink to /dev/zero never ends)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{what} {path} is not a regular file")
+            raise ValueError(f"{path} is not a regular file")
         with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read(limit + 1)
+            return fh.read(limit + 1)
     finally:
         os.close(fd)
+
+
+def read_capped(path: str | Path, limit: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (see :func:`read_regular`); ValueError
+    for anything else, naming it as ``what``; OSError when it cannot be read."""
+    try:
+        data = read_regular(path, limit)
+    except ValueError:
+        raise ValueError(f"{what} {path} is not a regular file") from None
     if len(data) > limit:
         raise ValueError(f"{what} {path} is larger than {limit // 1024} KiB: not one of ours")
     return data

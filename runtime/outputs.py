@@ -16,19 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Callable
 
-from runtime.files import fsync_dir
+from runtime.files import DEFAULT_FILE_MODE, fsync_dir
 
 Writer = Callable[[BinaryIO], None]
-
-
-def _default_mode() -> int:
-    """Mode a plain ``open()`` would give a new file (mkstemp alone gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_MODE = _default_mode()
 
 
 class OutputError(OSError):
@@ -96,7 +86,7 @@ class StagedOutputs:
                     data(fh)
                 fh.flush()
                 os.fsync(fh.fileno())  # on disk before the rename makes it visible
-            os.chmod(name, _MODE)
+            os.chmod(name, DEFAULT_FILE_MODE)  # mkstemp alone gives 0600
         except OSError as exc:
             raise OutputError(f"cannot write {flag} {final}: {exc.strerror or exc}; "
                               "nothing was written, previous files are kept") from exc

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 import onnxruntime as ort
 
-from runtime.files import cache_dir
+from runtime.files import DEFAULT_FILE_MODE, cache_dir, read_regular
 from runtime.hostinfo import cpu_fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,6 @@ ENTRY_RE = re.compile(rf"^(?P<key>{_KEY})\.(?P<kind>onnx|json)$")
 TMP_RE = re.compile(rf"^\.{_KEY}\.(?:onnx|json)\.\w+\.tmp$")
 
 
-def _default_mode() -> int:
-    """The mode a plain ``open()`` gives a new file (mkstemp alone gives 0600; a team cache is shared)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_MODE = _default_mode()
 _disabled: dict[str, str] = {}  # cache folder -> why caching is off for this process
 _warned: set[tuple[str, str]] = set()  # (reason, folder): one warning each per process
 
@@ -176,7 +168,7 @@ def _read_verified(entry: Path, record: Path, source_sha: str,
     ``max_size`` bounds what a record may make us read (an optimised graph is about its source's size).
     """
     try:
-        meta = json.loads(_read_regular(record, MAX_RECORD_BYTES))
+        meta = json.loads(read_regular(record, MAX_RECORD_BYTES))
         size, digest, source = int(meta["size"]), str(meta["sha256"]), str(meta["source_sha256"])
         if not 0 < size <= max_size:
             raise ValueError(f"size {size}")
@@ -187,7 +179,7 @@ def _read_verified(entry: Path, record: Path, source_sha: str,
     if source != source_sha:
         return "its record names another source model", _identity(entry)
     try:
-        blob = _read_regular(entry, size)
+        blob = read_regular(entry, size)
     except (OSError, ValueError) as exc:
         return f"it cannot be read ({exc})", _identity(entry)
     seen = _identity(entry)
@@ -196,18 +188,6 @@ def _read_verified(entry: Path, record: Path, source_sha: str,
     if hashlib.sha256(blob).hexdigest() != digest:
         return "it does not match its record (changed or replaced)", seen
     return blob, seen
-
-
-def _read_regular(path: Path, limit: int) -> bytes:
-    """At most ``limit + 1`` bytes of a regular file (never a FIFO or device left under our name)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            return fh.read(limit + 1)
-    finally:
-        os.close(fd)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -286,7 +266,7 @@ def _new_tmp(target: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        os.chmod(name, _MODE)
+        os.chmod(name, DEFAULT_FILE_MODE)  # mkstemp alone gives 0600; a team cache is shared
     except OSError:
         os.unlink(name)
         raise
