@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import get_args
 
 import click
 import numpy as np
 
+from runtime.choices import BackendName, Device, Precision, Spacing, values
 from runtime.clitools import friendly_errors
 from runtime.outputs import StagedOutputs, check_file, check_folder
 from runtime.shipped import pick
-from runtime.schedule import Spacing
 
 log = logging.getLogger("runtime")
 
@@ -55,13 +54,13 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Noise seed (numpy seeds are non-negative).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+@click.option("--backend", type=click.Choice(values(BackendName)), default="auto",
               show_default=True, help="torch takes a trainer run directory: the eager reference.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when usable]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+@click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]")
+@click.option("--precision", type=click.Choice(values(Precision)), default=None,
               help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU) [default: the "
                    "TensorRT engine's (fp16) where one is picked, else fp32].")
-@click.option("--spacing", type=click.Choice(get_args(Spacing)), default="uniform", show_default=True)
+@click.option("--spacing", type=click.Choice(values(Spacing)), default="uniform", show_default=True)
 @click.option("--clip-x0", is_flag=True, help="Clip each step's predicted clean image to the pixel range.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help="PNG grid.")

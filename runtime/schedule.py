@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar, get_args
+from typing import Protocol, TypeVar, get_args
 
 import numpy as np
 from numpy.typing import NDArray
 
+from runtime.choices import Spacing
 from runtime.config import ScheduleConfig
 
-Spacing = Literal["uniform", "quadratic", "leading", "trailing", "linspace"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 # Spacings defined only over the integer steps of a discrete schedule (diffusers' DDIMScheduler).
 DISCRETE_ONLY_SPACINGS = ("leading", "trailing", "linspace")

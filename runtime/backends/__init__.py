@@ -8,16 +8,14 @@ where the backend keeps them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from runtime.choices import BackendName, Device, Precision
 from runtime.config import ModelSpec
 
-BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
-Device = Literal["cpu", "cuda"]
-Precision = Literal["fp32", "fp16", "int8"]
 # The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these).
 INPUT_NAMES = ("noisy_images", "noise_variances")
 OUTPUT_NAMES = ("pred_noises",)

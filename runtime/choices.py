@@ -1,0 +1,26 @@
+"""The choices every command line and the Python API share, declared once.
+
+Each is a ``Literal`` type (for annotations and config validation) whose values :func:`values`
+lists (for ``click.Choice`` and error messages). A command line that offers a backend, device,
+precision or step spacing takes it from here, so adding one is a one-line change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+Device = Literal["cpu", "cuda"]
+# The exported files: model.onnx, model.fp16.onnx, model.int8.onnx (a TensorRT engine is fp16).
+Precision = Literal["fp32", "fp16", "int8"]
+# What ddim-run may be asked for: a file, or ``auto`` (the fastest file that passed its gate here).
+RunPrecision = Literal["auto", "fp32", "fp16", "int8"]
+# How the DDIM steps are spread over the schedule (runtime/schedule.py).
+Spacing = Literal["uniform", "quadratic", "leading", "trailing", "linspace"]
+# The samplers of the runtime loop.
+Solver = Literal["ddim"]
+
+
+def values(choice: Any) -> tuple[str, ...]:
+    """The allowed strings of a ``Literal`` type, in declaration order."""
+    return tuple(get_args(choice))
