@@ -45,13 +45,21 @@ class KerasUNetConfig:
     """The Keras DDIM example's U-Net (residual blocks, no attention)."""
 
     image_size: int
+    """Height and width of the (square) images in pixels."""
     channels: int
+    """Image channels: 1 grey, 3 RGB."""
     architecture: Literal["keras"] = "keras"
+    """Which U-Net: keras (residual blocks) or ddpm (GroupNorm, attention, dropout)."""
     widths: tuple[int, ...] = (32, 64, 96, 128)
+    """Channels of each resolution level, e.g. 32,64,96,128 (one 2x downsampling between levels)."""
     block_depth: int = 2
+    """Residual blocks per level."""
     embedding_dims: int = 32
+    """Size of the sinusoidal noise-variance embedding (even)."""
     embedding_min_frequency: float = 1.0
+    """Lowest frequency of the sinusoidal embedding."""
     embedding_max_frequency: float = 1000.0
+    """Highest frequency of the sinusoidal embedding."""
 
     def __post_init__(self) -> None:
         check_choice(self.architecture, ("keras",), "architecture")
@@ -87,17 +95,29 @@ class DDPMUNetConfig:
     """
 
     image_size: int
+    """Height and width of the (square) images in pixels."""
     channels: int
+    """Image channels: 1 grey, 3 RGB."""
     architecture: Literal["ddpm"] = "ddpm"
+    """Which U-Net: keras (residual blocks) or ddpm (GroupNorm, attention, dropout)."""
     base_width: int = 128
+    """Channels of the first level; level i has base_width * channel_mults[i]."""
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    """Width multiplier of each resolution level, e.g. 1,2,2,2."""
     num_res_blocks: int = 2
+    """Residual blocks per level."""
     attention_resolutions: tuple[int, ...] = (16,)
+    """Resolutions (in pixels) whose levels get self-attention, e.g. 16; none for no attention."""
     dropout: float = 0.1
+    """Dropout rate inside the residual blocks."""
     num_groups: int = 32
+    """GroupNorm groups (must divide every width)."""
     num_heads: int = 1
+    """Self-attention heads (must divide every width)."""
     embedding_min_frequency: float = 1.0
+    """Lowest frequency of the sinusoidal embedding."""
     embedding_max_frequency: float = 1000.0
+    """Highest frequency of the sinusoidal embedding."""
 
     def __post_init__(self) -> None:
         check_choice(self.architecture, ("ddpm",), "architecture")
@@ -132,12 +152,19 @@ class ScheduleConfig:
     """A noise schedule by name (see ``runtime/schedule.py``) and its parameters."""
 
     name: ScheduleName = "cosine-angle"
-    num_timesteps: int = 1000  # T of the discrete schedules
-    beta_start: float = 1e-4  # linear
-    beta_end: float = 0.02  # linear
-    cosine_s: float = 0.008  # cosine (Nichol & Dhariwal's offset s)
-    min_signal_rate: float = 0.02  # cosine-angle
-    max_signal_rate: float = 0.95  # cosine-angle
+    """Noise schedule: cosine-angle (continuous, the Keras example's), linear (DDPM's) or cosine (improved DDPM)."""
+    num_timesteps: int = 1000
+    """T of the discrete schedules (linear, cosine)."""
+    beta_start: float = 1e-4
+    """First beta of the linear schedule."""
+    beta_end: float = 0.02
+    """Last beta of the linear schedule."""
+    cosine_s: float = 0.008
+    """Offset s of the cosine schedule (Nichol & Dhariwal)."""
+    min_signal_rate: float = 0.02
+    """Signal rate at the noisiest time of the cosine-angle schedule."""
+    max_signal_rate: float = 0.95
+    """Signal rate at the cleanest time of the cosine-angle schedule."""
 
     def __post_init__(self) -> None:
         check_choice(self.name, get_args(ScheduleName), "schedule")

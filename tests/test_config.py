@@ -80,20 +80,127 @@ def test_x0_bounds_follow_normalisation():
     assert ScheduleConfig().discrete is False and ScheduleConfig(name="linear").discrete is True
 
 
-def test_every_config_field_has_a_cli_option():
-    """Options map onto dataclass fields: none is missing, none is orphaned."""
+# A non-default value for every config field of every architecture, as typed and as stored.
+CLI_VALUES = {
+    ("model", "image_size"): ("64", 64),
+    ("model", "channels"): ("3", 3),
+    ("model", "embedding_min_frequency"): ("2", 2.0),
+    ("model", "embedding_max_frequency"): ("500", 500.0),
+    ("model", "widths"): ("8,16", (8, 16)),
+    ("model", "block_depth"): ("1", 1),
+    ("model", "embedding_dims"): ("8", 8),
+    ("model", "base_width"): ("64", 64),
+    ("model", "channel_mults"): ("1,2", (1, 2)),
+    ("model", "num_res_blocks"): ("1", 1),
+    ("model", "attention_resolutions"): ("none", ()),
+    ("model", "dropout"): ("0.2", 0.2),
+    ("model", "num_groups"): ("16", 16),
+    ("model", "num_heads"): ("2", 2),
+    ("schedule", "name"): ("linear", "linear"),
+    ("schedule", "num_timesteps"): ("500", 500),
+    ("schedule", "beta_start"): ("0.0002", 0.0002),
+    ("schedule", "beta_end"): ("0.03", 0.03),
+    ("schedule", "cosine_s"): ("0.01", 0.01),
+    ("schedule", "min_signal_rate"): ("0.05", 0.05),
+    ("schedule", "max_signal_rate"): ("0.9", 0.9),
+    ("data", "source"): ("folder", "folder"),
+    ("data", "split"): ("val", "val"),
+    ("data", "val_fraction"): ("0.3", 0.3),
+    ("data", "split_seed"): ("7", 7),
+    ("data", "random_flip"): (None, True),
+    ("data", "normalization"): ("minus-one-one", "minus-one-one"),
+    ("train", "batch_size"): ("8", 8),
+    ("train", "lr"): ("0.0005", 0.0005),
+    ("train", "weight_decay"): ("0.001", 0.001),
+    ("train", "ema_decay"): ("0.99", 0.99),
+    ("train", "ema_warmup"): (None, False),
+    ("train", "loss"): ("mse", "mse"),
+    ("train", "steps"): ("7", 7),
+    ("train", "epochs"): ("3", 3),
+    ("train", "dataset_repetitions"): ("2", 2),
+    ("train", "warmup_steps"): ("5", 5),
+    ("train", "grad_clip"): ("0.5", 0.5),
+    ("train", "precision"): ("bf16", "bf16"),
+    ("train", "seed"): ("3", 3),
+    ("train", "sample_every"): ("9", 9),
+    ("train", "sample_steps"): ("4", 4),
+    ("train", "num_samples"): ("6", 6),
+    ("train", "checkpoint_every"): ("11", 11),
+    ("train", "keep_checkpoints"): ("2", 2),
+    ("train", "log_every"): ("3", 3),
+}
+
+
+def _print_config(*args: str) -> dict:
+    import json
+
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    result = CliRunner().invoke(main, ["fit", *args, "--print-config"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_every_config_field_of_every_architecture_round_trips_through_the_cli():
+    """fit's options are generated from the dataclasses: each field has a flag, and the value typed
+    is the value in the resolved config."""
     import dataclasses as dc
 
-    from runtime.config import KerasUNetConfig, ScheduleConfig
-    from trainer.cli import DATA_FIELDS, MODEL_FIELDS, SCHEDULE_FIELDS, TRAIN_FIELDS, fit
-    from trainer.config import DataConfig
+    from runtime.config import MODEL_CONFIGS, ScheduleConfig
+    from trainer.cli import CONFIG_OPTIONS
+    from trainer.config import DataConfig, TrainConfig
 
-    params = {p.name for p in fit.params}
-    assert MODEL_FIELDS == {f.name for f in dc.fields(KerasUNetConfig)} - {"architecture"}
-    assert set(SCHEDULE_FIELDS.values()) == {f.name for f in dc.fields(ScheduleConfig)}
-    assert DATA_FIELDS == {f.name for f in dc.fields(DataConfig)} - {"source"}
-    for name in MODEL_FIELDS | set(SCHEDULE_FIELDS) | DATA_FIELDS | TRAIN_FIELDS:
-        assert name in params, f"no CLI option for {name}"
+    fields = {("model", f.name) for cls in MODEL_CONFIGS.values() for f in dc.fields(cls)} - {("model", "architecture")}
+    for section, cls in (("schedule", ScheduleConfig), ("data", DataConfig), ("train", TrainConfig)):
+        fields |= {(section, f.name) for f in dc.fields(cls)}
+    assert fields == set(CLI_VALUES), "add a test value for every new config field"
+    flags = {(o.section, o.field): o.opts[0] for o in CONFIG_OPTIONS}
+    assert fields <= set(flags), f"no option for {sorted(fields - set(flags))}"
+
+    for (section, name), (typed, stored) in CLI_VALUES.items():
+        keras = section != "model" or name in {f.name for f in dc.fields(MODEL_CONFIGS["keras"])}
+        preset = ["--preset", "fashion-mnist" if keras else "cifar10-64"]
+        if typed is None:  # an on/off flag: set it to the opposite of the preset's
+            flag = flags[(section, name)] if stored else flags[(section, name)].replace("--", "--no-", 1)
+            args = [flag]
+        else:
+            args = [flags[(section, name)], typed]
+        cfg = _print_config(*preset, *args)
+        value = cfg[section][name]
+        assert (tuple(value) if isinstance(value, list) else value) == stored, (section, name, cfg[section])
+
+
+def test_cli_switches_architecture_and_refuses_the_other_u_nets_fields():
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    cfg = _print_config("--preset", "cifar10-64", "--base-width", "64")
+    assert cfg["model"]["base_width"] == 64 and cfg["model"]["architecture"] == "ddpm"
+    cfg = _print_config("--architecture", "ddpm", "--base-width", "32", "--num-groups", "8")
+    assert cfg["model"]["architecture"] == "ddpm" and cfg["model"]["image_size"] == 32  # kept from the preset
+    assert cfg["model"]["channels"] == 1 and cfg["preset"] == "fashion-mnist"
+    result = CliRunner().invoke(main, ["fit", "--preset", "cifar10-64", "--widths", "8,16", "--print-config"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: the ddpm U-Net (preset cifar10-64) has no --widths; "
+                                     "they set the keras U-Net: add --architecture keras")
+
+
+def test_fit_help_groups_options_and_shows_the_presets_values():
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    text = CliRunner().invoke(main, ["fit", "--preset", "cifar10-64", "--help"]).output
+    headings = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings == ["Run:", "Model (both U-Nets):", "Model: Keras U-Net (--architecture keras):",
+                        "Model: DDPM U-Net (--architecture ddpm):", "Noise schedule:", "Data:", "Training:",
+                        "Other options:"], headings
+    assert "[default: 64 (cifar10-64)]" in " ".join(text.split())  # --base-width of that preset
+    plain = " ".join(CliRunner().invoke(main, ["fit", "--help"]).output.split())
+    assert "[default: 32,64,96 (fashion-mnist)]" in plain  # --widths of the default preset
 
 
 def test_ema_warmup_ramps_decay():

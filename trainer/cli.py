@@ -1,82 +1,90 @@
 """``python -m trainer``: train a denoiser (``fit``) or describe a preset (``info``).
 
-Options map onto the fields of the run config's dataclasses; an option left out keeps the
-preset's value. Errors print one line on stderr and exit non-zero (``--debug`` for tracebacks).
+``fit``'s options are generated from the run config's dataclasses (runtime/cliconfig.py); an option
+left out keeps the preset's value. Errors print one line on stderr and exit non-zero (``--debug`` for tracebacks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any
 
 import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from runtime.choices import Device, values
+from runtime.cliconfig import (
+    ConfigOption, GroupedCommand, GroupedOption, add_options, allow_empty, config_options, flag_names_in, overrides,
+)
 from runtime.clitools import friendly_errors, size_limit_options
-from runtime.config import ConfigError, ScheduleName
+from runtime.config import MODEL_CONFIGS, ConfigError, DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
 from runtime.limits import SizeLimits
-from trainer.config import DataConfig, LossName, Normalization, Precision, RunConfig, Split, TrainConfig
+from trainer.config import DataConfig, RunConfig, TrainConfig
 from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 log = logging.getLogger("trainer")
 
-# Which config section each option belongs to, and the field it sets (when named differently).
-MODEL_FIELDS = {"image_size", "channels", "widths", "block_depth", "embedding_dims", "embedding_min_frequency",
-                "embedding_max_frequency"}
-SCHEDULE_FIELDS = {"schedule": "name", "num_timesteps": "num_timesteps", "min_signal_rate": "min_signal_rate",
-                   "max_signal_rate": "max_signal_rate", "beta_start": "beta_start", "beta_end": "beta_end",
-                   "cosine_s": "cosine_s"}
-DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)} - {"source"}
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+def _preset_of(ctx: click.Context) -> tuple[str, Any]:
+    """The config whose values ``--help`` shows as defaults: ``--preset``'s if given before ``--help``."""
+    name = ctx.meta.get("preset") or DEFAULT_PRESET
+    return name, get_preset(name).config
 
 
-def parse_widths(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
+def _remember_preset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta["preset"] = value
+    return value
+
+
+_MODEL_FIELDS = {arch: {f.name for f in dataclasses.fields(cls)} for arch, cls in MODEL_CONFIGS.items()}
+_SHARED = set.intersection(*_MODEL_FIELDS.values())
+
+
+def _model_options() -> list[click.Option]:
+    """The U-Nets' fields: the ones both share once, then each architecture's own under its heading."""
+    shared = config_options(KerasUNetConfig, "model", "Model (both U-Nets)", _preset_of,
+                            skip=set(_MODEL_FIELDS["keras"]) - _SHARED)
+    for option in shared:
+        if isinstance(option, ConfigOption) and option.field == "architecture":
+            option.type = click.Choice(list(MODEL_CONFIGS))
+    shared.sort(key=lambda o: not (isinstance(o, ConfigOption) and o.field == "architecture"))  # first
+    keras = config_options(KerasUNetConfig, "model", "Model: Keras U-Net (--architecture keras)", _preset_of,
+                           skip=_SHARED)
+    ddpm = config_options(DDPMUNetConfig, "model", "Model: DDPM U-Net (--architecture ddpm)", _preset_of,
+                          skip=_SHARED)
+    allow_empty(ddpm, "attention_resolutions")
+    return shared + keras + ddpm
+
+
+CONFIG_OPTIONS: list[click.Option] = [
+    *_model_options(),
+    *config_options(ScheduleConfig, "schedule", "Noise schedule", _preset_of, rename={"name": "schedule"}),
+    *config_options(DataConfig, "data", "Data", _preset_of, rename={"random_flip": "flip"}),
+    *config_options(TrainConfig, "train", "Training", _preset_of),
+]
+
+
+def resolve_config(ctx: click.Context, preset: str | None, resume_from: Path | None) -> RunConfig:
+    """The run config: the preset's (or the stored run's, on --resume) with the given options applied.
+
+    Config errors name the flags typed (``--block-depth``), not the fields they set.
+    """
+    from trainer.rundir import load_run_config, with_train_overrides
+
+    given = overrides(ctx)
     try:
-        widths = tuple(int(w) for w in value.split(","))
-    except ValueError:
-        raise click.BadParameter("give comma-separated integers, e.g. 32,64,96,128") from None
-    return widths
-
-
-def apply_overrides(cfg: RunConfig, opts: dict[str, Any]) -> RunConfig:
-    """The preset's config with every given option replacing its field."""
-    given = {k: v for k, v in opts.items() if v is not None}
-    if "steps" in given:
-        given.setdefault("epochs", None)
-    elif "epochs" in given:
-        given.setdefault("steps", None)
-    model = {k: v for k, v in given.items() if k in MODEL_FIELDS}
-    schedule = {SCHEDULE_FIELDS[k]: v for k, v in given.items() if k in SCHEDULE_FIELDS}
-    data = {k: v for k, v in given.items() if k in DATA_FIELDS}
-    train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, **model),
-        schedule=dataclasses.replace(cfg.schedule, **schedule),
-        data=dataclasses.replace(cfg.data, **data),
-        train=dataclasses.replace(cfg.train, **train),
-    )
-
-
-def with_flag_names(build: Callable[[], RunConfig], opts: dict[str, Any]) -> RunConfig:
-    """``build()``, its config errors naming the flags the user typed (``--block-depth``) rather than
-    the fields they set (``block_depth``)."""
-    try:
-        return build()
+        if resume_from is not None:
+            stored = load_run_config(resume_from)
+            return with_train_overrides(stored, {field: value for (_, field), value in given.items()})
+        return get_preset(preset or DEFAULT_PRESET).config.with_overrides(given)
     except ConfigError as exc:
-        text = str(exc)
-        for name in sorted((k for k, v in opts.items() if v is not None), key=len, reverse=True):
-            field = SCHEDULE_FIELDS.get(name, name)
-            text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w-])", "--" + name.replace("_", "-"), text)
-        raise ConfigError(text) from None
+        raise ConfigError(flag_names_in(str(exc), ctx, [*given, ("model", "architecture")])) from None
 
 
 def setup_logging() -> None:
@@ -97,62 +105,35 @@ def main() -> None:
 _CHOICE = click.Choice
 
 
-@main.command()
-@click.option("--preset", type=_CHOICE(list(PRESETS)), default=None, help=f"Training setup [default: {DEFAULT_PRESET}].")
-@click.option("--data", "data_path", type=click.Path(path_type=Path), help="Dataset folder (else the preset's default).")
-@click.option("--out", "out", type=click.Path(path_type=Path), help="Run directory [default: runs/PRESET-TIME].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
-@click.option("--device", type=_CHOICE(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
-# training (TrainConfig)
-@click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Total epochs (each of dataset_repetitions passes).")
-@click.option("--dataset-repetitions", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--weight-decay", type=click.FloatRange(min=0))
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True))
-@click.option("--ema-warmup/--no-ema-warmup", default=None, help="Ramp the EMA decay up over the first steps.")
-@click.option("--loss", type=_CHOICE(get_args(LossName)))
-@click.option("--warmup-steps", type=click.IntRange(min=0))
-@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), help="Max gradient norm.")
-@click.option("--precision", type=_CHOICE(get_args(Precision)), help="bf16 = bfloat16 autocast.")
-@click.option("--seed", type=click.IntRange(min=0))
-@click.option("--sample-every", type=click.IntRange(min=1), help="Steps between sample grids.")
-@click.option("--sample-steps", type=click.IntRange(min=1), help="DDIM steps of those grids.")
-@click.option("--num-samples", type=click.IntRange(min=1), help="Images per grid.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1))
-@click.option("--keep-checkpoints", type=click.IntRange(min=1), help="How many checkpoints to keep.")
-@click.option("--log-every", type=click.IntRange(min=1), help="Steps per loss.csv row.")
-# model (KerasUNetConfig)
-@click.option("--image-size", type=click.IntRange(min=1))
-@click.option("--channels", type=click.IntRange(min=1))
-@click.option("--widths", callback=parse_widths, help="Block widths, e.g. 32,64,96,128.")
-@click.option("--block-depth", type=click.IntRange(min=1))
-@click.option("--embedding-dims", type=click.IntRange(min=2))
-@click.option("--embedding-min-frequency", type=float)
-@click.option("--embedding-max-frequency", type=float)
-# schedule (ScheduleConfig)
-@click.option("--schedule", type=_CHOICE(get_args(ScheduleName)))
-@click.option("--num-timesteps", type=click.IntRange(min=1), help="T of discrete schedules.")
-@click.option("--beta-start", type=float)
-@click.option("--beta-end", type=float)
-@click.option("--cosine-s", type=float, help="Offset s of the cosine schedule.")
-@click.option("--min-signal-rate", type=float)
-@click.option("--max-signal-rate", type=float)
-# data (DataConfig)
-@click.option("--split", type=_CHOICE(get_args(Split)))
-@click.option("--val-fraction", type=float)
-@click.option("--split-seed", type=click.IntRange(min=0))
-@click.option("--flip/--no-flip", "random_flip", default=None, help="Random horizontal flips.")
-@click.option("--normalization", type=_CHOICE(get_args(Normalization)))
+@main.command(cls=GroupedCommand)
+@click.option("--preset", type=_CHOICE(list(PRESETS)), default=None, is_eager=True, callback=_remember_preset,
+              cls=GroupedOption, group="Run",
+              help=f"Training setup every option below starts from [default: {DEFAULT_PRESET}]; put it before "
+                   "--help to see its values.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), cls=GroupedOption, group="Run",
+              help="Dataset folder (else the preset's default).")
+@click.option("--out", "out", type=click.Path(path_type=Path), cls=GroupedOption, group="Run",
+              help="Run directory [default: runs/PRESET-TIME].")
+@click.option("--resume", is_flag=True, cls=GroupedOption, group="Run",
+              help="Continue the run in --out from its latest checkpoint.")
+@click.option("--device", type=_CHOICE(["auto", *values(Device)]), default="auto", show_default=True,
+              cls=GroupedOption, group="Run")
+@click.option("--progress/--no-progress", default=True, show_default=True, cls=GroupedOption, group="Run",
+              help="Progress bar.")
+@click.option("--print-config", is_flag=True, cls=GroupedOption, group="Run",
+              help="Print the resolved config as JSON and exit.")
+@add_options(CONFIG_OPTIONS)
 @size_limit_options
 @friendly_errors
-def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bool, device: str, progress: bool,
-        max_image_size: int, max_parameters: int, max_memory_gib: float, **opts: Any) -> None:
-    """Train a denoiser into a run directory (under torchrun: one process per rank, DDP)."""
+@click.pass_context
+def fit(ctx: click.Context, preset: str | None, data_path: Path | None, out: Path | None, resume: bool, device: str,
+        progress: bool, print_config: bool, max_image_size: int, max_parameters: int, max_memory_gib: float) -> None:
+    """Train a denoiser into a run directory (under torchrun: one process per rank, DDP).
+
+    Every option but the Run ones sets one field of the run config; left out, it keeps the preset's
+    value (shown as the default; on --resume, the stored run's).
+    """
     from trainer import distributed
-    from trainer.rundir import load_run_config, with_train_overrides
 
     setup_logging()
     if resume:
@@ -160,9 +141,10 @@ def fit(preset: str | None, data_path: Path | None, out: Path | None, resume: bo
             raise click.UsageError("--resume needs --out RUN_DIR")
         if preset is not None:
             raise click.UsageError("--resume takes the preset stored in the run directory; drop --preset")
-        cfg = with_train_overrides(load_run_config(out), {k: v for k, v in opts.items() if v is not None})
-    else:
-        cfg = with_flag_names(lambda: apply_overrides(get_preset(preset or DEFAULT_PRESET).config, opts), opts)
+    cfg = resolve_config(ctx, preset, out if resume else None)
+    if print_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
     limits = SizeLimits(max_image_size, max_parameters, max_memory_gib)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if multi and out is None:
@@ -215,28 +197,3 @@ def info(preset: tuple[str, ...]) -> None:
         m = p.config.model
         click.echo(f"{name:16s} {m.image_size}x{m.image_size}x{m.channels}  params {count_parameters(model):>10,}  "
                    f"GFLOPs/forward {forward_gflops(model, m):7.3f}  {p.summary}")
-
-
-@main.command()
-@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
-              help="Folder of Fashion-MNIST IDX files [default: the Debian package, else the cache/download].")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to write it [default: models/fashion-mnist-classifier, the shipped one].")
-@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
-@friendly_errors
-def classifier(data_path: Path | None, out: Path | None, epochs: int, seed: int, progress: bool) -> None:
-    """Train the Fashion-MNIST classifier whose features give the FD-classifier score."""
-    from trainer.classifier import SHIPPED, save_classifier, train_classifier
-    from trainer.data import fit_idx_images
-    from trainer.data.fashion_mnist import load_fashion_mnist
-
-    out = out or SHIPPED
-    click.echo(f"classifier: Fashion-MNIST, {epochs} epochs, seed {seed} -> {out}", err=True)
-    (xtr, ytr), (xte, yte) = (load_fashion_mnist(data_path, s) for s in ("train", "test"))
-    model, info = train_classifier((fit_idx_images(xtr, 32), ytr), (fit_idx_images(xte, 32), yte), epochs=epochs,
-                                   seed=seed, progress=progress)
-    save_classifier(model, info, out)
-    click.echo(f"test accuracy {100 * info.test_accuracy:.2f}% ({len(yte)} images) in {info.train_seconds:.0f} s; "
-               f"wrote {out}")

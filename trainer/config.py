@@ -14,7 +14,8 @@ from typing import Any, Literal, Mapping, get_args
 from runtime import __version__
 from runtime.schedule import MAX_CONTINUOUS_STEPS
 from runtime.config import (
-    ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, check_choice, dataclass_from_dict,
+    MODEL_CONFIGS, ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, check_choice,
+    dataclass_from_dict,
 )
 
 DataSource = Literal["fashion-mnist", "cifar10", "oxford-flowers", "folder"]
@@ -34,11 +35,17 @@ class DataConfig:
     """Where the images come from and how they become model inputs."""
 
     source: DataSource = "fashion-mnist"
-    split: Split = "train"  # fashion-mnist, cifar10: official train / test; folders: seeded random split
+    """Dataset: fashion-mnist, cifar10, oxford-flowers, or a folder of images (--data)."""
+    split: Split = "train"
+    """Images to train on: fashion-mnist and cifar10 use their official train/test; folders a seeded split."""
     val_fraction: float = 0.2
+    """Share of a folder's images held out as val (split train / val)."""
     split_seed: int = 0
+    """Seed of a folder's train/val split."""
     random_flip: bool = False
-    normalization: Normalization = "dataset-stats"  # per-channel mean/std of the training images
+    """Random horizontal flips."""
+    normalization: Normalization = "dataset-stats"
+    """dataset-stats: per-channel mean/std of the training images; minus-one-one: pixels to [-1, 1]."""
 
     def __post_init__(self) -> None:
         check_choice(self.source, get_args(DataSource), "data source")
@@ -53,24 +60,43 @@ class TrainConfig:
     """Optimisation, EMA, loss, duration and bookkeeping of one training run."""
 
     batch_size: int = 64
+    """Images per optimiser step (split across processes under torchrun)."""
     lr: float = 1e-3
+    """Peak learning rate of AdamW."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n steps
+    """Decay of the exponential moving average of the weights (the exported ones)."""
+    ema_warmup: bool = True
+    """Ramp the EMA decay up: min(ema_decay, (1 + n) / (10 + n)) after n steps."""
     loss: LossName = "mae"
-    steps: int | None = None  # total optimiser steps; or derive them from epochs
+    """Loss on the predicted noise: mae (the Keras example's) or mse (DDPM's)."""
+    steps: int | None = None
+    """Total optimiser steps (or give --epochs)."""
     epochs: int | None = None
-    dataset_repetitions: int = 1  # the Keras example repeats the dataset within an epoch
+    """Total epochs, each of dataset_repetitions passes (or give --steps)."""
+    dataset_repetitions: int = 1
+    """Passes over the dataset per epoch (the Keras example repeats it 5 times)."""
     warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up."""
     grad_clip: float | None = None
+    """Largest gradient norm; none for no clipping."""
     precision: Precision = "fp32"
+    """Training precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler (CUDA only)."""
     seed: int = 0
+    """Seed of weights, batches and noise."""
     sample_every: int = 500
+    """Steps between sample grids (samples.png)."""
     sample_steps: int = 20
+    """DDIM steps of those grids."""
     num_samples: int = 64
+    """Images per sample grid."""
     checkpoint_every: int = 500
+    """Steps between checkpoints."""
     keep_checkpoints: int = 3
+    """How many checkpoints to keep (older ones are pruned)."""
     log_every: int = 10
+    """Steps per loss.csv row."""
 
     def __post_init__(self) -> None:
         check_choice(self.loss, get_args(LossName), "loss")
@@ -91,6 +117,9 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
 
+
+# The sections of a run config that options may set, in the order --help shows them.
+SECTIONS = ("model", "schedule", "data", "train")
 
 # Fields that may change when a run is resumed: they do not alter the trained weights' path.
 RESUMABLE_FIELDS = frozenset(
@@ -138,6 +167,54 @@ class RunConfig:
             data=dataclass_from_dict(DataConfig, extra["data"], "data"),
             train=dataclass_from_dict(TrainConfig, extra["train"], "train"),
         )
+
+    def with_overrides(self, overrides: Mapping[tuple[str, str], Any]) -> "RunConfig":
+        """This config with ``{(section, field): value}`` replaced (``("model", "widths")``...).
+
+        ``("model", "architecture")`` switches U-Nets: the new one keeps the fields both share
+        (image size, channels, embedding frequencies) and takes its own defaults for the rest. A
+        training length given as steps drops one given as epochs, and back.
+        """
+        by_section: dict[str, dict[str, Any]] = {}
+        for (section, name), value in overrides.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r}; allowed: {', '.join(SECTIONS)}")
+            by_section.setdefault(section, {})[name] = value
+        train = by_section.get("train", {})
+        if "steps" in train:
+            train.setdefault("epochs", None)
+        elif "epochs" in train:
+            train.setdefault("steps", None)
+        model = self.model
+        wanted = by_section.get("model", {})
+        arch = wanted.pop("architecture", model.architecture)
+        check_choice(arch, tuple(MODEL_CONFIGS), "architecture")
+        cls = MODEL_CONFIGS[arch]
+        names = {f.name for f in dataclasses.fields(cls)}
+        foreign = sorted(set(wanted) - names)
+        if foreign:
+            other = next((a for a, c in MODEL_CONFIGS.items() if set(foreign) <= {f.name for f in dataclasses.fields(c)}),
+                         None)
+            hint = f"; they set the {other} U-Net: add architecture {other}" if other else ""
+            raise ConfigError(f"the {arch} U-Net (preset {self.preset}) has no {', '.join(foreign)}{hint}")
+        if arch != model.architecture:
+            kept = {k: v for k, v in dataclasses.asdict(model).items() if k in names and k != "architecture"}
+            model = cls(**{**kept, **wanted})
+        else:
+            model = dataclasses.replace(model, **wanted)
+        return dataclasses.replace(
+            self,
+            model=model,
+            schedule=dataclasses.replace(self.schedule, **by_section.get("schedule", {})),
+            data=dataclasses.replace(self.data, **by_section.get("data", {})),
+            train=dataclasses.replace(self.train, **train),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, section by section (what ``fit --print-config`` prints)."""
+        return {"preset": self.preset, "model": dataclasses.asdict(self.model),
+                "schedule": dataclasses.asdict(self.schedule), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
 
     def differences(self, other: "RunConfig", ignore: frozenset[str] = frozenset()) -> list[str]:
         """Dotted names of the fields that differ (``train.lr``...), skipping ``ignore``d train fields."""
