@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
+from runtime.choices import Device, values  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
@@ -243,7 +244,7 @@ def comparison_grid(panels: dict[str, NDArray[np.uint8]], path: Path, scale: int
               help="Score against this many training images, drawn at random [default: all].")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="Where the model's dataset lies [default: where the trainer finds it].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when available]")
+@click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when available]")
 @click.option("--quick", is_flag=True, help="Smoke test: 64 images, 10 and 20 steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors

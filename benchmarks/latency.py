@@ -38,6 +38,8 @@ from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figur
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from export.onnx_graph import write_deployed_onnx, write_fp16_onnx  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
+from runtime.choices import Device, values  # noqa: E402
+from runtime.clitools import version_option  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
@@ -324,9 +326,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="Time torch.compile.")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Time ONNX Runtime INT8 (QDQ) too.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda when available]")
+@click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when available]")
 @click.option("--quick", is_flag=True, help="Small run (about a minute on 2 cores): batches 1 and 8, 10 steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
+@version_option
 def main(models: tuple[str, ...], batches: tuple[int, ...], sample_batches: tuple[int, ...], steps: int,
          repeats: int, warmup: int, compile_: bool, int8: bool, device: str | None, quick: bool, out: Path) -> None:
     """Time every backend on the machine at hand and write JSON, Markdown and a plot."""

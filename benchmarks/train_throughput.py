@@ -25,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_name, report_stem, write_json  # noqa: E402
+from runtime.choices import Device, values  # noqa: E402
+from runtime.clitools import version_option  # noqa: E402
 from runtime.schedule import build_schedule  # noqa: E402
 from trainer.models import build_model, count_parameters, forward_gflops  # noqa: E402
+from trainer.config import Precision as TrainPrecision  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
 from trainer.step import Trainee, optimizer_step  # noqa: E402
 
@@ -60,12 +63,13 @@ def measure(preset: str, precision: str, batch: int | None, steps: int, warmup: 
 
 @click.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), multiple=True, help="[default: all]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), multiple=True, help="[default: fp32]")
+@click.option("--precision", type=click.Choice(values(TrainPrecision)), multiple=True, help="[default: fp32]")
 @click.option("--batch-size", type=int, default=None, help="[default: the preset's]")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(values(Device)), default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=ROOT / "benchmarks" / "results")
+@version_option
 def main(preset: tuple[str, ...], precision: tuple[str, ...], batch_size: int | None, steps: int, warmup: int,
          device: str, out: Path) -> None:
     rows = []

@@ -1,6 +1,14 @@
-"""ddim-deploy's lean runtime: schedules, the DDIM loop and model configs (numpy, never torch)."""
+"""ddim-deploy's lean runtime: schedules, the DDIM loop and model configs (numpy, never torch).
 
-from runtime.config import (
+    import runtime
+    sampler = runtime.load("exports/fashion-mnist")     # backend picked as ddim-run does
+    result = sampler.sample(16, steps=50, seed=0)         # result.images: (16, H, W, C) uint8
+"""
+
+# The toolkit's version: written here only (pyproject.toml reads it; every CLI prints it with --version).
+__version__ = "0.1.0"
+
+from runtime.config import (  # noqa: E402 (the version first: modules below may read it)
     SCHEMA_VERSION,
     ConfigError,
     KerasUNetConfig,
@@ -8,10 +16,9 @@ from runtime.config import (
     NormalizationConfig,
     ScheduleConfig,
 )
-from runtime.sampler import NonFiniteError, SamplerHooks, SamplingPlan, ddim_sample
-from runtime.schedule import build_schedule, ddim_step, select_steps
-
-__version__ = "0.1.0"
+from runtime.api import SampleResult, Sampler, load  # noqa: E402
+from runtime.sampler import NonFiniteError, SamplerHooks, SamplingPlan, ddim_sample  # noqa: E402
+from runtime.schedule import build_schedule, ddim_step, select_steps  # noqa: E402
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -20,6 +27,8 @@ __all__ = [
     "ModelSpec",
     "NonFiniteError",
     "NormalizationConfig",
+    "SampleResult",
+    "Sampler",
     "SamplerHooks",
     "SamplingPlan",
     "ScheduleConfig",
@@ -27,5 +36,6 @@ __all__ = [
     "build_schedule",
     "ddim_sample",
     "ddim_step",
+    "load",
     "select_steps",
 ]

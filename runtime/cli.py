@@ -38,7 +38,10 @@ def latest_export(root: Path = Path("exports")) -> Path | None:
 
 def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
     """Fail before loading and sampling, not after, when an output cannot be written."""
-    check_file(out, "--out", ".png")
+    from runtime.images import IMAGE_FORMATS, image_format
+
+    check_file(out, "--out", tuple(IMAGE_FORMATS))
+    image_format(out)  # a WebP-less Pillow refuses .webp now, not after sampling
     if out_dir is not None:
         check_folder(out_dir, "--out-dir")
     if npz is not None:
@@ -63,7 +66,7 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--spacing", type=click.Choice(values(Spacing)), default="uniform", show_default=True)
 @click.option("--clip-x0", is_flag=True, help="Clip each step's predicted clean image to the pixel range.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
-              help="PNG grid.")
+              help="The grid: .png, .jpg or .webp (PNG and WebP lossless).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Also one PNG per image here.")
 @click.option("--npz", type=click.Path(path_type=Path), default=None, help="Also the raw arrays (samples, images).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -84,7 +87,7 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
     from tqdm import tqdm
 
     from runtime.api import load
-    from runtime.images import grid_png, grid_scale, png_bytes
+    from runtime.images import grid_bytes, grid_scale, image_format, png_bytes
 
     model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
     log.info("ddim-run: %s%s", model, why)
@@ -98,8 +101,8 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
                                 on_step=lambda i: bar.update(1))
     # All or nothing: a full disk at the npz must not leave a new grid beside the old per-image files.
     with StagedOutputs() as staged:
-        staged.stage(out, grid_png(result.images, scale=grid_scale(result.images.shape[1], len(result.images))),
-                     "--out")
+        scale = grid_scale(result.images.shape[1], len(result.images))
+        staged.stage(out, grid_bytes(result.images, scale=scale, fmt=image_format(out)), "--out")
         if out_dir is not None:
             for i, image in enumerate(result.images):
                 staged.stage(out_dir / f"{i:05d}.png", png_bytes(image), "--out-dir")

@@ -15,8 +15,16 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def version_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--version``: the toolkit's version (``runtime.__version__``, the one place it is written)."""
+    from runtime import __version__
+
+    return click.version_option(__version__, "--version", prog_name="ddim-deploy",
+                                message="%(prog)s %(version)s")(fn)
+
+
 def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Add ``--debug``; library errors become ``error: ...`` on stderr and exit code 1 (130 on Ctrl-C)."""
+    """Add ``--debug`` and ``--version``; library errors become ``error: ...`` on stderr and exit code 1 (130 on Ctrl-C)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
@@ -33,7 +41,7 @@ def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
             click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(1)
 
-    return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+    return version_option(click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper))
 
 
 def size_limit_options(fn: Callable[..., None]) -> Callable[..., None]:

@@ -1,4 +1,4 @@
-"""From model-space arrays to pixels: de-normalisation, uint8 conversion and PNG grids."""
+"""From model-space arrays to pixels: de-normalisation, uint8 conversion, and grids as PNG, JPEG or WebP."""
 
 from __future__ import annotations
 
@@ -44,20 +44,50 @@ def grid_scale(image_size: int, n: int, target: int = 512) -> int:
     return max(1, target // (image_size * math.ceil(math.sqrt(n))))
 
 
+# File suffix -> Pillow format. PNG and WebP are written lossless; JPEG at quality 95 without chroma
+# subsampling (small grey images survive it; colour edges blur less).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str | Path) -> str:
+    """The Pillow format a file name asks for by its suffix; ValueError naming the allowed ones."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{path}: unknown image type {suffix or '(no suffix)'!r}; "
+                         f"allowed: {', '.join(IMAGE_FORMATS)}")
+    fmt = IMAGE_FORMATS[suffix]
+    from PIL import features
+
+    if fmt == "WEBP" and not features.check("webp"):
+        raise ValueError(f"{path}: this Pillow was built without WebP support; use .png or .jpg")
+    return fmt
+
+
+def image_bytes(image: NDArray[np.uint8], fmt: str = "PNG") -> bytes:
+    """Encode an ``(H, W, C)`` uint8 image (C = 1 or 3) as ``fmt`` (PNG, JPEG or WEBP)."""
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    options = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}.get(fmt, {})
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
 def png_bytes(image: NDArray[np.uint8]) -> bytes:
     """Encode an ``(H, W, C)`` uint8 image (C = 1 or 3) as PNG."""
-    arr = image[..., 0] if image.shape[-1] == 1 else image
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return image_bytes(image, "PNG")
+
+
+def grid_bytes(images: NDArray[np.uint8], ncols: int | None = None, scale: int = 1, fmt: str = "PNG") -> bytes:
+    """A grid of ``(N, H, W, C)`` uint8 images encoded as ``fmt``; ``scale`` enlarges small images."""
+    grid = make_grid(images, ncols)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return image_bytes(grid, fmt)
 
 
 def grid_png(images: NDArray[np.uint8], ncols: int | None = None, scale: int = 1) -> bytes:
     """The PNG bytes of a grid of ``(N, H, W, C)`` uint8 images; ``scale`` enlarges small images."""
-    grid = make_grid(images, ncols)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return png_bytes(grid)
+    return grid_bytes(images, ncols, scale, "PNG")
 
 
 def save_grid(path: str | Path, images: NDArray[np.uint8], ncols: int | None = None, scale: int = 1) -> Path:

@@ -25,12 +25,15 @@ class OutputError(OSError):
     """An output cannot be written; the message names the flag and the path."""
 
 
-def check_file(path: Path, flag: str, suffix: str) -> None:
-    """Refuse a file output ``flag`` that cannot be written as a ``suffix`` file; its folder may not exist yet."""
+def check_file(path: Path, flag: str, suffixes: str | tuple[str, ...]) -> None:
+    """Refuse a file output ``flag`` that cannot be written, or whose suffix is not one of ``suffixes`` (the
+    type it is written as); its folder may not exist yet."""
+    suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
     if path.is_dir():
-        raise OutputError(f"{flag} {path} is a folder; give a file name, e.g. {path / ('samples' + suffix)}")
-    if path.suffix.lower() != suffix:
-        raise OutputError(f"{flag} {path} must end in {suffix}: the file is written as {suffix[1:].upper()}")
+        raise OutputError(f"{flag} {path} is a folder; give a file name, e.g. {path / ('samples' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        kinds = suffixes[0] if len(suffixes) == 1 else f"{', '.join(suffixes[:-1])} or {suffixes[-1]}"
+        raise OutputError(f"{flag} {path} must end in {kinds}: the suffix says which file type is written")
     _probe(path.parent, flag, path)
 
 

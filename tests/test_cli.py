@@ -150,3 +150,35 @@ def test_classifier_command_trains_and_reports_accuracy(tmp_path, fashion_dir):
     assert (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file()
     missing = run("-m", "trainer", "classifier", "--data", str(tmp_path / "nope"), "--out", str(out))
     assert_one_line_error(missing, "does not exist")
+
+
+def test_every_command_line_prints_the_one_version():
+    """--version everywhere, and the version is written once (runtime.__version__, read by pyproject.toml)."""
+    import importlib.metadata
+
+    from click.testing import CliRunner
+
+    import runtime
+
+    assert importlib.metadata.version("ddim-deploy") == runtime.__version__
+    assert runtime.__version__ not in (ROOT / "pyproject.toml").read_text()
+    from export.cli import main as export_main
+    from runtime.cli import main as run_main
+    from trainer.cli import main as trainer_main
+
+    commands = {"trainer": trainer_main, "trainer fit": trainer_main, "ddim-export": export_main, "ddim-run": run_main}
+    for name, command in commands.items():
+        args = ["fit", "--version"] if name == "trainer fit" else ["--version"]
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 0 and result.output == f"ddim-deploy {runtime.__version__}\n", (name, result.output)
+    for script in ("latency", "fid", "int8_tradeoff", "train_throughput"):
+        proc = run(str(ROOT / "benchmarks" / f"{script}.py"), "--version")
+        assert proc.returncode == 0 and proc.stdout == f"ddim-deploy {runtime.__version__}\n", (script, proc.stderr)
+
+
+def test_runtime_exports_its_public_api():
+    import runtime
+    from runtime.api import SampleResult, Sampler, load
+
+    assert {"load", "Sampler", "SampleResult", "__version__"} <= set(runtime.__all__)
+    assert (runtime.load, runtime.Sampler, runtime.SampleResult) == (load, Sampler, SampleResult)

@@ -22,7 +22,7 @@ from runtime.choices import Device, values
 from runtime.cliconfig import (
     ConfigOption, GroupedCommand, GroupedOption, add_options, allow_empty, config_options, flag_names_in, overrides,
 )
-from runtime.clitools import friendly_errors, size_limit_options
+from runtime.clitools import friendly_errors, size_limit_options, version_option
 from runtime.config import MODEL_CONFIGS, ConfigError, DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
 from runtime.limits import SizeLimits
 from trainer.config import DataConfig, RunConfig, TrainConfig
@@ -98,6 +98,7 @@ def setup_logging() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option
 def main() -> None:
     """Train DDIM denoisers (see README for the presets)."""
 

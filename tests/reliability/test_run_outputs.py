@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from faults import SHIPPED, assert_kept, cli, one_error_line, read_only, shipped_export, small_disk, snapshot
@@ -144,8 +145,10 @@ def test_outputs_of_the_wrong_kind_are_refused(tmp):
     before = old_outputs(tmp)
     (tmp / "results").mkdir()
     cases = [
-        (("--out", "x.jpg"), "error: --out x.jpg must end in .png: the file is written as PNG"),
-        (("--npz", "arrays.npy"), "error: --npz arrays.npy must end in .npz: the file is written as NPZ"),
+        (("--out", "x.gif"), "error: --out x.gif must end in .png, .jpg, .jpeg or .webp: the suffix says which file "
+                             "type is written"),
+        (("--npz", "arrays.npy"), "error: --npz arrays.npy must end in .npz: the suffix says which file type is "
+                                  "written"),
         (("--out", "results"), "error: --out results is a folder; give a file name, e.g. results/samples.png"),
         (("--out-dir", "s.npz"), "error: --out-dir s.npz is a file, not a folder"),
     ]
@@ -153,5 +156,18 @@ def test_outputs_of_the_wrong_kind_are_refused(tmp):
         proc = ddim_run(tmp, *FAST, *args)
         assert one_error_line(proc) == expected, args
         assert "backend:" not in proc.stderr, args
-    assert not (tmp / "x.jpg").exists() and not (tmp / "arrays.npy").exists()
+    assert not (tmp / "x.gif").exists() and not (tmp / "arrays.npy").exists()
     assert_kept(before, tmp)
+
+
+def test_out_suffix_picks_the_image_type(tmp):
+    """--out x.jpg is a JPEG, x.webp a (lossless) WebP, x.png a PNG: never PNG bytes under another name."""
+    from PIL import Image
+
+    for name, fmt in (("grid.jpg", "JPEG"), ("grid.JPEG", "JPEG"), ("grid.webp", "WEBP"), ("grid.png", "PNG")):
+        proc = ddim_run(tmp, *FAST, "--out", name)
+        assert proc.returncode == 0, proc.stderr
+        with Image.open(tmp / name) as im:
+            assert im.format == fmt, (name, im.format)
+    with Image.open(tmp / "grid.webp") as webp, Image.open(tmp / "grid.png") as png:
+        assert np.array_equal(np.asarray(webp.convert("L")), np.asarray(png.convert("L")))  # lossless
