@@ -14,7 +14,7 @@ tensor (uint8, asymmetric),
 with ONNX Runtime's quantization tools in QDQ format; ONNX Runtime's CPU provider fuses the
 pairs into integer convolutions. Kept in float32: the noise-variance embedding (its angles
 reach 2*pi*1000*variance), the first convolution (it reads the raw noisy image) and the last one
-(its output is the predicted noise itself); measurements behind these choices are in README.
+(its output is the predicted noise itself); measurements behind these choices are in docs/export.md.
 
 Why 7-bit weights: on x86 CPUs without VNNI (AVX2 only, like this project's machine) ONNX Runtime's
 u8 x s8 kernels add pairs of products in saturating int16 (``vpmaddubsw``); 255 x 127 x 2 overflows

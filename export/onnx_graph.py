@@ -1,6 +1,6 @@
 """The denoiser as ONNX: export, simplification, metadata, and the FP16 conversion.
 
-FP16 keeps in float32 (see DESIGN.md): the sinusoidal-embedding path from ``noise_variances`` up to
+FP16 keeps in float32 (see docs/design.md): the sinusoidal-embedding path from ``noise_variances`` up to
 Sin/Cos (angles reach 2 pi 1000 * variance, beyond fp16), every normalisation node (BatchNorm,
 InstanceNorm - the legacy exporter's form of GroupNorm - GroupNorm, LayerNorm: their statistics
 overflow or lose precision in fp16), and Softmax (exponentials of attention logits). Inputs and
@@ -101,7 +101,7 @@ def drop_round_trip_casts(model: onnx.ModelProto) -> int:
 
     The converter casts every kept-float32 node's output to float16, even where the only consumers
     are kept-float32 nodes that cast it straight back: between the embedding's Mul and Sin / Cos
-    that rounds the angles (up to 2 pi 1000) to float16, the very loss DESIGN.md forbids.
+    that rounds the angles (up to 2 pi 1000) to float16, the very loss docs/design.md forbids.
     """
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
