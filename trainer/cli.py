@@ -100,7 +100,7 @@ def setup_logging() -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @version_option
 def main() -> None:
-    """Train DDIM denoisers (see README for the presets)."""
+    """Train DDIM denoisers (presets: python -m trainer info; docs/training.md)."""
 
 
 _CHOICE = click.Choice
