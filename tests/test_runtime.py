@@ -226,3 +226,21 @@ def test_gpu_backends_match_cpu(model_dirs, tmp_path, backend, precision, levels
     gpu = sampler.sample(4, steps=20, seed=0, batch_size=4)
     cpu = load(export, **CPU).sample(4, steps=20, seed=0, batch_size=4)
     assert np.abs(gpu.images.astype(int) - cpu.images.astype(int)).max() <= levels
+
+
+def test_install_hints_name_installable_packages():
+    """ddim-deploy is not on PyPI: advice names the packages (as pyproject lists them) and the clone's extra."""
+    import re
+    import tomllib
+
+    from runtime.extras import install_hint
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert install_hint("gpu", "cupy-cuda13x") == \
+        f"pip install '{next(r for r in extras['gpu'] if r.startswith('cupy'))}' (in a ddim-deploy clone: pip install -e '.[gpu]')"
+    assert all(r in install_hint("gpu") for r in extras["gpu"])
+    bad = [f"{p.relative_to(root)}:{n}" for folder in ("runtime", "trainer", "export", "quality", "benchmarks")
+           for p in (root / folder).rglob("*.py")
+           for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"pip install '?ddim-deploy\[", line)]
+    assert not bad, f"hints that pip cannot follow: {bad}"

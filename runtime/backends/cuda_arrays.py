@@ -18,13 +18,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from runtime.backends import BackendError
+from runtime.extras import install_hint
 
 
 def import_cupy() -> Any:
     try:
         import cupy
     except ImportError:
-        raise BackendError("GPU sampling needs CuPy (pip install 'ddim-deploy[gpu]')") from None
+        raise BackendError(f"GPU sampling needs CuPy ({install_hint('gpu', 'cupy-cuda13x')})") from None
     return cupy
 
 

@@ -20,6 +20,7 @@ from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
 from runtime.backends import ort_cache
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
+from runtime.extras import install_hint
 from runtime.hostinfo import physical_cores
 from runtime.metadata import spec_from_metadata
 from runtime.sampler import numpy_is_finite
@@ -82,7 +83,7 @@ def check_provider(session: ort.InferenceSession, wanted: str, what: str) -> Non
     if wanted == CUDA and (not active or active[0] != CUDA):
         raise BackendError(f"{what}: ONNX Runtime's CUDA provider did not start (active: {', '.join(active)}); "
                            "the CUDA runtime or cuDNN libraries it needs are missing - see ONNX Runtime's CUDA "
-                           "requirements, or pip install 'ddim-deploy[gpu]'")
+                           f"requirements, or {install_hint('gpu', 'onnxruntime-gpu')}")
 
 
 def model_file(path: Path, precision: str) -> Path:
@@ -159,7 +160,7 @@ class OrtBackend:
     def __init__(self, path: Path, device: str = "cpu", precision: str = "fp32") -> None:
         if device == "cuda" and not cuda_available():
             raise BackendError("--device cuda: this onnxruntime has no CUDA provider ("
-                               + (install_problem() or "pip install 'ddim-deploy[gpu]'") + ")")
+                               + (install_problem() or install_hint("gpu", "onnxruntime-gpu")) + ")")
         self.model_path = model_file(path, precision)
         self.device, self.precision = device, precision
         if device == "cuda":

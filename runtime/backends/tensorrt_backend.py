@@ -17,6 +17,7 @@ from typing import Any
 from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
+from runtime.extras import install_hint
 from runtime.files import read_capped, sha256_file
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendError("TensorRT is not installed (pip install 'ddim-deploy[gpu]')") from None
+        raise BackendError(f"TensorRT is not installed ({install_hint('gpu', 'tensorrt-cu13')})") from None
     version = str(getattr(trt, "__version__", "unknown"))
     try:
         major = int(version.split(".")[0])
