@@ -42,6 +42,7 @@ from runtime.choices import Device, values  # noqa: E402
 from runtime.clitools import version_option  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
+from runtime.hostinfo import check_threads, physical_cores  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from runtime.metadata import spec_to_metadata  # noqa: E402
 from trainer.checkpoint import load_model  # noqa: E402
@@ -116,7 +117,8 @@ def ort_export(m: Model, folder: Path, int8: bool, fp16: bool = False) -> Path:
     return folder
 
 
-def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> dict[str, tuple[Forward, Any]]:
+def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool,
+                    threads: int | None = None) -> dict[str, tuple[Forward, Any]]:
     """name -> (forward on host arrays, Sampler or None) for every backend available here."""
     out: dict[str, tuple[Forward, Any]] = {}
 
@@ -129,7 +131,8 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> 
         return run
 
     base = m.module.to(device)
-    out[f"eager fp32 ({device})"] = (eager(base), Sampler(TorchBackend(model=base, spec=m.spec, device=device)))
+    out[f"eager fp32 ({device})"] = (eager(base), Sampler(TorchBackend(model=base, spec=m.spec, device=device,
+                                                                       threads=threads)))
     cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
     out[f"eager channels_last ({device})"] = (eager(cl, fmt=torch.channels_last), None)
     if device == "cuda":
@@ -143,7 +146,7 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool) -> 
     for precision in ("fp32", "int8"):
         if precision == "int8" and not (export_dir / "model.int8.onnx").is_file():
             continue
-        ort_b = OrtBackend(export_dir, "cpu", precision)
+        ort_b = OrtBackend(export_dir, "cpu", precision, threads)
         out[f"onnxruntime cpu {precision}"] = (
             lambda x, v, s=ort_b.session: s.run(None, {"noisy_images": x, "noise_variances": v}), Sampler(ort_b))
     return out
@@ -229,10 +232,10 @@ def timed(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> dict
 
 
 def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[int], steps: int, warmup: int,
-                repeats: int, compile_: bool, peak: float, int8: bool) -> list[dict[str, Any]]:
+                repeats: int, compile_: bool, peak: float, int8: bool, threads: int | None = None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runners = forward_runners(m, ort_export(m, Path(tmp), int8, fp16=device == "cuda"), device, compile_)
+        runners = forward_runners(m, ort_export(m, Path(tmp), int8, fp16=device == "cuda"), device, compile_, threads)
         c, s = m.spec.model.channels, m.spec.model.image_size
         for batch in batches:
             rng = np.random.default_rng(0)
@@ -269,14 +272,14 @@ def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[
 def environment(device: str, peak: float) -> dict[str, Any]:
     import onnxruntime as ort
 
-    return {"host": socket.gethostname(), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+    return {"host": socket.gethostname(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
             "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "matmul_peak_gflop_s": round(peak, 1)}
 
 
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Latency ({env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+    lines = [f"# Latency ({env['cpu']}, {env['threads']} threads (torch and ONNX Runtime), torch {env['torch']}, "
              f"onnxruntime {env['onnxruntime']}, {env['device']}{', ' + env['gpu'] if env['gpu'] else ''})", "",
              f"Practical peak, the best 2048^2 float32 matmul of torch and numpy: {env['matmul_peak_gflop_s']} GFLOP/s. "
              "GFLOPs count convolutions and matmuls only.", "",
@@ -327,24 +330,30 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="Time torch.compile.")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Time ONNX Runtime INT8 (QDQ) too.")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when available]")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"CPU threads of torch and ONNX Runtime [default: one per physical core, {physical_cores()} here].")
 @click.option("--quick", is_flag=True, help="Small run (about a minute on 2 cores): batches 1 and 8, 10 steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @version_option
 def main(models: tuple[str, ...], batches: tuple[int, ...], sample_batches: tuple[int, ...], steps: int,
-         repeats: int, warmup: int, compile_: bool, int8: bool, device: str | None, quick: bool, out: Path) -> None:
+         repeats: int, warmup: int, compile_: bool, int8: bool, device: str | None, threads: int | None, quick: bool,
+         out: Path) -> None:
     """Time every backend on the machine at hand and write JSON, Markdown and a plot."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = check_threads(threads)
+    torch.set_num_threads(threads)  # every torch row, the matmul peak included, on the same threads as ORT
     if quick:
         batches, sample_batches, steps, repeats, warmup, compile_ = batches or (1, 8), sample_batches or (1,), 10, \
             5, 1, False
     models = models or ("keras-flowers", str(SHIPPED_MODEL) if SHIPPED_MODEL.is_dir() else "fashion-mnist")
     peak = matmul_peak(device)
-    click.echo(f"latency: {', '.join(models)} on {device} (matmul peak {peak:.0f} GFLOP/s)", err=True)
+    click.echo(f"latency: {', '.join(models)} on {device}, {threads} threads (matmul peak {peak:.0f} GFLOP/s)",
+               err=True)
     rows = []
     for name in models:
         m = load_subject(name)
         rows += bench_model(m, device, list(batches or (1, 8, 32, 64)), list(sample_batches or (1, 8)), steps,
-                            warmup, repeats, compile_, peak, int8)
+                            warmup, repeats, compile_, peak, int8, threads)
     env = environment(device, peak)
     stem = report_stem("latency")
     rows = write_json(out / f"{stem}.json", env, rows, ("model", "backend", "kind", "batch"))

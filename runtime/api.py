@@ -100,10 +100,11 @@ class Sampler:
 
 
 def load(path: str | Path, backend: BackendName = "auto", device: Device | None = None,
-         precision: Precision | None = None) -> Sampler:
+         precision: Precision | None = None, threads: int | None = None) -> Sampler:
     """A sampler for an export directory, an ONNX file, or (torch backend) a trainer run directory.
 
     ``precision`` None: a TensorRT engine's own where one is picked, else fp32 (``model.onnx``).
+    ``threads``: CPU threads of ONNX Runtime and torch [default: one per physical core].
     """
-    chosen, why = open_backend(Path(path), backend, device, precision)
+    chosen, why = open_backend(Path(path), backend, device, precision, threads)
     return Sampler(chosen, why)

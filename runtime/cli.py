@@ -11,6 +11,7 @@ import numpy as np
 
 from runtime.choices import BackendName, Device, Precision, Spacing, values
 from runtime.clitools import friendly_errors
+from runtime.hostinfo import physical_cores
 from runtime.outputs import StagedOutputs, check_file, check_folder
 from runtime.shipped import pick
 
@@ -63,6 +64,8 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--precision", type=click.Choice(values(Precision)), default=None,
               help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU) [default: the "
                    "TensorRT engine's (fp16) where one is picked, else fp32].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"CPU threads of ONNX Runtime / torch [default: one per physical core, {physical_cores()} here].")
 @click.option("--spacing", type=click.Choice(values(Spacing)), default="uniform", show_default=True)
 @click.option("--clip-x0", is_flag=True, help="Clip each step's predicted clean image to the pixel range.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
@@ -72,18 +75,18 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str | None, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
-         npz: Path | None, progress: bool) -> None:
+         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool, out: Path,
+         out_dir: Path | None, npz: Path | None, progress: bool) -> None:
     """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest export under
     exports/, else the shipped Fashion-MNIST model)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    _run(model, steps, eta, num_images, batch_size, seed, backend, device, precision, spacing, clip_x0, out,
-         out_dir, npz, progress)
+    _run(model, steps, eta, num_images, batch_size, seed, backend, device, precision, threads, spacing, clip_x0,
+         out, out_dir, npz, progress)
 
 
 def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str | None, spacing: str, clip_x0: bool, out: Path, out_dir: Path | None,
-         npz: Path | None, progress: bool) -> None:
+         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool, out: Path,
+         out_dir: Path | None, npz: Path | None, progress: bool) -> None:
     from tqdm import tqdm
 
     from runtime.api import load
@@ -92,7 +95,7 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
     model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
     log.info("ddim-run: %s%s", model, why)
     check_outputs(out, out_dir, npz)
-    sampler = load(model, backend, device, precision)  # type: ignore[arg-type]
+    sampler = load(model, backend, device, precision, threads)  # type: ignore[arg-type]
     log.info("backend: %s", sampler.why)
     sampler.plan(steps, eta, spacing)  # type: ignore[arg-type]  # refuse steps the schedule cannot take, now
     batches = -(-num_images // batch_size)

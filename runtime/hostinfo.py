@@ -19,6 +19,23 @@ def physical_cores() -> int:
     return len(pairs) or os.cpu_count() or 1
 
 
+def check_threads(threads: int | None) -> int:
+    """The CPU threads a backend uses: ``threads``, or one per physical core when None.
+
+    More threads than cores oversubscribes them: under contention eager torch was measured 16x slower
+    per step with its default threads than with one (see docs/sampling.md).
+    """
+    if threads is None:
+        return physical_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    return threads
+
+
+def threads_label(threads: int) -> str:
+    return f"{threads} thread{'s' if threads != 1 else ''}"
+
+
 def cpu_flags() -> str:
     """The CPU's feature flags (``/proc/cpuinfo``), or the platform's processor string elsewhere."""
     try:

@@ -244,3 +244,25 @@ def test_install_hints_name_installable_packages():
            for p in (root / folder).rglob("*.py")
            for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"pip install '?ddim-deploy\[", line)]
     assert not bad, f"hints that pip cannot follow: {bad}"
+
+
+def test_threads_reach_onnx_runtime_and_torch():
+    """--threads / load(threads=): the CPU threads of ORT's session and of torch (default: physical cores)."""
+    import torch
+
+    from runtime.api import load
+    from runtime.hostinfo import physical_cores
+    from runtime.shipped import SHIPPED_MODEL
+
+    one = load(SHIPPED_MODEL, "onnxruntime", "cpu", threads=1)
+    assert one.backend.session.get_session_options().intra_op_num_threads == 1 and "1 thread " in one.why
+    default = load(SHIPPED_MODEL, "onnxruntime", "cpu")
+    assert default.backend.session.get_session_options().intra_op_num_threads == physical_cores()
+    before = torch.get_num_threads()
+    try:
+        eager = load(SHIPPED_MODEL, "torch", "cpu", threads=1)
+        assert torch.get_num_threads() == 1 and "1 thread " in eager.why
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        load(SHIPPED_MODEL, "onnxruntime", "cpu", threads=0)

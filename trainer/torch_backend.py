@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from runtime.config import ModelSpec
+from runtime.hostinfo import check_threads, threads_label
 from trainer.checkpoint import load_model
 
 
@@ -24,8 +25,8 @@ class TorchBackend:
     name = "torch"
     precision = "fp32"
 
-    def __init__(self, path: Path | None = None, device: str = "cpu", precision: str = "fp32", *,
-                 model: nn.Module | None = None, spec: ModelSpec | None = None) -> None:
+    def __init__(self, path: Path | None = None, device: str = "cpu", precision: str = "fp32",
+                 threads: int | None = None, *, model: nn.Module | None = None, spec: ModelSpec | None = None) -> None:
         if precision != "fp32":
             raise ValueError("the torch backend is the float32 reference; use --precision fp32")
         if model is None:
@@ -37,7 +38,11 @@ class TorchBackend:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: this PyTorch has no usable CUDA GPU")
         self.device = device
-        self.provider = f"eager PyTorch {torch.__version__} on {device}"
+        # torch's own default can oversubscribe a busy CPU; this process-wide setting is what --threads means
+        self.threads = check_threads(threads)
+        torch.set_num_threads(self.threads)
+        self.provider = f"eager PyTorch {torch.__version__} on {device}" + \
+            (f", {threads_label(self.threads)}" if device == "cpu" else "")
         self.model = model.to(device).eval()
         self.spec = spec
 

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from runtime.choices import BackendName, Device, Precision
 from runtime.config import ModelSpec
+from runtime.extras import install_hint
 
 # The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these).
 INPUT_NAMES = ("noisy_images", "noise_variances")
@@ -41,20 +42,21 @@ class Backend(Protocol):
 
 
 def open_backend(path: Path, backend: BackendName = "auto", device: Device | None = None,
-                 precision: Precision | None = None) -> tuple[Backend, str]:
+                 precision: Precision | None = None, threads: int | None = None) -> tuple[Backend, str]:
     """The backend to sample ``path`` with, and one line saying which and why.
 
     ``auto`` picks TensorRT (an engine whose manifest matches this machine, when no precision or
     the engine's was asked), then ONNX Runtime CUDA, then ONNX Runtime CPU; a trainer run directory
     (weights, no ONNX) means the eager torch backend. ``precision`` None means the engine's where
-    TensorRT is picked, else fp32. A backend that cannot start here is skipped with its reason.
+    TensorRT is picked, else fp32. ``threads``: CPU threads of ONNX Runtime and torch (default: one per
+    physical core). A backend that cannot start here is skipped with its reason.
     """
     if not path.exists():
         raise BackendError(f"{path} does not exist")
     run_dir = (path / "model.safetensors").is_file() and not (path / "model.onnx").is_file()
     if backend == "torch" or (backend == "auto" and run_dir):
         why = "asked for" if backend == "torch" else "a trainer run directory"
-        b = plugin("torch")(path, device or "cpu", precision or "fp32")
+        b = plugin("torch")(path, device or "cpu", precision or "fp32", threads)
         return b, f"torch, {b.provider} ({why}: the eager reference)"
     skipped = []
     if backend == "tensorrt" or (backend == "auto" and device != "cpu" and (path / "model.plan").is_file()):
@@ -74,21 +76,21 @@ def open_backend(path: Path, backend: BackendName = "auto", device: Device | Non
     try:
         from runtime.backends.ort_backend import OrtBackend, OrtCudaBackend, cuda_available, install_problem
     except ImportError as exc:
-        raise BackendError(f"ONNX Runtime is not installed ({exc}): pip install 'ddim-deploy[cpu]', or "
-                           "'ddim-deploy[gpu]' on a CUDA machine (one of them, not both)") from None
+        raise BackendError(f"ONNX Runtime is not installed ({exc}): {install_hint('cpu')}; on a CUDA machine "
+                           f"instead {install_hint('gpu', 'onnxruntime-gpu')} (one of them, not both)") from None
 
     precision = precision or "fp32"
     if backend == "auto" and not (path / "model.plan").is_file():
         skipped.insert(0, "no TensorRT engine")
     if device == "cuda" or (device is None and cuda_available()):
         try:
-            b = OrtCudaBackend(path, "cuda", precision)
+            b = OrtCudaBackend(path, "cuda", precision, threads)
             return b, _ort_line(b, backend, skipped)
         except BackendError as exc:
             if device == "cuda":
                 raise
             skipped.append(f"ONNX Runtime CUDA skipped: {exc}")
-    b = OrtBackend(path, "cpu", precision)
+    b = OrtBackend(path, "cpu", precision, threads)
     if backend == "auto" and device is None and not cuda_available():
         problem = install_problem()
         skipped.append("ONNX Runtime has no CUDA provider" + (f" ({problem})" if problem else ""))
@@ -99,7 +101,10 @@ def open_backend(path: Path, backend: BackendName = "auto", device: Device | Non
 
 def _ort_line(b: Any, backend: str, skipped: list[str]) -> str:
     why = ["asked for"] if backend == "onnxruntime" else []
-    return f"onnxruntime {b.provider} {b.model_path.name} ({'; '.join(why + skipped)})"
+    from runtime.hostinfo import threads_label
+
+    threads = f", {threads_label(b.threads)}" if b.device == "cpu" else ""
+    return f"onnxruntime {b.provider}{threads} {b.model_path.name} ({'; '.join(why + skipped)})"
 
 
 def plugin(name: str) -> Any:
@@ -112,7 +117,7 @@ def plugin(name: str) -> Any:
 
     found = [ep for ep in entry_points(group="ddim_deploy.backends") if ep.name == name]
     if not found:
-        raise BackendError(f"the {name} backend is not installed (pip install 'ddim-deploy[train]')")
+        raise BackendError(f"the {name} backend is not installed ({install_hint('train')})")
     try:
         return found[0].load()
     except ImportError as exc:

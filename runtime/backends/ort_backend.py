@@ -21,7 +21,7 @@ from runtime.backends import ort_cache
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
 from runtime.extras import install_hint
-from runtime.hostinfo import physical_cores
+from runtime.hostinfo import check_threads
 from runtime.metadata import spec_from_metadata
 from runtime.sampler import numpy_is_finite
 
@@ -96,8 +96,10 @@ def model_file(path: Path, precision: str) -> Path:
     return path
 
 
-def session_options(optimized_path: Path | None, model_dir: Path | None = None) -> ort.SessionOptions:
-    """Full graph optimisation, one thread per physical core, spinning between the loop's back-to-back runs.
+def session_options(optimized_path: Path | None, model_dir: Path | None = None,
+                    threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimisation, ``threads`` threads (default: one per physical core), spinning between the
+    loop's back-to-back runs.
 
     Sessions are made from the model's bytes, so ONNX Runtime would resolve external-data paths
     against the working directory: ``model_dir`` makes them resolve in the model's own folder,
@@ -107,7 +109,7 @@ def session_options(optimized_path: Path | None, model_dir: Path | None = None) 
     if model_dir is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = physical_cores()
+    so.intra_op_num_threads = check_threads(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
@@ -117,10 +119,10 @@ def session_options(optimized_path: Path | None, model_dir: Path | None = None) 
     return so
 
 
-def cached_session(model_path: Path, providers: list[Any]) -> ort.InferenceSession:
+def cached_session(model_path: Path, providers: list[Any], threads: int | None = None) -> ort.InferenceSession:
     """A session on the optimised graph, cached on disk (see :mod:`runtime.backends.ort_cache`)."""
     folder = model_path.resolve().parent
-    return ort_cache.cached_session(model_path, providers, lambda tmp: session_options(tmp, folder))
+    return ort_cache.cached_session(model_path, providers, lambda tmp: session_options(tmp, folder, threads))
 
 
 def graph_dims(args: list[Any], name: str) -> list[int | str | None]:
@@ -157,7 +159,7 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "cpu", precision: str = "fp32") -> None:
+    def __init__(self, path: Path, device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
         if device == "cuda" and not cuda_available():
             raise BackendError("--device cuda: this onnxruntime has no CUDA provider ("
                                + (install_problem() or install_hint("gpu", "onnxruntime-gpu")) + ")")
@@ -166,11 +168,12 @@ class OrtBackend:
         if device == "cuda":
             preload_cuda_libraries()
         try:
-            self.session = cached_session(self.model_path, providers_for(device, precision))
+            self.session = cached_session(self.model_path, providers_for(device, precision), threads)
         except Exception as exc:  # ORT raises its own exception types for corrupt or invalid files
             raise BackendError(f"cannot load {self.model_path}: {str(exc).strip().splitlines()[0]}") from None
         check_provider(self.session, CUDA if device == "cuda" else CPU, str(self.model_path))
         self.provider = self.session.get_providers()[0]
+        self.threads = check_threads(threads)
         try:
             self.spec = spec_from_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         except ConfigError as exc:
@@ -203,8 +206,8 @@ class OrtBackend:
 class OrtCudaBackend(OnDevice, OrtBackend):
     """ONNX Runtime CUDA with I/O binding on CuPy device buffers: no host round trip between steps."""
 
-    def __init__(self, path: Path, device: str = "cuda", precision: str = "fp32") -> None:
-        OrtBackend.__init__(self, path, "cuda", precision)
+    def __init__(self, path: Path, device: str = "cuda", precision: str = "fp32", threads: int | None = None) -> None:
+        OrtBackend.__init__(self, path, "cuda", precision, threads)
         try:
             self.arrays = CupyArrays()
         except BackendError:
