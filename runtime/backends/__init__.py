@@ -104,7 +104,7 @@ def _ort_line(b: Any, backend: str, skipped: list[str]) -> str:
     from runtime.hostinfo import threads_label
 
     threads = f", {threads_label(b.threads)}" if b.device == "cpu" else ""
-    return f"onnxruntime {b.provider}{threads} {b.model_path.name} ({'; '.join(why + skipped)})"
+    return f"onnxruntime {b.provider} {b.model_path.name}{threads} ({'; '.join(why + skipped)})"
 
 
 def plugin(name: str) -> Any:
