@@ -39,7 +39,7 @@ from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
-from trainer.checkpoint import load_model, read_spec  # noqa: E402
+from trainer.rundir import load_model, read_spec  # noqa: E402
 from trainer.config import RunConfig, Split  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
 from trainer.quality import (  # noqa: E402

@@ -14,7 +14,7 @@ from export.onnx_graph import embedding_nodes
 from runtime.api import load
 from runtime.config import ScheduleConfig
 from runtime.schedule import build_schedule, noise_variance
-from trainer.checkpoint import read_spec
+from trainer.rundir import read_spec
 
 LOOSE = ("--int8-min-psnr", "0", "--int8-max-fd-ratio", "1000", "--int8-gate-images", "4",
          "--int8-calibration-size", "32")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from runtime.files import atomic_path, atomic_write_text, read_capped
 from runtime.shipped import SHIPPED_CLASSIFIER
-from trainer.checkpoint import load_weights
+from trainer.rundir import load_weights
 from trainer.errors import CheckpointError
 
 SHIPPED = SHIPPED_CLASSIFIER

@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from runtime.config import ModelSpec
-from trainer.checkpoint import load_model
+from trainer.rundir import load_model
 
 
 class TorchBackend:
