@@ -137,15 +137,3 @@ def test_runtime_imports_without_torch():
     )
     proc = run("-c", blocker)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
-
-
-def test_classifier_command_trains_and_reports_accuracy(tmp_path, fashion_dir):
-    out = tmp_path / "cls"
-    proc = run("-m", "trainer", "classifier", "--data", str(fashion_dir), "--epochs", "1", "--out", str(out),
-               "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith(f"classifier: Fashion-MNIST, 1 epochs, seed 0 -> {out}")
-    assert re.search(r"test accuracy \d+\.\d+% \(32 images\)", proc.stdout)
-    assert (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file()
-    missing = run("-m", "trainer", "classifier", "--data", str(tmp_path / "nope"), "--out", str(out))
-    assert_one_line_error(missing, "does not exist")

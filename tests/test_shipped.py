@@ -74,7 +74,7 @@ def test_latency_defaults_to_the_shipped_model():
 
 
 def test_shipped_classifier_accuracy_holds():
-    from trainer.classifier import load_classifier, predict
+    from quality.classifier import load_classifier, predict
     from trainer.data import fit_idx_images
     from trainer.data.fashion_mnist import load_fashion_mnist, locate
     from trainer.errors import DatasetError
