@@ -71,6 +71,15 @@ def test_gate_failure_writes_nothing(run_dir, tmp_path):  # noqa: F811
     assert not out.exists()
 
 
+def test_a_named_gate_classifier_that_cannot_load_stops_the_export(run_dir, tmp_path):  # noqa: F811
+    (tmp_path / "cls").mkdir()  # no classifier in it: the FD half of the gate is not skipped silently
+    out = tmp_path / "out"
+    proc = cli(str(run_dir), "--out", str(out), "--int8", "--data", str(run_dir.parent / "fmnist"), *LOOSE,
+               "--int8-classifier", str(tmp_path / "cls"))
+    one_line_error(proc, r"no Fashion-MNIST classifier in .*cls")
+    assert not out.exists()
+
+
 def test_calibration_spans_the_schedule():
     spec_schedule = ScheduleConfig(name="linear", num_timesteps=1000)
     rng = np.random.default_rng(0)
