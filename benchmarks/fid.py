@@ -34,18 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
-from runtime.choices import Device, values  # noqa: E402
+from quality import (  # noqa: E402
+    FeatureExtractor, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
+)
 from runtime.api import Sampler  # noqa: E402
+from runtime.choices import Device, values  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
-from trainer.checkpoint import load_model, read_spec  # noqa: E402
 from trainer.config import RunConfig, Split  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
-from trainer.quality import (  # noqa: E402
-    FeatureExtractor, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
-)
+from trainer.rundir import load_model, read_spec  # noqa: E402
 
 EAGER = "eager fp32"
 BACKENDS = ("eager", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
@@ -68,14 +68,16 @@ def open_backends(names: tuple[str, ...], model_dir: Path, export_dir: Path, dev
     return out
 
 
-def make_export(model_dir: Path, folder: Path, names: tuple[str, ...], data_path: Path | None) -> Path:
+def make_export(model_dir: Path, folder: Path, names: tuple[str, ...], data_path: Path | None,
+                classifier: Path | None = None) -> Path:
     """The ONNX files users get, written by the exporter itself (with its parity and quality gates)."""
     from export.int8 import GateOptions
     from export.pipeline import ExportOptions, export_run
 
     out = folder / "export"
     # The INT8 file is calibrated as ddim-export does; its gate is relaxed here: this script measures quality.
-    relaxed = GateOptions(images=4, steps=10, min_psnr_db=float("-inf"), max_fd_ratio=float("inf"))
+    relaxed = GateOptions(images=4, steps=10, min_psnr_db=float("-inf"), max_fd_ratio=float("inf"),
+                          classifier=str(classifier) if classifier is not None else None)
     export_run(model_dir, out, ExportOptions(fp16="onnxruntime-fp16" in names, int8="onnxruntime-int8" in names,
                                              data_path=data_path, int8_gate=relaxed))
     return out
@@ -115,7 +117,7 @@ def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[
                f"{len(ref)} training images)", err=True)
     grids: dict[int, dict[str, NDArray[np.uint8]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export_dir = export_dir or make_export(model_dir, Path(tmp), names, data_path)
+        export_dir = export_dir or make_export(model_dir, Path(tmp), names, data_path, classifier)
         samplers = open_backends(names, model_dir, export_dir, device)
         for steps in steps_list:
             eager_images: NDArray[np.uint8] | None = None

@@ -30,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from benchmarks.latency import load_subject, ort_export, timed  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
+from quality import (  # noqa: E402
+    ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats,
+)
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
-from trainer.quality import (  # noqa: E402
-    ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats,
-)
 
 _8BIT = Int8Options(reduce_range=False)
 OPTIONS: dict[str, Int8Options] = {
@@ -91,10 +91,12 @@ def forward_speedup(folder: Path, opts: Int8Options, batch: int, repeats: int) -
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Forward batch timed.")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None)
+@click.option("--classifier", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Classifier folder of the FD-classifier [default: the shipped one].")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
 def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int, repeats: int,
-         data_path: Path | None, out: Path) -> None:
+         data_path: Path | None, classifier: Path | None, out: Path) -> None:
     """Speed against quality for each INT8 option; JSON, Markdown and a scatter plot."""
     import onnxruntime as ort
 
@@ -103,7 +105,7 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
                f"{len(names)} options", err=True)
     subject, flowers = load_subject(str(model_dir)), load_subject("keras-flowers")
     images = model_split_images(subject.spec, "train", data_path)
-    ext = ClassifierFeatures()
+    ext = ClassifierFeatures(classifier)
     ref = reference_stats(ext, images)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
 from runtime.hostinfo import check_threads, physical_cores  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from runtime.metadata import spec_to_metadata  # noqa: E402
-from trainer.checkpoint import load_model  # noqa: E402
+from trainer.rundir import load_model  # noqa: E402
 from trainer.models import build_model, forward_gflops  # noqa: E402
 from trainer.presets import PRESETS, get_preset  # noqa: E402
 from trainer.torch_backend import TorchBackend  # noqa: E402

@@ -56,6 +56,8 @@ def latest_run(root: Path = Path("runs")) -> Path | None:
               help="Gate: least same-noise PSNR (dB) of INT8 samples against float32 ONNX ones.")
 @click.option("--int8-max-fd-ratio", type=click.FloatRange(min=0, min_open=True), default=1.5, show_default=True,
               help="Gate: largest FD-classifier of INT8 samples over float32's (Fashion-MNIST models).")
+@click.option("--int8-classifier", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Gate: classifier folder whose features give the FD-classifier [default: the shipped one].")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="Where the training data lies, for INT8 calibration [default: where the trainer finds it].")
 @size_limit_options
@@ -64,7 +66,7 @@ def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, 
          min_batch: int, opt_batch: int, max_batch: int, static_batch: int | None, builder_optimization_level: int,
          timing_cache: Path | None, int8: bool, int8_calibration: str, int8_calibration_size: int, int8_method: str,
          int8_keep_float: tuple[str, ...], int8_reduce_range: bool, int8_gate_images: int, int8_min_psnr: float,
-         int8_max_fd_ratio: float, data_path: Path | None, max_image_size: int, max_parameters: int,
+         int8_max_fd_ratio: float, int8_classifier: Path | None, data_path: Path | None, max_image_size: int, max_parameters: int,
          max_memory_gib: float) -> None:
     """Export the model of RUN_DIR (a trainer run directory or shipped model folder; default: the latest
     run under runs/, else the shipped Fashion-MNIST model)."""
@@ -93,7 +95,8 @@ def main(run_dir: Path | None, out: Path | None, fp16: bool, raw_weights: bool, 
                                                   keep_float=tuple(k for k in int8_keep_float if k != "none")
                                                   if int8_keep_float else KEEP_FLOAT),
                          int8_gate=GateOptions(images=int8_gate_images, min_psnr_db=int8_min_psnr,
-                                               max_fd_ratio=int8_max_fd_ratio))
+                                               max_fd_ratio=int8_max_fd_ratio,
+                                               classifier=str(int8_classifier) if int8_classifier else None))
     report = export_run(run_dir, out, opts)
     for note in report.notes:
         log.info("note: %s", note)

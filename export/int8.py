@@ -200,6 +200,7 @@ class GateOptions:
     min_psnr_db: float = 20.0  # same-noise PSNR of the INT8 samples against the float32 ONNX ones
     max_fd_ratio: float = 1.5  # FD-classifier(INT8) / FD-classifier(float32), both against training images
     reference_images: int = 10_000
+    classifier: str | None = None  # folder of the FD-classifier's network; None: the shipped one
 
 
 @dataclass
@@ -233,7 +234,7 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Ca
     """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models."""
     from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
-    from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats
+    from quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats
 
     samples = [Sampler(OrtBackend(p, "cpu")).sample(opts.images, steps=opts.steps, seed=0, batch_size=32).images
                for p in (fp32_model, int8_model)]
@@ -243,8 +244,10 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Ca
         result.fd_note = "FD-classifier only for 32x32 grey (Fashion-MNIST) models"
     else:
         try:
-            ext = ClassifierFeatures()
+            ext = ClassifierFeatures(Path(opts.classifier) if opts.classifier is not None else None)
         except ValueError as exc:
+            if opts.classifier is not None:  # asked for by name: never skipped silently
+                raise
             result.fd_note = f"no FD-classifier: {exc}"
         else:
             ref_stats = reference_stats(ext, images(), opts.reference_images)

@@ -40,7 +40,7 @@ from runtime.backends import BackendError
 from runtime.files import PathLock, fsync_dir, sha256_file
 from runtime.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
-from trainer.checkpoint import CONFIG, WEIGHTS, load_model
+from trainer.rundir import CONFIG, WEIGHTS, load_model
 from trainer.data import model_split_images
 
 log = logging.getLogger(__name__)

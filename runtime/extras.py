@@ -1,7 +1,7 @@
 """Install advice that works: the packages behind each optional extra, read from the installed metadata.
 
-ddim-deploy is installed from a clone (``pip install -e '.[cpu]'``), not from PyPI, so a hint such as
-``pip install 'ddim-deploy[gpu]'`` would fail. :func:`install_hint` names the packages themselves
+ddim-deploy is installed from a clone (``pip install -e '.[cpu]'``), not from PyPI, so a hint that names
+the extra of the distribution (not a package on PyPI) would fail. :func:`install_hint` names the packages themselves
 (as pyproject.toml lists them, so the advice and the extras never drift apart) and the extra for a clone.
 """
 

@@ -30,7 +30,7 @@ from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.files import atomic_path  # noqa: E402
 from runtime.images import grid_scale, save_grid  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
-from trainer.checkpoint import CONFIG, WEIGHTS, load_weights  # noqa: E402
+from trainer.rundir import CONFIG, WEIGHTS, load_weights  # noqa: E402
 
 
 @click.command()

@@ -48,7 +48,7 @@ def test_train_throughput_writes_its_report(tmp_path):
 
 def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     from tests.conftest import tiny_config
-    from trainer.classifier import save_classifier, train_classifier
+    from quality.classifier import save_classifier, train_classifier
     from trainer.data import fit_idx_images
     from trainer.data.fashion_mnist import load_fashion_mnist
     from trainer.train import fit

@@ -140,18 +140,6 @@ def test_runtime_imports_without_torch():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-def test_classifier_command_trains_and_reports_accuracy(tmp_path, fashion_dir):
-    out = tmp_path / "cls"
-    proc = run("-m", "trainer", "classifier", "--data", str(fashion_dir), "--epochs", "1", "--out", str(out),
-               "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith(f"classifier: Fashion-MNIST, 1 epochs, seed 0 -> {out}")
-    assert re.search(r"test accuracy \d+\.\d+% \(32 images\)", proc.stdout)
-    assert (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file()
-    missing = run("-m", "trainer", "classifier", "--data", str(tmp_path / "nope"), "--out", str(out))
-    assert_one_line_error(missing, "does not exist")
-
-
 def test_every_command_line_prints_the_one_version():
     """--version everywhere, and the version is written once (runtime.__version__, read by pyproject.toml)."""
     import importlib.metadata
@@ -163,12 +151,14 @@ def test_every_command_line_prints_the_one_version():
     assert importlib.metadata.version("ddim-deploy") == runtime.__version__
     assert runtime.__version__ not in (ROOT / "pyproject.toml").read_text()
     from export.cli import main as export_main
+    from quality.cli import main as quality_main
     from runtime.cli import main as run_main
     from trainer.cli import main as trainer_main
 
-    commands = {"trainer": trainer_main, "trainer fit": trainer_main, "ddim-export": export_main, "ddim-run": run_main}
+    commands = {"trainer": trainer_main, "trainer fit": trainer_main, "ddim-export": export_main, "ddim-run": run_main,
+                "quality": quality_main, "quality classifier": quality_main}
     for name, command in commands.items():
-        args = ["fit", "--version"] if name == "trainer fit" else ["--version"]
+        args = [name.split()[1], "--version"] if " " in name else ["--version"]
         result = CliRunner().invoke(command, args)
         assert result.exit_code == 0 and result.output == f"ddim-deploy {runtime.__version__}\n", (name, result.output)
     for script in ("latency", "fid", "int8_tradeoff", "train_throughput"):

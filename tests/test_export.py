@@ -251,7 +251,7 @@ def test_batchnorm_is_folded_exactly(run_dir, exported):
     import copy
 
     from export.fold import fold_batchnorm
-    from trainer.checkpoint import load_model
+    from trainer.rundir import load_model
 
     model, spec = load_model(run_dir)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]

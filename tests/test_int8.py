@@ -14,7 +14,7 @@ from export.onnx_graph import embedding_nodes
 from runtime.api import load
 from runtime.config import ScheduleConfig
 from runtime.schedule import build_schedule, noise_variance
-from trainer.checkpoint import read_spec
+from trainer.rundir import read_spec
 
 LOOSE = ("--int8-min-psnr", "0", "--int8-max-fd-ratio", "1000", "--int8-gate-images", "4",
          "--int8-calibration-size", "32")
@@ -68,6 +68,15 @@ def test_gate_failure_writes_nothing(run_dir, tmp_path):  # noqa: F811
     proc = cli(str(run_dir), "--out", str(out), "--int8", "--data", str(run_dir.parent / "fmnist"),
                "--int8-gate-images", "4", "--int8-calibration-size", "16", "--int8-min-psnr", "300")
     one_line_error(proc, r"INT8 quality gate failed: same-noise PSNR .* < 300 dB; nothing was written")
+    assert not out.exists()
+
+
+def test_a_named_gate_classifier_that_cannot_load_stops_the_export(run_dir, tmp_path):  # noqa: F811
+    (tmp_path / "cls").mkdir()  # no classifier in it: the FD half of the gate is not skipped silently
+    out = tmp_path / "out"
+    proc = cli(str(run_dir), "--out", str(out), "--int8", "--data", str(run_dir.parent / "fmnist"), *LOOSE,
+               "--int8-classifier", str(tmp_path / "cls"))
+    one_line_error(proc, r"no Fashion-MNIST classifier in .*cls")
     assert not out.exists()
 
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from trainer.classifier import FORMAT, load_classifier, save_classifier, to_input, train_classifier
+from quality.classifier import FORMAT, load_classifier, save_classifier, to_input, train_classifier
 from trainer.errors import CheckpointError
-from trainer.quality import (
+from quality import (
     QualityError, Stats, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
 )
 

@@ -16,7 +16,7 @@ from export.parity import FP32_TOLERANCE, check_file
 from runtime.files import sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.shipped import SHIPPED_CLASSIFIER, SHIPPED_MODEL
-from trainer.checkpoint import load_model
+from trainer.rundir import load_model
 from trainer.models import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_shipped_model_is_the_fashion_mnist_preset_with_ema_weights_only():
     model, spec = load_model(SHIPPED_MODEL)
     assert spec.extra["preset"] == "fashion-mnist" and count_parameters(model) == 818_785
-    from trainer.checkpoint import load_weights
+    from trainer.rundir import load_weights
 
     assert all(k.startswith("ema.") for k in load_weights(SHIPPED_MODEL / "model.safetensors"))
     size = sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir()) + sum(p.stat().st_size for p in
@@ -74,7 +74,7 @@ def test_latency_defaults_to_the_shipped_model():
 
 
 def test_shipped_classifier_accuracy_holds():
-    from trainer.classifier import load_classifier, predict
+    from quality.classifier import load_classifier, predict
     from trainer.data import fit_idx_images
     from trainer.data.fashion_mnist import load_fashion_mnist, locate
     from trainer.errors import DatasetError

@@ -38,7 +38,7 @@ def test_shipped_model_quality_holds():
     from runtime.shipped import SHIPPED_MODEL
     from trainer.data import fit_idx_images
     from trainer.data.fashion_mnist import load_fashion_mnist
-    from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance
+    from quality import ClassifierFeatures, feature_stats, frechet_distance
 
     ext = ClassifierFeatures()
     train = fit_idx_images(load_fashion_mnist(None, "train")[0], 32)

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from runtime.config import ModelSpec
 from trainer import diffusion
-from trainer.checkpoint import load_model, step_dirs
 from trainer.errors import CheckpointError, RunDirError, TrainingDivergedError
-from trainer.rundir import load_run_config, with_train_overrides
+from trainer.rundir import load_model, load_run_config, step_dirs, with_train_overrides
 from trainer.train import fit
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from runtime.config import ModelSpec
 from runtime.hostinfo import check_threads, threads_label
-from trainer.checkpoint import load_model
+from trainer.rundir import load_model
 
 
 class TorchBackend:

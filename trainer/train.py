@@ -23,15 +23,14 @@ from trainer import diffusion
 from trainer.batches import Batches, to_model_space
 from runtime.files import LockHeld, PathLock
 from runtime.limits import SizeLimits
-from trainer.checkpoint import (CONFIG, TrainState, load_checkpoint, recover_run_dir, save_checkpoint, set_aside,
-                                step_dirs, write_config)
+from trainer.rundir import (CONFIG, TrainState, check_run_dir, create_run_dir, load_checkpoint, recover_run_dir,
+                            save_checkpoint, set_aside, step_dirs, write_config)
 from trainer.config import RunConfig
 from trainer.data import compute_normalization, load_images
 from trainer.distributed import DistInfo, barrier, gather, wrap
 from trainer.errors import CheckpointError, RunDirError, TrainingDivergedError
 from trainer.logbook import LossLog
 from trainer.models import build_model, check_size, count_parameters
-from trainer.rundir import check_run_dir, create_run_dir
 from trainer.step import Trainee, optimizer_step
 
 log = logging.getLogger(__name__)

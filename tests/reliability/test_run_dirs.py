@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from faults import TINY_FLAGS, assert_kept, one_error_line, run_here, small_disk, snapshot, tiny_data, tiny_run
-from trainer.checkpoint import load_checkpoint, step_dirs
+from trainer.rundir import load_checkpoint, step_dirs
 from trainer.models import build_model
 
 

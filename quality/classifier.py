@@ -5,12 +5,20 @@ the Fashion-MNIST training split (32x32, zero-padded like the diffusion model's 
 in ``models/fashion-mnist-classifier/``. Its 128 penultimate features give a Fréchet distance that
 is labelled "FD-classifier" everywhere: it is not comparable with published FIDs.
 
-    python -m trainer classifier                    # trains and writes models/fashion-mnist-classifier/
+    python -m quality classifier                    # trains into a new runs/classifier-DATE-TIME/
+    python -m quality classifier --replace-shipped  # retrains the shipped one (replaced atomically)
+
+A classifier folder is written whole or not at all (:func:`write_classifier_folder`): a hidden staging
+folder ``.NAME.partial-PID`` beside it is renamed into place once both files are complete; a replaced
+folder moves to ``.NAME.old-PID`` first and is deleted once the new one is in place.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,14 +31,16 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from runtime.files import atomic_path, atomic_write_text, read_capped
+from quality.errors import QualityError
+from runtime.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped
 from runtime.shipped import SHIPPED_CLASSIFIER
-from trainer.checkpoint import load_weights
 from trainer.errors import CheckpointError
+from trainer.rundir import load_weights
 
 SHIPPED = SHIPPED_CLASSIFIER
 WEIGHTS, INFO = "classifier.safetensors", "classifier.json"
 FORMAT = "ddim-deploy.fashion-classifier/1"
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
 # Pixel statistics of the zero-padded 32x32 Fashion-MNIST training split.
 MEAN, STD = 0.2190, 0.3318
 
@@ -153,7 +163,7 @@ def load_classifier(folder: Path = SHIPPED) -> tuple[FashionClassifier, Classifi
         raw = json.loads(read_capped(folder / INFO, what="classifier description"))
         info = ClassifierInfo(**raw)
     except FileNotFoundError:
-        raise CheckpointError(f"no Fashion-MNIST classifier in {folder} (train one: python -m trainer classifier)") \
+        raise CheckpointError(f"no Fashion-MNIST classifier in {folder} (train one: python -m quality classifier)") \
             from None
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{folder / INFO} is not a classifier description: {exc}") from None
@@ -166,3 +176,69 @@ def load_classifier(folder: Path = SHIPPED) -> tuple[FashionClassifier, Classifi
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot load classifier weights {folder / WEIGHTS}: {msg}") from None
     return model.eval(), info
+
+
+def write_classifier_folder(model: FashionClassifier, info: ClassifierInfo, out: Path, replace: bool = False) -> None:
+    """Write the classifier into ``out`` whole or not at all (see the module docstring).
+
+    A new ``out`` must be absent or an empty folder (QualityError otherwise). With ``replace`` an
+    existing classifier folder is replaced; its other files (a README) are carried over. One writer
+    at a time per folder (an OS lock); what a killed writer left is cleaned up first.
+    """
+    if out.name in ("", ".", ".."):  # staging and the lock live beside out: it needs a name
+        out = out.resolve()
+    with PathLock(out, "classifier folder"):
+        _recover(out)
+        check_out(out, replace)
+        staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            if out.is_dir():
+                for p in out.iterdir():
+                    if p.name not in (WEIGHTS, INFO) and p.is_file() and not p.is_symlink():
+                        shutil.copy2(p, staging / p.name)
+            save_classifier(model, info, staging)
+            _commit(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_out(out: Path, replace: bool = False) -> None:
+    """Refuse an ``out`` the classifier may not be written into (QualityError); see
+    :func:`write_classifier_folder`."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise QualityError(f"{out} is not a folder; pick another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not replace:
+        raise QualityError(f"--out {out} is not empty; pick a new folder (nothing is written over)")
+    if not (out / INFO).is_file():
+        raise QualityError(f"{out} holds no classifier ({INFO}); it is never replaced")
+
+
+def _recover(out: Path) -> None:
+    """Remove staging folders a killed writer left beside ``out`` (we hold its lock: every one is
+    stale) and put back a classifier folder that a kill between the two renames left aside."""
+    if not out.parent.is_dir():
+        return
+    found = [(m["kind"], p) for p in out.parent.iterdir()
+             if (m := _STAGING.match(p.name)) and m["name"] == out.name and p.is_dir() and not p.is_symlink()]
+    for kind, p in sorted(found, key=lambda kp: (kp[0] != "old", -kp[1].stat().st_mtime)):  # newest old first
+        if kind == "old" and not out.exists() and (p / INFO).is_file():
+            os.replace(p, out)
+            fsync_dir(out.parent)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Rename the staged folder into place; the previous folder goes only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
