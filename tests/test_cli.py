@@ -87,10 +87,15 @@ def test_fit_refuses_a_run_directory_with_another_config(tmp_path, fashion_dir):
     before = (out / "config.json").read_bytes()
     proc = fit("--data", str(fashion_dir), "--steps", "1", "--sample-every", "1", "--lr", "0.01", "--out", str(out),
                *TINY)
-    assert_one_line_error(proc, r"already holds a run with a different config \(train.lr differ\)")
+    assert_one_line_error(proc, r"already holds a run with a different config \(train.lr differ\); pick another "
+                                r"--out, or continue that run with --resume and no config options")
     assert (out / "config.json").read_bytes() == before
     proc = fit("--out", str(out), "--resume", "--lr", "0.01", "--no-progress")
     assert_one_line_error(proc, r"cannot change --lr when resuming")
+    proc = fit("--out", str(out), "--resume", "--flip", "--schedule", "linear", "--no-flip", "--no-progress")
+    assert_one_line_error(proc, r"cannot change --schedule when resuming")  # --no-flip is the stored value
+    proc = fit("--out", str(out), "--resume", "--flip", "--print-config")
+    assert_one_line_error(proc, r"cannot change --flip when resuming .*allowed: --checkpoint-every, ")
 
 
 def test_resume_needs_a_run_directory():

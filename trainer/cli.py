@@ -20,7 +20,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runtime.choices import Device, values
 from runtime.cliconfig import (
-    ConfigOption, GroupedCommand, GroupedOption, add_options, allow_empty, config_options, flag_names_in, overrides,
+    ConfigOption, GroupedCommand, GroupedOption, add_options, allow_empty, config_options, flag_names_in, flag_of,
+    overrides,
 )
 from runtime.clitools import friendly_errors, size_limit_options, version_option
 from runtime.config import MODEL_CONFIGS, ConfigError, DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
@@ -81,7 +82,7 @@ def resolve_config(ctx: click.Context, preset: str | None, resume_from: Path | N
     try:
         if resume_from is not None:
             stored = load_run_config(resume_from)
-            return with_train_overrides(stored, {field: value for (_, field), value in given.items()})
+            return with_train_overrides(stored, given, lambda section, field: flag_of(ctx, section, field))
         return get_preset(preset or DEFAULT_PRESET).config.with_overrides(given)
     except ConfigError as exc:
         raise ConfigError(flag_names_in(str(exc), ctx, [*given, ("model", "architecture")])) from None

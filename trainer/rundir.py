@@ -32,7 +32,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -272,22 +272,23 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_spec(read_spec(run_dir))
 
 
-def with_train_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """``cfg`` with some training fields replaced; only fields that may change on resume (a value
-    equal to the stored one is no change: ``--resume --batch-size 64`` of a batch-64 run is fine)."""
-    current = {**dataclasses.asdict(cfg.model), **dataclasses.asdict(cfg.data), **dataclasses.asdict(cfg.train)}
-    overrides = {k: v for k, v in overrides.items() if k not in current or current[k] != v}
-    refused = sorted(set(overrides) - RESUMABLE_FIELDS)
+def with_train_overrides(cfg: RunConfig, overrides: Mapping[str | tuple[str, str], Any],
+                         flag: Callable[[str, str], str] | None = None) -> RunConfig:
+    """``cfg`` with some fields replaced, on resume: only the training fields that do not alter the
+    trained weights' path may change (a value equal to the stored one is no change: ``--resume
+    --batch-size 64`` of a batch-64 run is fine). Keys are ``(section, field)``, or a training field's
+    name; ``flag(section, field)`` names the option in messages (default ``--field-name``).
+    """
+    flag = flag or (lambda section, field: "--" + field.replace("_", "-"))
+    missing = object()
+    wanted = {(k if isinstance(k, tuple) else ("train", k)): v for k, v in overrides.items()}
+    changed = {k: v for k, v in wanted.items() if getattr(getattr(cfg, k[0], None), k[1], missing) != v}
+    refused = sorted(k for k in changed if k[0] != "train" or k[1] not in RESUMABLE_FIELDS)
     if refused:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in refused)
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE_FIELDS))
-        raise RunDirError(f"cannot change {flags} when resuming (the run was trained with other values); "
-                          f"allowed: {allowed}")
-    if "steps" in overrides:  # a new length given as steps replaces one given as epochs, and back
-        overrides = {"epochs": None, **overrides}
-    elif "epochs" in overrides:
-        overrides = {"steps": None, **overrides}
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+        allowed = ", ".join(flag("train", f) for f in sorted(RESUMABLE_FIELDS))
+        raise RunDirError(f"cannot change {', '.join(flag(*k) for k in refused)} when resuming (the run was "
+                          f"trained with other values); allowed: {allowed}")
+    return cfg.with_overrides(changed)
 
 
 def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> ModelSpec | None:
@@ -304,7 +305,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> ModelSpec | No
         if diffs:
             raise RunDirError(
                 f"{run_dir} already holds a run with a different config ({', '.join(diffs[:4])} differ); "
-                "pick another --out"
+                "pick another --out, or continue that run with --resume and no config options"
             )
         done = step_dirs(run_dir)
         at = f" at step {done[-1][0]}" if done else ""
