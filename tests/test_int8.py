@@ -114,3 +114,10 @@ def test_float_nodes_refuses_unknown_parts(int8_export):
     assert len(float_nodes(graph, KEEP_FLOAT)[1]) == 3
     with pytest.raises(ValueError, match="cannot keep attention"):
         float_nodes(graph, ("attention",))
+
+
+def test_quantizer_asks_for_pre_processing_at_most_once(int8_export):
+    _, log = int8_export
+    # ONNX Runtime's quantizer logs "Please consider (to run) pre-processing before quantization" twice per
+    # call unless the model went through its pre-processing.
+    assert log.count("pre-processing before quantization") <= 1, log
