@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 Calibration = Literal["data", "sampler", "both"]
 Method = Literal["minmax", "percentile", "entropy"]
 KEEP_FLOAT = ("embedding", "first-conv", "last-conv")
+GATE_BATCH = 32  # images per sampling batch in the quality gate
 
 
 @dataclass(frozen=True)
@@ -238,14 +239,26 @@ class GateResult:
 
 
 def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
-                 opts: GateOptions = GateOptions()) -> GateResult:
-    """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models."""
+                 opts: GateOptions = GateOptions(), progress: bool = True) -> GateResult:
+    """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models.
+
+    ``progress``: a progress bar on stderr over the sampling steps of both files (a minute or more at the
+    default 256 images).
+    """
+    from tqdm import tqdm
+
     from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
     from trainer.quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats
 
-    samples = [Sampler(OrtBackend(p, "cpu")).sample(opts.images, steps=opts.steps, seed=0, batch_size=32).images
-               for p in (fp32_model, int8_model)]
+    batches = -(-opts.images // GATE_BATCH)
+    samples = []
+    with tqdm(total=2 * batches * opts.steps, desc="INT8 quality gate", unit="step", disable=not progress) as bar:
+        for label, path in (("float32", fp32_model), ("int8", int8_model)):
+            bar.set_postfix_str(label)
+            samples.append(Sampler(OrtBackend(path, "cpu")).sample(opts.images, steps=opts.steps, seed=0,
+                                                                  batch_size=GATE_BATCH,
+                                                                  on_step=lambda i: bar.update(1)).images)
     result = GateResult(opts.images, opts.steps, psnr(samples[1], samples[0]), max_abs_diff(samples[1], samples[0]))
     m = spec.model
     if (m.image_size, m.channels) != (32, 1):

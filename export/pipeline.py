@@ -67,6 +67,7 @@ class ExportOptions:
     int8_gate: GateOptions = GateOptions()
     data_path: Path | None = None  # the training data, for INT8 calibration and the FD gate
     limits: SizeLimits = SizeLimits()
+    progress: bool = True  # progress bars on stderr for the long steps (the INT8 quality gate)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
     log.info("INT8: calibrated on %s; integer ops: %s", q.calibration,
              ", ".join(f"{k} x{v}" for k, v in sorted(q.quantized_ops.items())))
     start = time.perf_counter()
-    gate = quality_gate(staging / "model.onnx", path, spec, images, opts.int8_gate)
+    gate = quality_gate(staging / "model.onnx", path, spec, images, opts.int8_gate, opts.progress)
     report.seconds["int8 quality gate"] = time.perf_counter() - start
     report.int8 = {"calibration": q.calibration, "kept_float32": q.kept_float32, "quantized_ops": q.quantized_ops,
                    "gate": {**dataclasses.asdict(gate), "passed": gate.passed, "fd_ratio": gate.fd_ratio},

@@ -9,12 +9,14 @@ import onnx
 import pytest
 from test_export import cli, one_line_error, run_dir  # noqa: F401 (the tiny keras / ddpm runs)
 
-from export.int8 import KEEP_FLOAT, Int8Options, calibration_batches, data_pairs, float_nodes, stratified_variances
+from export.int8 import (KEEP_FLOAT, GateOptions, Int8Options, calibration_batches, data_pairs, float_nodes,
+                         quality_gate, stratified_variances)
 from export.onnx_graph import embedding_nodes
 from runtime.api import load
 from runtime.config import ScheduleConfig
 from runtime.schedule import build_schedule, noise_variance
 from trainer.checkpoint import read_spec
+from trainer.data import model_split_images
 
 LOOSE = ("--int8-min-psnr", "0", "--int8-max-fd-ratio", "1000", "--int8-gate-images", "4",
          "--int8-calibration-size", "32")
@@ -121,3 +123,15 @@ def test_quantizer_asks_for_pre_processing_at_most_once(int8_export):
     # ONNX Runtime's quantizer logs "Please consider (to run) pre-processing before quantization" twice per
     # call unless the model went through its pre-processing.
     assert log.count("pre-processing before quantization") <= 1, log
+
+
+def test_gate_shows_progress_unless_told_not_to(int8_export, run_dir, capsys):  # noqa: F811
+    out, log = int8_export
+    assert "INT8 quality gate: 100%" in log and "100/100" in log  # the export's default: 2 files x 50 steps x 1 batch
+    spec = read_spec(run_dir)
+    images = lambda: model_split_images(spec, "train", run_dir.parent / "fmnist")  # noqa: E731
+    for progress in (False, True):
+        gate = quality_gate(out / "model.onnx", out / "model.int8.onnx", spec, images,
+                            GateOptions(images=2, steps=3, reference_images=16), progress)
+        err = capsys.readouterr().err
+        assert gate.n == 2 and ("INT8 quality gate" in err and "6/6" in err) == progress, err
