@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.choices import BackendName, Device, Precision
+from runtime.choices import BackendName, Device, Precision, RunPrecision
 from runtime.config import ModelSpec
 
 # The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these).
@@ -41,16 +41,20 @@ class Backend(Protocol):
 
 
 def open_backend(path: Path, backend: BackendName = "auto", device: Device | None = None,
-                 precision: Precision | None = None) -> tuple[Backend, str]:
+                 precision: RunPrecision | None = None) -> tuple[Backend, str]:
     """The backend to sample ``path`` with, and one line saying which and why.
 
     ``auto`` picks TensorRT (an engine whose manifest matches this machine, when no precision or
     the engine's was asked), then ONNX Runtime CUDA, then ONNX Runtime CPU; a trainer run directory
-    (weights, no ONNX) means the eager torch backend. ``precision`` None means the engine's where
-    TensorRT is picked, else fp32. A backend that cannot start here is skipped with its reason.
+    (weights, no ONNX) means the eager torch backend. A backend that cannot start here is skipped
+    with its reason. ``precision`` None and ``auto`` are the same: the engine's where TensorRT is
+    picked; on ONNX Runtime CPU, ``model.int8.onnx`` where an export folder holds one that passed its
+    quality gate and is faster on this CPU (:func:`runtime.backends.precision.choose`); else fp32.
     """
     if not path.exists():
         raise BackendError(f"{path} does not exist")
+    if precision == "auto":
+        precision = None
     run_dir = (path / "model.safetensors").is_file() and not (path / "model.onnx").is_file()
     if backend == "torch" or (backend == "auto" and run_dir):
         why = "asked for" if backend == "torch" else "a trainer run directory"
@@ -77,23 +81,29 @@ def open_backend(path: Path, backend: BackendName = "auto", device: Device | Non
         raise BackendError(f"ONNX Runtime is not installed ({exc}): pip install 'ddim-deploy[cpu]', or "
                            "'ddim-deploy[gpu]' on a CUDA machine (one of them, not both)") from None
 
-    precision = precision or "fp32"
     if backend == "auto" and not (path / "model.plan").is_file():
         skipped.insert(0, "no TensorRT engine")
     if device == "cuda" or (device is None and cuda_available()):
         try:
-            b = OrtCudaBackend(path, "cuda", precision)
+            b = OrtCudaBackend(path, "cuda", precision or "fp32")
             return b, _ort_line(b, backend, skipped)
         except BackendError as exc:
             if device == "cuda":
                 raise
             skipped.append(f"ONNX Runtime CUDA skipped: {exc}")
-    b = OrtBackend(path, "cpu", precision)
     if backend == "auto" and device is None and not cuda_available():
         problem = install_problem()
         skipped.append("ONNX Runtime has no CUDA provider" + (f" ({problem})" if problem else ""))
     elif backend == "auto" and device == "cpu":
         skipped.append("--device cpu")
+    chosen: Precision = precision or "fp32"
+    if precision is None and path.is_dir():
+        from runtime.backends.precision import choose
+
+        chosen, why = choose(path)
+        if why:
+            skipped.append(f"precision auto: {chosen}, {why}")
+    b = OrtBackend(path, "cpu", chosen)
     return b, _ort_line(b, backend, skipped)
 
 
