@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import platform
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from runtime.hostinfo import cpu_name  # noqa: F401 (the scripts take it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def report_stem(kind: str) -> str:

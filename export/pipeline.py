@@ -36,7 +36,7 @@ from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_fi
 from export.tensorrt_build import (build_engine, engine_runner, equivalent_commands, unavailable_reason,
                                    write_manifest)
 from runtime import __version__
-from runtime.backends import BackendError
+from runtime.backends import BackendError, precision
 from runtime.files import PathLock, fsync_dir, sha256_file
 from runtime.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
@@ -67,6 +67,7 @@ class ExportOptions:
     int8_gate: GateOptions = GateOptions()
     data_path: Path | None = None  # the training data, for INT8 calibration and the FD gate
     limits: SizeLimits = SizeLimits()
+    progress: bool = True  # progress bars on stderr for the long steps (the INT8 quality gate)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
     log.info("INT8: calibrated on %s; integer ops: %s", q.calibration,
              ", ".join(f"{k} x{v}" for k, v in sorted(q.quantized_ops.items())))
     start = time.perf_counter()
-    gate = quality_gate(staging / "model.onnx", path, spec, images, opts.int8_gate)
+    gate = quality_gate(staging / "model.onnx", path, spec, images, opts.int8_gate, opts.progress)
     report.seconds["int8 quality gate"] = time.perf_counter() - start
     report.int8 = {"calibration": q.calibration, "kept_float32": q.kept_float32, "quantized_ops": q.quantized_ops,
                    "gate": {**dataclasses.asdict(gate), "passed": gate.passed, "fd_ratio": gate.fd_ratio},
@@ -221,6 +222,12 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
     if not gate.passed:
         raise ParityError(f"INT8 quality gate failed: {'; '.join(gate.failures)}; nothing was written "
                           "(try --int8-calibration or --int8-method, or export without --int8)")
+    # What ddim-run's precision auto reads: the files that passed, and how fast each runs on this CPU.
+    report.int8["sha256"] = {name: sha256_file(staging / name) for name in precision.FILES}
+    start = time.perf_counter()
+    report.int8["timing"] = precision.time_forwards(staging, precision.EXPORT_BATCHES, precision.EXPORT_BUDGET_S)
+    report.seconds["int8 timing"] = time.perf_counter() - start
+    log.info("%s", precision.timing_line(report.int8["timing"]))
 
 
 def _gate(model: Any, spec: Any, path: Path, tolerance: float, report: ExportReport) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.backends import Backend, BackendName, Device, Precision, open_backend
+from runtime.backends import Backend, BackendName, Device, RunPrecision, open_backend
 from runtime.images import to_uint8
 from runtime.noise import ImageNoise
 from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample
@@ -100,11 +100,13 @@ class Sampler:
 
 
 def load(path: str | Path, backend: BackendName = "auto", device: Device | None = None,
-         precision: Precision | None = None, threads: int | None = None) -> Sampler:
+         precision: RunPrecision | None = None, threads: int | None = None) -> Sampler:
     """A sampler for an export directory, an ONNX file, or (torch backend) a trainer run directory.
 
-    ``precision`` None: a TensorRT engine's own where one is picked, else fp32 (``model.onnx``).
-    ``threads``: CPU threads of ONNX Runtime and torch [default: one per physical core].
+    ``precision`` None or ``auto``: a TensorRT engine's own where one is picked; on ONNX Runtime CPU
+    ``model.int8.onnx`` where it passed its gate and is faster on this CPU; else fp32 (``model.onnx``).
+    ``why`` says which and why. ``threads``: CPU threads of ONNX Runtime and torch [default: one per
+    physical core].
     """
     chosen, why = open_backend(Path(path), backend, device, precision, threads)
     return Sampler(chosen, why)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from runtime.choices import BackendName, Device, Precision, Spacing, values
+from runtime.choices import BackendName, Device, RunPrecision, Spacing, values
 from runtime.clitools import friendly_errors
 from runtime.hostinfo import physical_cores
 from runtime.outputs import StagedOutputs, check_file, check_folder
@@ -61,9 +61,10 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--backend", type=click.Choice(values(BackendName)), default="auto",
               show_default=True, help="torch takes a trainer run directory: the eager reference.")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]")
-@click.option("--precision", type=click.Choice(values(Precision)), default=None,
-              help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU) [default: the "
-                   "TensorRT engine's (fp16) where one is picked, else fp32].")
+@click.option("--precision", type=click.Choice(values(RunPrecision)), default="auto", show_default=True,
+              help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU); auto: the TensorRT "
+                   "engine's (fp16) where one is picked, on ONNX Runtime CPU model.int8.onnx where it passed its "
+                   "gate and is faster on this CPU, else model.onnx.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help=f"CPU threads of ONNX Runtime / torch [default: one per physical core, {physical_cores()} here].")
 @click.option("--spacing", type=click.Choice(values(Spacing)), default="uniform", show_default=True)

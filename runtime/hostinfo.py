@@ -1,4 +1,4 @@
-"""Facts about the host the runtime tunes itself to: physical cores and CPU features."""
+"""Facts about the host the runtime tunes itself to: physical cores, CPU model and features."""
 
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def cpu_fingerprint() -> str:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.choices import BackendName, Device, Precision
+from runtime.choices import BackendName, Device, Precision, RunPrecision
 from runtime.config import ModelSpec
 from runtime.extras import install_hint
 
@@ -42,17 +42,22 @@ class Backend(Protocol):
 
 
 def open_backend(path: Path, backend: BackendName = "auto", device: Device | None = None,
-                 precision: Precision | None = None, threads: int | None = None) -> tuple[Backend, str]:
+                 precision: RunPrecision | None = None, threads: int | None = None) -> tuple[Backend, str]:
     """The backend to sample ``path`` with, and one line saying which and why.
 
     ``auto`` picks TensorRT (an engine whose manifest matches this machine, when no precision or
     the engine's was asked), then ONNX Runtime CUDA, then ONNX Runtime CPU; a trainer run directory
-    (weights, no ONNX) means the eager torch backend. ``precision`` None means the engine's where
-    TensorRT is picked, else fp32. ``threads``: CPU threads of ONNX Runtime and torch (default: one per
-    physical core). A backend that cannot start here is skipped with its reason.
+    (weights, no ONNX) means the eager torch backend. A backend that cannot start here is skipped
+    with its reason. ``precision`` None and ``auto`` are the same: the engine's where TensorRT is
+    picked; on ONNX Runtime CPU, ``model.int8.onnx`` where an export folder holds one that passed its
+    quality gate and is faster on this CPU with ``threads`` threads
+    (:func:`runtime.backends.precision.choose`); else fp32. ``threads``: CPU threads of ONNX Runtime
+    and torch (default: one per physical core).
     """
     if not path.exists():
         raise BackendError(f"{path} does not exist")
+    if precision == "auto":
+        precision = None
     run_dir = (path / "model.safetensors").is_file() and not (path / "model.onnx").is_file()
     if backend == "torch" or (backend == "auto" and run_dir):
         why = "asked for" if backend == "torch" else "a trainer run directory"
@@ -79,23 +84,29 @@ def open_backend(path: Path, backend: BackendName = "auto", device: Device | Non
         raise BackendError(f"ONNX Runtime is not installed ({exc}): {install_hint('cpu')}; on a CUDA machine "
                            f"instead {install_hint('gpu', 'onnxruntime-gpu')} (one of them, not both)") from None
 
-    precision = precision or "fp32"
     if backend == "auto" and not (path / "model.plan").is_file():
         skipped.insert(0, "no TensorRT engine")
     if device == "cuda" or (device is None and cuda_available()):
         try:
-            b = OrtCudaBackend(path, "cuda", precision, threads)
+            b = OrtCudaBackend(path, "cuda", precision or "fp32", threads)
             return b, _ort_line(b, backend, skipped)
         except BackendError as exc:
             if device == "cuda":
                 raise
             skipped.append(f"ONNX Runtime CUDA skipped: {exc}")
-    b = OrtBackend(path, "cpu", precision, threads)
     if backend == "auto" and device is None and not cuda_available():
         problem = install_problem()
         skipped.append("ONNX Runtime has no CUDA provider" + (f" ({problem})" if problem else ""))
     elif backend == "auto" and device == "cpu":
         skipped.append("--device cpu")
+    chosen: Precision = precision or "fp32"
+    if precision is None and path.is_dir():
+        from runtime.backends.precision import choose
+
+        chosen, why = choose(path, threads)
+        if why:
+            skipped.append(f"precision auto: {chosen}, {why}")
+    b = OrtBackend(path, "cpu", chosen, threads)
     return b, _ort_line(b, backend, skipped)
 
 

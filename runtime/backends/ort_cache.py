@@ -74,6 +74,18 @@ def enabled() -> bool:
     return os.environ.get("DDIM_DEPLOY_ORT_CACHE", "1").strip().lower() not in OFF_VALUES
 
 
+def is_off() -> bool:
+    """True when nothing is to be written to the cache in this process: ``DDIM_DEPLOY_ORT_CACHE`` turns
+    it off, or its folder could not be written."""
+    return not enabled() or str(cache_folder()) in _disabled
+
+
+def turn_off(reason: str) -> None:
+    """Caching off for the rest of this process, with one warning saying ``reason`` (other writers of
+    this folder, such as :mod:`runtime.backends.precision`'s verdicts, share the switch)."""
+    _disable(cache_folder(), reason)
+
+
 def cache_folder() -> Path:
     """Where the optimised graphs live."""
     return cache_dir() / "onnxruntime"
