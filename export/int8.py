@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 Calibration = Literal["data", "sampler", "both"]
 Method = Literal["minmax", "percentile", "entropy"]
-KEEP_FLOAT = ("embedding", "first-conv", "last-conv")
+KeepFloat = Literal["embedding", "first-conv", "last-conv"]
+KEEP_FLOAT: tuple[KeepFloat, ...] = ("embedding", "first-conv", "last-conv")
 GATE_BATCH = 32  # images per sampling batch in the quality gate
 
 
@@ -53,14 +54,32 @@ class Int8Options:
     """How ``model.int8.onnx`` is calibrated and what stays in float32."""
 
     calibration: Calibration = "both"
-    calibration_size: int = 512  # (image, variance) pairs
-    calibration_steps: int = 50  # DDIM steps of the sampler trajectories
+    """Calibration inputs: training images noised across the schedule (data), the float32 model's own
+    DDIM trajectories (sampler), or half of each."""
+    calibration_size: int = 512
+    """Calibration (image, noise variance) pairs."""
+    calibration_steps: int = 50
+    """DDIM steps of the sampler trajectories."""
     method: Method = "minmax"
-    keep_float: tuple[str, ...] = KEEP_FLOAT
-    op_types: tuple[str, ...] | None = None  # op types to quantize; None: every one ONNX Runtime can
-    reduce_range: bool = True  # 7-bit weights: no int16 saturation in AVX2 (non-VNNI) u8 x s8 kernels
+    """How activation ranges are chosen from the calibration set."""
+    keep_float: tuple[KeepFloat, ...] = KEEP_FLOAT
+    """Parts left in float32, comma-separated, or none."""
+    op_types: tuple[str, ...] | None = None
+    """ONNX op types to quantize, comma-separated; none: every one ONNX Runtime can."""
+    reduce_range: bool = True
+    """7-bit weights (no int16 saturation in AVX2, non-VNNI u8 x s8 kernels); off: the full 8 bits."""
     seed: int = 0
-    batch: int = 16  # calibration batch
+    """Seed of the calibration set."""
+    batch: int = 16
+    """Calibration batch."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("calibration_size", 8), ("calibration_steps", 1), ("batch", 1), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for part in self.keep_float:
+            if part not in KEEP_FLOAT:
+                raise ValueError(f"unknown keep_float part {part!r}; allowed: {', '.join(KEEP_FLOAT)}")
 
 
 @dataclass
@@ -206,11 +225,27 @@ class GateOptions:
     """The INT8 quality gate: same-noise samples of the float32 and INT8 files, scored."""
 
     images: int = 256
+    """Same-noise samples the gate compares."""
     steps: int = 50
-    min_psnr_db: float = 20.0  # same-noise PSNR of the INT8 samples against the float32 ONNX ones
-    max_fd_ratio: float = 1.5  # FD-classifier(INT8) / FD-classifier(float32), both against training images
+    """DDIM steps of those samples."""
+    min_psnr_db: float = 20.0
+    """Least same-noise PSNR (dB) of INT8 samples against float32 ONNX ones."""
+    max_fd_ratio: float = 1.5
+    """Largest FD-classifier of INT8 samples over float32's, both against training images
+    (Fashion-MNIST-shaped models)."""
     reference_images: int = 10_000
-    classifier: str | None = None  # folder of the FD-classifier's network; None: the shipped one
+    """Training images the FD-classifier compares with."""
+    classifier: str | None = None
+    """Classifier folder of the FD-classifier (python -m quality classifier); none: the shipped one."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("images", 2), ("steps", 1), ("reference_images", 2)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.min_psnr_db >= 0:
+            raise ValueError(f"min_psnr_db must be >= 0, got {self.min_psnr_db}")
+        if not self.max_fd_ratio > 0:
+            raise ValueError(f"max_fd_ratio must be > 0, got {self.max_fd_ratio}")
 
 
 @dataclass

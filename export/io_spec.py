@@ -22,8 +22,11 @@ class BatchProfile:
     """Batch sizes an engine accepts: min <= opt <= max (all equal for a static batch)."""
 
     min: int = 1
+    """TensorRT profile: smallest batch."""
     opt: int = 16
+    """TensorRT profile: the batch tuned for."""
     max: int = 64
+    """TensorRT profile: largest batch."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:

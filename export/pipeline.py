@@ -37,7 +37,7 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
                                    write_manifest)
 from runtime import __version__
 from runtime.backends import BackendError, precision
-from runtime.files import PathLock, fsync_dir, sha256_file
+from runtime.files import PathLock, fsync_dir, replace_dir, sha256_file
 from runtime.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
 from trainer.rundir import CONFIG, WEIGHTS, load_model
@@ -55,19 +55,33 @@ class ExportOptions:
     """What ``ddim-export`` writes, and how."""
 
     fp16: bool = False
+    """Also write model.fp16.onnx, and model.plan where TensorRT and a GPU exist."""
     raw_weights: bool = False
+    """Export the raw weights instead of the EMA weights."""
     force: bool = False
+    """Replace an earlier export in --out (a default --out is replaced anyway); run directories, other
+    folders and files are never replaced."""
     require_engine: bool = False
+    """Fail when the TensorRT engine cannot be built here."""
     profile: BatchProfile = BatchProfile()
     optimization_level: int = 3
+    """TensorRT builder optimisation level (0-5)."""
     timing_cache: Path | None = None
+    """TensorRT timing cache [default: one per TensorRT version and GPU under ~/.cache/ddim-deploy/tensorrt/]."""
     opset: int = OPSET
     int8: bool = False
+    """Also write model.int8.onnx (static QDQ INT8 for CPUs), behind a quality gate, timed against float32."""
     int8_options: Int8Options = Int8Options()
     int8_gate: GateOptions = GateOptions()
-    data_path: Path | None = None  # the training data, for INT8 calibration and the FD gate
+    data_path: Path | None = None
+    """Where the training data lies, for INT8 calibration and the FD gate [default: where the trainer finds it]."""
     limits: SizeLimits = SizeLimits()
-    progress: bool = True  # progress bars on stderr for the long steps (the INT8 quality gate)
+    progress: bool = True
+    """Progress bars on stderr for the long steps (the INT8 quality gate)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.optimization_level <= 5:
+            raise ValueError(f"optimization_level must lie in 0-5, got {self.optimization_level}")
 
 
 @dataclass
@@ -172,7 +186,7 @@ def _export(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
                                                            opts.optimization_level, FP16_TOLERANCE)
             _write_engine(model, spec, staging, opts, report)
         (staging / REPORT).write_text(json.dumps(_summary(report), indent=2) + "\n")  # last: marks it complete
-        _commit(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
@@ -274,21 +288,6 @@ def _write_engine(model: Any, spec: Any, staging: Path, opts: ExportOptions, rep
                      batches)
     _record(result, report)
     write_manifest(staging / "manifest.json", manifest)
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Put the staged folder in place of ``out``; the old contents go only once the new are there."""
-    for path in staging.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _summary(report: ExportReport) -> dict[str, Any]:

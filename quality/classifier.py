@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from quality.errors import QualityError
-from runtime.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped
+from runtime.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped, replace_dir
 from runtime.shipped import SHIPPED_CLASSIFIER
 from trainer.errors import CheckpointError
 from trainer.rundir import load_weights
@@ -199,7 +199,7 @@ def write_classifier_folder(model: FashionClassifier, info: ClassifierInfo, out:
                     if p.name not in (WEIGHTS, INFO) and p.is_file() and not p.is_symlink():
                         shutil.copy2(p, staging / p.name)
             save_classifier(model, info, staging)
-            _commit(staging, out)
+            replace_dir(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -232,13 +232,3 @@ def _recover(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _commit(staging: Path, out: Path) -> None:
-    """Rename the staged folder into place; the previous folder goes only once the new one is there."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

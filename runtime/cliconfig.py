@@ -22,6 +22,7 @@ import inspect
 import re
 import textwrap
 import types
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 import click
@@ -68,6 +69,30 @@ class IntList(click.ParamType):
             self.fail(f"give comma-separated integers, e.g. 32,64,96{empty}; got {value!r}", param, ctx)
 
 
+class ChoiceList(click.ParamType):
+    """Comma-separated values, each one of ``choices`` (any string when None); ``none`` is the empty list."""
+
+    name = "LIST"
+
+    def __init__(self, choices: tuple[str, ...] | None = None) -> None:
+        self.choices = choices
+        if choices:
+            self.name = ",".join(choices)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if text.lower() in ("none", ""):
+            return ()
+        items = tuple(v.strip() for v in text.split(","))
+        bad = [v for v in items if self.choices is not None and v not in self.choices]
+        if bad:
+            self.fail(f"{', '.join(map(repr, bad))} not allowed; give a comma-separated list of "
+                      f"{', '.join(self.choices or ())}, or none", param, ctx)
+        return items
+
+
 class Optional(click.ParamType):
     """A value of ``inner`` type, or ``none`` for a field that may be unset."""
 
@@ -100,7 +125,13 @@ def param_type(hint: Any) -> click.ParamType | None:
         (item,) = {a for a in get_args(hint) if a is not Ellipsis}
         if item is int:
             return IntList()
+        if item is str:
+            return ChoiceList()
+        if get_origin(item) is Literal:
+            return ChoiceList(tuple(str(v) for v in get_args(item)))
         raise TypeError(f"no option type for {hint!r}")
+    if hint is Path:
+        return click.Path(path_type=Path)
     simple = {int: click.INT, float: click.FLOAT, str: click.STRING}
     if hint in simple:
         return simple[hint]
@@ -138,8 +169,9 @@ class ConfigOption(GroupedOption):
         extra = super().get_help_extra(ctx)
         label, config = self.default_of(ctx)
         section = getattr(config, self.section, None) if config is not None else None
-        if section is not None and hasattr(section, self.field):
-            extra["default"] = f"{show(getattr(section, self.field))} ({label})"
+        if section is not None and hasattr(section, self.field) and "[default:" not in (self.help or ""):
+            value = show(getattr(section, self.field))
+            extra["default"] = f"{value} ({label})" if label else value
         return extra
 
 
@@ -152,12 +184,12 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 
 
 def config_options(cls: type, section: str, group: str, default_of: Callable[[click.Context], tuple[str, Any]],
-                   *, rename: Mapping[str, str] | None = None, skip: Iterable[str] = (),
+                   *, rename: Mapping[str, str] | None = None, skip: Iterable[str] = (), prefix: str = "",
                    help: Mapping[str, str] | None = None) -> list[click.Option]:
     """One :class:`ConfigOption` per field of dataclass ``cls`` (minus ``skip``), in field order.
 
-    ``rename`` maps a field to its flag name (without dashes); ``help`` adds help where a field has no
-    docstring (or replaces it).
+    The flag is ``--PREFIX-FIELD-NAME``; ``rename`` maps a field to its whole flag name instead (without
+    dashes); ``help`` adds help where a field has no docstring (or replaces it).
     """
     rename, help = dict(rename or {}), dict(help or {})
     hints = get_type_hints(cls)
@@ -166,7 +198,7 @@ def config_options(cls: type, section: str, group: str, default_of: Callable[[cl
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = rename.get(f.name, f.name).replace("_", "-")
+        flag = rename.get(f.name, prefix + f.name).replace("_", "-")
         kind = param_type(hints[f.name])
         decls = [f"--{flag}/--no-{flag}" if kind is None else f"--{flag}", f"{section}__{f.name}"]
         extra: dict[str, Any] = {} if kind is None else {"type": kind}
@@ -196,6 +228,24 @@ def add_options(options: Iterable[click.Option]) -> Callable[[Callable[..., Any]
 def overrides(ctx: click.Context) -> dict[tuple[str, str], Any]:
     """The config options given on the command line: ``{(section, field): value}``."""
     return dict(ctx.meta.get(OVERRIDES, {}))
+
+
+def section(ctx: click.Context, name: str) -> dict[str, Any]:
+    """The given options of one section: ``{field: value}``, to build its dataclass from."""
+    return {field: value for (sec, field), value in overrides(ctx).items() if sec == name}
+
+
+def with_flag_names(ctx: click.Context, build: Callable[[], Any]) -> Any:
+    """``build()``, a ValueError from it naming the flags typed rather than the fields they set."""
+    try:
+        return build()
+    except ValueError as exc:
+        text = flag_names_in(str(exc), ctx, overrides(ctx))
+        try:
+            renamed = type(exc)(text)
+        except TypeError:  # an exception type with another constructor
+            renamed = ValueError(text)
+        raise renamed from None
 
 
 def flag_of(ctx: click.Context, section: str, field: str) -> str:

@@ -45,18 +45,20 @@ def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def size_limit_options(fn: Callable[..., None]) -> Callable[..., None]:
-    """``--max-image-size``, ``--max-parameters``, ``--max-memory-gib``: the bounds of
-    :class:`runtime.limits.SizeLimits`, checked before a model is built."""
+    """``--max-image-size``, ``--max-parameters``, ``--max-memory-gib``: the fields of
+    :class:`runtime.limits.SizeLimits` (generated from it), checked before a model is built. The command
+    reads them with :func:`size_limits`."""
+    from runtime.cliconfig import add_options, config_options
     from runtime.limits import SizeLimits
 
-    d = SizeLimits()
-    for option in (
-        click.option("--max-memory-gib", type=click.FloatRange(min=0, min_open=True), default=d.memory_gib,
-                     show_default=True, help="Refuse a model whose training batch needs more (estimated)."),
-        click.option("--max-parameters", type=click.IntRange(min=1), default=d.parameters, show_default=True,
-                     help="Refuse a model with more parameters."),
-        click.option("--max-image-size", type=click.IntRange(min=1), default=d.image_size, show_default=True,
-                     help="Refuse a model for larger images."),
-    ):
-        fn = option(fn)
-    return fn
+    defaults = type("Defaults", (), {"limits": SizeLimits()})()
+    options = config_options(SizeLimits, "limits", "Size limits", lambda ctx: ("", defaults), prefix="max_")
+    return add_options(options)(fn)
+
+
+def size_limits(ctx: click.Context) -> Any:
+    """The :class:`runtime.limits.SizeLimits` of a command with :func:`size_limit_options`."""
+    from runtime.cliconfig import section, with_flag_names
+    from runtime.limits import SizeLimits
+
+    return with_flag_names(ctx, lambda: SizeLimits(**section(ctx, "limits")))

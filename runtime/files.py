@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -51,6 +52,24 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> None:
 def atomic_write_text(target: str | Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``target`` atomically."""
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def replace_dir(staging: Path, out: Path) -> None:
+    """Put the staged folder ``staging`` (a sibling of ``out``) in place of ``out``: its files are
+    fsynced, ``out`` moves aside to ``.NAME.old-PID``, the staged folder is renamed in, and only then is
+    the old one removed. A crash in between leaves ``.NAME.old-PID`` for the next writer to restore."""
+    for path in staging.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(path: str | Path) -> None:

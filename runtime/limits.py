@@ -28,8 +28,19 @@ class SizeLimits:
     """What a model may cost; see the module docstring."""
 
     image_size: int = 1024
+    """Refuse a model for larger images."""
     parameters: int = 1_000_000_000
-    memory_gib: float = 64.0  # estimated activations of one training batch
+    """Refuse a model with more parameters."""
+    memory_gib: float = 64.0
+    """Refuse a model whose training batch needs more memory (estimated activations, GiB)."""
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "parameters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.memory_gib > 0:
+            raise ValueError(f"memory_gib must be > 0, got {self.memory_gib!r}")
 
 
 def blocks_and_width(cfg: ModelConfig) -> tuple[int, int]:

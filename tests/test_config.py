@@ -197,7 +197,7 @@ def test_fit_help_groups_options_and_shows_the_presets_values():
     headings = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert headings == ["Run:", "Model (both U-Nets):", "Model: Keras U-Net (--architecture keras):",
                         "Model: DDPM U-Net (--architecture ddpm):", "Noise schedule:", "Data:", "Training:",
-                        "Other options:"], headings
+                        "Size limits:", "Other options:"], headings
     assert "[default: 64 (cifar10-64)]" in " ".join(text.split())  # --base-width of that preset
     plain = " ".join(CliRunner().invoke(main, ["fit", "--help"]).output.split())
     assert "[default: 32,64,96 (fashion-mnist)]" in plain  # --widths of the default preset
@@ -211,3 +211,21 @@ def test_ema_warmup_ramps_decay():
     ema = EMA(torch.nn.Linear(2, 2), decay=0.999, warmup=True)
     assert ema.decay_at(0) == 0.1 and ema.decay_at(90) == 0.91 and ema.decay_at(10**6) == 0.999
     assert EMA(torch.nn.Linear(2, 2), decay=0.999).decay_at(0) == 0.999
+
+
+def test_every_export_option_field_has_a_generated_flag():
+    """ddim-export packs no field by hand: each field of its option dataclasses is one generated option."""
+    import dataclasses as dc
+
+    from export.cli import SUB_OPTIONS, main
+    from export.int8 import GateOptions, Int8Options
+    from export.io_spec import BatchProfile
+    from export.pipeline import ExportOptions
+    from runtime.cliconfig import ConfigOption
+    from runtime.limits import SizeLimits
+
+    generated = {(p.section, p.field) for p in main.params if isinstance(p, ConfigOption)}
+    wanted = {("export", f.name) for f in dc.fields(ExportOptions)} - {("export", n) for n in SUB_OPTIONS | {"opset"}}
+    for name, cls in (("profile", BatchProfile), ("int8", Int8Options), ("gate", GateOptions), ("limits", SizeLimits)):
+        wanted |= {(name, f.name) for f in dc.fields(cls)}
+    assert generated == wanted

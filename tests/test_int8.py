@@ -227,7 +227,7 @@ def test_auto_takes_the_export_timing_on_the_same_host(int8_export, tmp_path, ti
 def test_auto_measures_on_another_host_and_caches_the_verdict(int8_export, tmp_path, timings, monkeypatch, caplog):
     folder = copy_export(int8_export[0], tmp_path / "x", recorded(100.0))  # recorded on "another CPU": ignored
     host = {**precision.host_fingerprint(), "cpu": "another CPU"}
-    monkeypatch.setattr(precision, "host_fingerprint", lambda: host)
+    monkeypatch.setattr(precision, "host_fingerprint", lambda threads=None: host)
     first = cpu(folder)
     assert len(timings) == 1 and timings[0]["host"] == host and "measured now" in first.why
     measured = timings[0]["speedup"]

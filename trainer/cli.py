@@ -23,10 +23,9 @@ from runtime.cliconfig import (
     ConfigOption, GroupedCommand, GroupedOption, add_options, allow_empty, config_options, flag_names_in, flag_of,
     overrides,
 )
-from runtime.clitools import friendly_errors, size_limit_options, version_option
+from runtime.clitools import friendly_errors, size_limit_options, size_limits, version_option
 from runtime.config import MODEL_CONFIGS, ConfigError, DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
-from runtime.limits import SizeLimits
-from trainer.config import DataConfig, RunConfig, TrainConfig
+from trainer.config import SECTIONS, DataConfig, RunConfig, TrainConfig
 from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 log = logging.getLogger("trainer")
@@ -78,7 +77,7 @@ def resolve_config(ctx: click.Context, preset: str | None, resume_from: Path | N
     """
     from trainer.rundir import load_run_config, with_train_overrides
 
-    given = overrides(ctx)
+    given = {k: v for k, v in overrides(ctx).items() if k[0] in SECTIONS}  # not the size limits
     try:
         if resume_from is not None:
             stored = load_run_config(resume_from)
@@ -129,7 +128,7 @@ _CHOICE = click.Choice
 @friendly_errors
 @click.pass_context
 def fit(ctx: click.Context, preset: str | None, data_path: Path | None, out: Path | None, resume: bool, device: str,
-        progress: bool, print_config: bool, max_image_size: int, max_parameters: int, max_memory_gib: float) -> None:
+        progress: bool, print_config: bool) -> None:
     """Train a denoiser into a run directory (under torchrun: one process per rank, DDP).
 
     Every option but the Run ones sets one field of the run config; left out, it keeps the preset's
@@ -143,11 +142,11 @@ def fit(ctx: click.Context, preset: str | None, data_path: Path | None, out: Pat
             raise click.UsageError("--resume needs --out RUN_DIR")
         if preset is not None:
             raise click.UsageError("--resume takes the preset stored in the run directory; drop --preset")
+    limits = size_limits(ctx)
     cfg = resolve_config(ctx, preset, out if resume else None)
     if print_config:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    limits = SizeLimits(max_image_size, max_parameters, max_memory_gib)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if multi and out is None:
         raise click.UsageError("under torchrun pass --out RUN_DIR: every process must agree on the run directory")
