@@ -25,6 +25,7 @@ with 8-bit weights, 0.96x with 7-bit, at the same speed (``benchmarks/int8_trade
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections import Counter
@@ -242,7 +243,7 @@ class GateOptions:
         for name, low in (("images", 2), ("steps", 1), ("reference_images", 2)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if not self.min_psnr_db >= 0:
+        if not (self.min_psnr_db >= 0 or self.min_psnr_db == -math.inf):  # -inf: no PSNR check (benchmarks)
             raise ValueError(f"min_psnr_db must be >= 0, got {self.min_psnr_db}")
         if not self.max_fd_ratio > 0:
             raise ValueError(f"max_fd_ratio must be > 0, got {self.max_fd_ratio}")

@@ -115,7 +115,7 @@ def test_unknown_extractor_and_missing_inception_dependency_are_one_line_errors(
     try:
         import pytorch_fid.inception  # noqa: F401
     except Exception:  # not installed, or torchvision not importable beside this torch
-        with pytest.raises(QualityError, match=r"pip install 'ddim-deploy\[fid\]'"):
+        with pytest.raises(QualityError, match=r"pip install 'pytorch-fid>=[0-9.]+' \(in a ddim-deploy clone: pip install -e '\.\[fid\]'\)"):
             make_extractor("inception", inception_weights=weights)
 
 

@@ -63,6 +63,6 @@ if sys.argv[1] == "fit":
 else:
     import export.pipeline as pipeline
 
-    pipeline._commit = phase(pipeline._commit)
+    pipeline.replace_dir = phase(pipeline.replace_dir)
     pipeline.export_run(Path(sys.argv[2]), Path(sys.argv[3]), pipeline.ExportOptions(force=True))
 print(f"steps counted: {count[0]}", file=sys.stderr)
