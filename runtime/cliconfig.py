@@ -29,7 +29,7 @@ import click
 from click.core import ParameterSource
 
 OVERRIDES = "config_overrides"  # ctx.meta key: {(section, field): value} of the options given
-FLAGS = "config_flags"  # ctx.meta key: {(section, field): "--flag"} of every generated option
+OTHER = "Other options"  # the --help heading of options without a group (--version, --debug, --help)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,7 +152,7 @@ def show(value: Any) -> str:
 class GroupedOption(click.Option):
     """An option printed under its ``group`` heading by :class:`GroupedCommand`."""
 
-    def __init__(self, *args: Any, group: str = "Options", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, group: str = OTHER, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.group = group
 
@@ -184,14 +184,14 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 
 
 def config_options(cls: type, section: str, group: str, default_of: Callable[[click.Context], tuple[str, Any]],
-                   *, rename: Mapping[str, str] | None = None, skip: Iterable[str] = (), prefix: str = "",
-                   help: Mapping[str, str] | None = None) -> list[click.Option]:
+                   *, rename: Mapping[str, str] | None = None, skip: Iterable[str] = (),
+                   prefix: str = "") -> list[click.Option]:
     """One :class:`ConfigOption` per field of dataclass ``cls`` (minus ``skip``), in field order.
 
     The flag is ``--PREFIX-FIELD-NAME``; ``rename`` maps a field to its whole flag name instead (without
-    dashes); ``help`` adds help where a field has no docstring (or replaces it).
+    dashes). The help is the field's docstring.
     """
-    rename, help = dict(rename or {}), dict(help or {})
+    rename = dict(rename or {})
     hints = get_type_hints(cls)
     docs = field_docs(cls)
     options: list[click.Option] = []
@@ -203,7 +203,7 @@ def config_options(cls: type, section: str, group: str, default_of: Callable[[cl
         decls = [f"--{flag}/--no-{flag}" if kind is None else f"--{flag}", f"{section}__{f.name}"]
         extra: dict[str, Any] = {} if kind is None else {"type": kind}
         options.append(ConfigOption(decls, section=section, field=f.name, default_of=default_of, group=group,
-                                    default=None, help=help.get(f.name, docs.get(f.name, "")), **extra))
+                                    default=None, help=docs.get(f.name, ""), **extra))
     return options
 
 
@@ -273,7 +273,7 @@ class GroupedCommand(click.Command):
             record = param.get_help_record(ctx)
             if record is None or isinstance(param, click.Argument):
                 continue
-            groups.setdefault(getattr(param, "group", "Other options"), []).append(record)
+            groups.setdefault(getattr(param, "group", OTHER), []).append(record)
         for name, records in groups.items():
             with formatter.section(name):
                 formatter.write_dl(records)

@@ -165,15 +165,15 @@ class OrtBackend:
                                + (install_problem() or install_hint("gpu", "onnxruntime-gpu")) + ")")
         self.model_path = model_file(path, precision)
         self.device, self.precision = device, precision
+        self.threads = check_threads(threads)  # resolved once: the session and the backend line agree
         if device == "cuda":
             preload_cuda_libraries()
         try:
-            self.session = cached_session(self.model_path, providers_for(device, precision), threads)
+            self.session = cached_session(self.model_path, providers_for(device, precision), self.threads)
         except Exception as exc:  # ORT raises its own exception types for corrupt or invalid files
             raise BackendError(f"cannot load {self.model_path}: {str(exc).strip().splitlines()[0]}") from None
         check_provider(self.session, CUDA if device == "cuda" else CPU, str(self.model_path))
         self.provider = self.session.get_providers()[0]
-        self.threads = check_threads(threads)
         try:
             self.spec = spec_from_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         except ConfigError as exc:
