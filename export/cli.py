@@ -1,4 +1,5 @@
-"""``ddim-export``: a trainer run directory to ONNX / FP16 ONNX / TensorRT files, behind a parity gate."""
+"""``ddim-export``: a trainer run directory or a diffusers folder to ONNX / FP16 ONNX / INT8 ONNX / TensorRT files,
+behind a parity gate."""
 
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def _options() -> list[click.Option]:
     ]
 
 
+def default_name(run_dir: Path) -> str:
+    """The default export folder's name: the model folder's, its parent's for a diffusers ``unet/`` folder."""
+    folder = run_dir.resolve()
+    return folder.parent.name if folder.name == "unet" and folder.parent.name else folder.name
+
+
 # ExportOptions fields that are option objects of their own (generated from their dataclasses).
 SUB_OPTIONS = {"profile", "int8_options", "int8_gate", "limits"}
 
@@ -59,7 +66,7 @@ SUB_OPTIONS = {"profile", "int8_options", "int8_gate", "limits"}
 @click.command(cls=GroupedCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), cls=GroupedOption, group="Export",
-              help="Export directory [default: exports/RUN_NAME].")
+              help="Export directory [default: exports/NAME, NAME the folder's (its parent's for a unet/ folder)].")
 @add_options(_options())
 @click.option("--static-batch", type=click.IntRange(min=1), default=None, cls=GroupedOption,
               group="TensorRT batch profile", help="A fixed-batch engine (CUDA-graph friendly): min = opt = max.")
@@ -67,8 +74,10 @@ SUB_OPTIONS = {"profile", "int8_options", "int8_gate", "limits"}
 @friendly_errors
 @click.pass_context
 def main(ctx: click.Context, run_dir: Path | None, out: Path | None, static_batch: int | None) -> None:
-    """Export the model of RUN_DIR (a trainer run directory or shipped model folder; default: the latest
-    run under runs/, else the shipped Fashion-MNIST model)."""
+    """Export the model of RUN_DIR: a trainer run directory or shipped model folder (config.json +
+    model.safetensors), or a diffusers folder (a pipeline's model_index.json, or a UNet2DModel folder's
+    config.json + diffusion_pytorch_model.safetensors: see docs/diffusers.md). Default: the latest run
+    under runs/, else the shipped Fashion-MNIST model."""
     from export.int8 import GateOptions, Int8Options
     from export.io_spec import BatchProfile
     from export.pipeline import REPORT, ExportOptions, export_run
@@ -86,8 +95,12 @@ def main(ctx: click.Context, run_dir: Path | None, out: Path | None, static_batc
         raise click.BadParameter(f"{opts.int8_gate.classifier} is not a folder", param_hint="'--int8-classifier'")
     run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
                         "train one with python -m trainer fit")
+    from export.from_diffusers import diffusers_layout
+
+    layout = diffusers_layout(run_dir)
+    why += f" (a diffusers {layout} folder)" if layout else ""
     if out is None:
-        out = Path("exports") / run_dir.resolve().name
+        out = Path("exports") / default_name(run_dir)
         # A default folder holding an earlier export of ours is replaced (atomically, after the gates pass).
         opts = dataclasses.replace(opts, force=opts.force or (out / REPORT).is_file())
     what = " + ".join(["fp32"] + ["fp16"] * opts.fp16 + ["int8"] * opts.int8)

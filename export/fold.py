@@ -35,9 +35,12 @@ class ConvPlusMap(nn.Module):
 def fold_batchnorm(model: nn.Module, image_size: int, channels: int) -> int:
     """Fold every residual block's BatchNorm into its first conv, in place (eval mode); returns the count."""
     model.eval()
+    blocks = [b for b in model.modules() if isinstance(b, ResidualBlock)]
+    if not blocks:  # not the Keras U-Net (a DDPM or an imported diffusers U-Net): nothing to fold, no forward
+        return 0
     sizes: dict[ResidualBlock, tuple[int, int]] = {}
     hooks = [b.register_forward_pre_hook(lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[-2:])))
-             for b in model.modules() if isinstance(b, ResidualBlock)]
+             for b in blocks]
     try:
         model(torch.zeros(1, channels, image_size, image_size), torch.full((1, 1, 1, 1), 0.5))
     finally:

@@ -21,7 +21,7 @@ images in [-1, 1]                        normalisation mean 0.5, std 0.5 per cha
 ``beta_schedule`` squaredcos_cap_v2      schedule ``cosine`` with cosine_s 0.008 (Nichol & Dhariwal)
 ``clip_sample``, ``clip_sample_range``   ScheduleConfig ``clip_sample``, ``clip_sample_range``
 ``prediction_type`` epsilon / sample /   the module returns epsilon: sample and v are converted with
-v_prediction                             alpha_bar gathered at t (:class:`DiffusersDenoiser`)
+v_prediction                             sqrt(alpha_bar), sqrt(1 - alpha_bar) at t (:class:`DiffusersDenoiser`)
 =======================================  ===============================================================
 """
 
@@ -39,7 +39,7 @@ import torch
 
 from runtime.config import ConfigError, DiffusersUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig
 from runtime.files import read_capped, read_regular
-from runtime.limits import SizeLimitError, SizeLimits
+from runtime.limits import MAX_BLOCKS, MAX_WIDTH, SizeLimitError, SizeLimits
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,21 @@ def _check_unet(cfg: Mapping[str, Any], where: Path, limits: SizeLimits) -> tupl
     if size > limits.image_size:
         raise SizeLimitError(f"{where}: sample_size {size} is larger than the limit {limits.image_size} "
                              "(raise it with --max-image-size)")
+    _check_structure(cfg, where)
     return size, channels
+
+
+def _check_structure(cfg: Mapping[str, Any], where: Path) -> None:
+    """Bound the module diffusers would build before the weights are read (a config claiming 10**6 layers must
+    not take an hour to build): the limits of runtime.limits, as for our U-Nets."""
+    widths, depth = cfg.get("block_out_channels", [224, 448, 672, 896]), cfg.get("layers_per_block", 2)
+    depths = depth if isinstance(depth, list) else [depth]
+    if not (isinstance(widths, list) and widths and all(_positive_int(w) for w in widths + depths)):
+        raise DiffusersFolderError(f"{where}: block_out_channels and layers_per_block must be positive integers")
+    blocks = len(widths) * (2 * max(depths) + 1) + 2  # down, up (one more each) and the middle
+    if blocks > MAX_BLOCKS or max(widths) > MAX_WIDTH:
+        raise SizeLimitError(f"{where}: the UNet would have {blocks:,} residual blocks and layers {max(widths):,} "
+                             f"channels wide; at most {MAX_BLOCKS} and {MAX_WIDTH:,} are supported")
 
 
 def _positive_int(value: object) -> bool:
@@ -277,19 +291,21 @@ def load_denoiser(folder: DiffusersFolder) -> "DiffusersDenoiser":
     except ImportError:
         from runtime.extras import install_hint
 
-        raise DiffusersFolderError(f"reading a diffusers folder needs diffusers: {install_hint('diffusers')}") from None
+        hint = install_hint("diffusers", "diffusers")
+        raise DiffusersFolderError(f"reading a diffusers folder needs diffusers: {hint}") from None
     from runtime.schedule import build_schedule
 
     try:
+        # low_cpu_mem_usage off: its default asks for accelerate (a warning without it) to save memory we do not need
         unet = UNet2DModel.from_pretrained(str(folder.unet_dir), use_safetensors=True, local_files_only=True,
-                                           torch_dtype=torch.float32)
+                                           torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers raises many types for a bad folder (OSError, ValueError, EnvironmentError)
         raise DiffusersFolderError(f"cannot load {folder.weights}: {str(exc).strip().splitlines()[0]}") from None
     bad = [name for name, p in unet.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise DiffusersFolderError(f"{folder.weights}: non-finite values in {', '.join(bad[:3])}")
     alphas_cumprod = build_schedule(folder.spec.schedule).alphas_cumprod  # type: ignore[attr-defined]
-    return DiffusersDenoiser(unet.float().eval(), folder.prediction_type, alphas_cumprod).eval()
+    return DiffusersDenoiser(unet.eval(), folder.prediction_type, alphas_cumprod).eval()
 
 
 class DiffusersDenoiser(torch.nn.Module):
@@ -305,17 +321,21 @@ class DiffusersDenoiser(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.prediction_type = prediction_type
-        # float32, as diffusers' scheduler holds it; only the sample / v conversions read it
-        self.register_buffer("alphas_cumprod", torch.tensor(alphas_cumprod, dtype=torch.float32), persistent=False)
+        # sqrt(a) and sqrt(1 - a) per step, computed in float64 and stored in float32: 1 - a rounded in float32
+        # (a -> 1 at t = 0) would be off by up to 1e-3 relative; only the sample / v conversions read them
+        a = np.asarray(alphas_cumprod, dtype=np.float64)
+        self.register_buffer("sqrt_a", torch.tensor(np.sqrt(a), dtype=torch.float32), persistent=False)
+        self.register_buffer("sqrt_1ma", torch.tensor(np.sqrt(1.0 - a), dtype=torch.float32), persistent=False)
 
     def forward(self, noisy_images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         out = self.unet(noisy_images, timesteps).sample
         if self.prediction_type == "epsilon":
             return out
-        a = self.alphas_cumprod[timesteps.round().long()].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+        t = timesteps.round().long()
+        sqrt_a, sqrt_1ma = self.sqrt_a[t].view(-1, 1, 1, 1), self.sqrt_1ma[t].view(-1, 1, 1, 1)  # (N, 1, 1, 1)
         if self.prediction_type == "v_prediction":
-            return a.sqrt() * out + (1 - a).sqrt() * noisy_images
-        return (noisy_images - a.sqrt() * out) / (1 - a).sqrt()  # sample
+            return sqrt_a * out + sqrt_1ma * noisy_images
+        return (noisy_images - sqrt_a * out) / sqrt_1ma  # sample
 
 
 def source_info(folder: DiffusersFolder) -> dict[str, Any]:

@@ -145,13 +145,17 @@ def sampler_pairs(fp32_model: Path, spec: ModelSpec, n: int, steps: int, seed: i
         yield pairs[j]
 
 
-def calibration_batches(fp32_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
+def calibration_batches(fp32_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]] | None,
                         opts: Int8Options) -> list[dict[str, NDArray[np.float32]]]:
-    """The calibration set as ONNX Runtime feeds: ``calibration_size`` pairs in batches of ``batch``."""
+    """The calibration set as ONNX Runtime feeds: ``calibration_size`` pairs in batches of ``batch``
+    (``images`` None: no training data, e.g. an imported diffusers model; only ``sampler`` calibrates)."""
+    if images is None and opts.calibration != "sampler":
+        raise ValueError(f"INT8 calibration {opts.calibration!r} needs training images; this model has none: "
+                         "use sampler")
     rng = np.random.default_rng(opts.seed)
     n_sampler = {"data": 0, "sampler": opts.calibration_size, "both": opts.calibration_size // 2}[opts.calibration]
     n_data = opts.calibration_size - n_sampler
-    pairs = list(data_pairs(spec, images(), n_data, rng)) if n_data else []
+    pairs = list(data_pairs(spec, images(), n_data, rng)) if n_data and images is not None else []
     if n_sampler:
         pairs += list(sampler_pairs(fp32_model, spec, n_sampler, opts.calibration_steps, opts.seed))
     order = rng.permutation(len(pairs))
@@ -184,7 +188,7 @@ def float_nodes(graph: onnx.GraphProto, keep: tuple[str, ...]) -> tuple[list[str
     return names, what
 
 
-def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
+def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]] | None,
                   opts: Int8Options = Int8Options()) -> Int8Report:
     """Write ``out`` (QDQ INT8) from the float32 ONNX file ``fp32_model``; metadata is the caller's."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
@@ -280,9 +284,11 @@ class GateResult:
                 f"(max pixel difference {self.max_abs_diff}){fd}: {'passed' if self.passed else 'FAILED'}")
 
 
-def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]],
-                 opts: GateOptions = GateOptions(), progress: bool = True) -> GateResult:
-    """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models.
+def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec,
+                 images: Callable[[], NDArray[np.uint8]] | None, opts: GateOptions = GateOptions(),
+                 progress: bool = True) -> GateResult:
+    """Sample the same noise through both files; PSNR always, FD-classifier for Fashion-MNIST-shaped models
+    with training images (``images`` None: none, e.g. an imported diffusers model).
 
     ``progress``: a progress bar on stderr over the sampling steps of both files (a minute or more at the
     default 256 images).
@@ -305,6 +311,8 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec, images: Ca
     m = spec.model
     if (m.image_size, m.channels) != (32, 1):
         result.fd_note = "FD-classifier only for 32x32 grey (Fashion-MNIST) models"
+    elif images is None:
+        result.fd_note = "no FD-classifier: no training images to compare with"
     else:
         try:
             ext = ClassifierFeatures(Path(opts.classifier) if opts.classifier is not None else None)

@@ -1,4 +1,9 @@
-"""A trainer run directory to an export directory, staged so that nothing half-written looks valid.
+"""A trainer run directory (or a diffusers folder) to an export directory, staged so that nothing half-written
+looks valid.
+
+The source is a run directory of ours (rebuilt by ``trainer.rundir``) or a diffusers UNet2DModel folder
+(``export.from_diffusers``: checked whole before ``--out`` is touched, so a refused folder writes nothing);
+both go through the same files and gates.
 
 Everything is written into a hidden staging folder ``.NAME.partial-PID`` beside the target and
 renamed into place only after every file passed the parity gate; an interrupted or failed export
@@ -29,6 +34,8 @@ from typing import Any
 
 import onnx
 
+from export.from_diffusers import (LOOKED_FOR, DiffusersFolder, DiffusersFolderError, diffusers_layout,
+                                   load_denoiser, read_folder, source_info)
 from export.int8 import GateOptions, Int8Options, quality_gate, quantize_int8
 from export.io_spec import BatchProfile
 from export.onnx_graph import OPSET, embedding_nodes, float32_nodes, save_checked, write_deployed_onnx, write_fp16_onnx
@@ -96,6 +103,7 @@ class ExportReport:
     int8: dict[str, Any] = field(default_factory=dict)
     tensorrt_commands: dict[str, str] = field(default_factory=dict)  # trtexec / polygraphy for model.fp16.onnx
     notes: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)  # what was exported: our run, or a diffusers folder
 
 
 REPORT = "export_report.json"
@@ -150,8 +158,28 @@ def recover_staging(out: Path) -> list[str]:
     return done
 
 
+def read_source(run_dir: Path, opts: ExportOptions) -> DiffusersFolder | None:
+    """The checked diffusers folder ``run_dir`` is, or None for a run directory of ours (checked as it loads);
+    a folder that is neither is refused saying what was looked for."""
+    if diffusers_layout(run_dir) is None:
+        if run_dir.is_dir() and not (run_dir / CONFIG).is_file():
+            raise DiffusersFolderError(f"{run_dir} is not a model folder: looked for {LOOKED_FOR}")
+        return None
+    if opts.raw_weights:
+        raise DiffusersFolderError("--raw-weights: a diffusers folder holds one set of weights (no EMA / raw pair)")
+    # No dataset config: INT8 calibrates on the model's own DDIM trajectories (see _write_int8).
+    if opts.int8 and opts.data_path is not None:
+        raise DiffusersFolderError("--data: a diffusers folder names no training data; --int8 calibrates on the "
+                                   "model's own DDIM samples")
+    if opts.int8 and opts.int8_options.calibration == "data":
+        raise DiffusersFolderError("--int8-calibration data: a diffusers folder names no training data; use sampler "
+                                   "(the model's own DDIM samples)")
+    return read_folder(run_dir, opts.limits)
+
+
 def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
     """Export the model of ``run_dir`` into ``out`` (see the module docstring)."""
+    folder = read_source(run_dir, opts)  # before the lock: a refused folder leaves nothing behind
     if out.name in ("", ".", ".."):  # staging and the lock live beside --out: it needs a name
         out = out.resolve()
     try:
@@ -162,24 +190,40 @@ def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
         for line in recover_staging(out):
             log.info("%s", line)
         check_out_dir(out, opts.force)
-        return _export(run_dir, out, opts)
+        return _export(run_dir, folder, out, opts)
     finally:
         lock.__exit__()
 
 
-def _export(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
+def _load(run_dir: Path, folder: DiffusersFolder | None, opts: ExportOptions,
+          report: ExportReport) -> tuple[Any, Any, dict[str, Any]]:
+    """The eager model, its spec, and what the ONNX metadata records of the source; fills ``report.source``."""
+    if folder is not None:
+        model, spec = load_denoiser(folder), folder.spec
+        report.source = source_info(folder)
+        report.notes.extend(folder.notes)
+        info = {"weights": "diffusers", "weights_sha256": report.source["unet_sha256"],
+                "source_diffusers": folder.path.resolve().name, "diffusers_version": folder.diffusers_version}
+        return model, spec, info
     weights = "raw" if opts.raw_weights else "ema"
     model, spec = load_model(run_dir, weights, opts.limits)
+    info = {"weights": weights, "weights_sha256": sha256_file(run_dir / WEIGHTS), "source_run": run_dir.resolve().name}
+    report.source = {"kind": "run", "folder": str(run_dir.resolve()), "weights": weights,
+                     "weights_sha256": info["weights_sha256"]}
+    return model, spec, info
+
+
+def _export(run_dir: Path, folder: DiffusersFolder | None, out: Path, opts: ExportOptions) -> ExportReport:
+    report = ExportReport(out)
+    model, spec, source = _load(run_dir, folder, opts, report)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    report = ExportReport(out)
     try:
-        info = {"toolkit_version": __version__, "weights": weights, "weights_sha256": sha256_file(run_dir / WEIGHTS),
-                "source_run": run_dir.resolve().name, "opset": opts.opset}
+        info = {"toolkit_version": __version__, **source, "opset": opts.opset}
         fp32 = _write_onnx(model, spec, staging, info, opts, report)
         if opts.int8:
-            _write_int8(spec, staging, info, opts, report)
+            _write_int8(spec, staging, info, opts, report, has_data=folder is None)
         if opts.fp16:
             _write_fp16(model, spec, fp32, staging, info, report)
             report.tensorrt_commands = equivalent_commands("model.fp16.onnx", spec, opts.profile,
@@ -218,10 +262,16 @@ def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, inf
     _gate(model, spec, staging / "model.fp16.onnx", FP16_TOLERANCE, report)
 
 
-def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, report: ExportReport) -> None:
-    images = functools.cache(lambda: model_split_images(spec, "train", opts.data_path))
+def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, report: ExportReport,
+                has_data: bool = True) -> None:
+    images = functools.cache(lambda: model_split_images(spec, "train", opts.data_path)) if has_data else None
+    int8_options = opts.int8_options
+    if not has_data and int8_options.calibration != "sampler":  # "data" was refused in read_source
+        int8_options = dataclasses.replace(int8_options, calibration="sampler")
+        report.notes.append("INT8 calibrated on the model's own DDIM samples (--int8-calibration sampler): a "
+                            "diffusers folder names no training data")
     path = staging / "model.int8.onnx"
-    q = quantize_int8(staging / "model.onnx", path, spec, images, opts.int8_options)
+    q = quantize_int8(staging / "model.onnx", path, spec, images, int8_options)
     save_checked(onnx.load(str(path)), path, spec_to_metadata(spec, {**info, "precision": "int8"}))
     report.seconds["model.int8.onnx"] = q.seconds
     log.info("INT8: calibrated on %s; integer ops: %s", q.calibration,
@@ -299,4 +349,5 @@ def _summary(report: ExportReport) -> dict[str, Any]:
         "int8": report.int8,
         "tensorrt_commands": report.tensorrt_commands,
         "notes": report.notes,
+        "source": report.source,
     }
