@@ -62,7 +62,8 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     out = tmp_path / "out"
     proc = script("fid.py", "--model", str(run), "--data", str(fashion_dir), "--classifier", str(tmp_path / "cls"),
                   "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out),
-                  "--backend", "onnxruntime", "--backend", "onnxruntime-int8", "--solver", "ddim", "--solver", "dpmpp-2m")
+                  "--backend", "onnxruntime", "--backend", "onnxruntime-int8",
+                  "--solver", "ddim", "--solver", "dpmpp-2m")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"fid: {run}")
     (report,) = out.glob("fid-*.json")
