@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
-from benchmarks.latency import load_subject, ort_export, timed  # noqa: E402
+from benchmarks.latency import forward_inputs, load_subject, ort_export, timed  # noqa: E402
+from export.io_spec import input_names_of  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from quality import (  # noqa: E402
     ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats,
@@ -72,10 +73,8 @@ def forward_speedup(folder: Path, opts: Int8Options, batch: int, repeats: int) -
     spec = OrtBackend(folder, "cpu").spec
     quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", spec, lambda: None,  # type: ignore[arg-type]
                   dataclasses.replace(opts, calibration="sampler", calibration_size=128))
-    rng = np.random.default_rng(0)
-    m = spec.model
-    feed = {"noisy_images": rng.standard_normal((batch, m.channels, m.image_size, m.image_size), dtype=np.float32),
-            "noise_variances": np.full((batch, 1, 1, 1), 0.5, np.float32)}
+    x, cond = forward_inputs(spec, batch, np.random.default_rng(0))
+    feed = dict(zip(input_names_of(spec.model), (x, cond)))
     out = []
     for precision in ("fp32", "int8"):
         session = OrtBackend(folder, "cpu", precision).session

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
+from export.io_spec import feed, input_names_of  # noqa: E402
 from export.onnx_graph import write_deployed_onnx, write_fp16_onnx  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Device, values  # noqa: E402
@@ -43,6 +44,7 @@ from runtime.clitools import version_option  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
 from runtime.hostinfo import check_threads, physical_cores  # noqa: E402
+from runtime.schedule import build_schedule, noise_variance  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from runtime.metadata import spec_to_metadata  # noqa: E402
 from trainer.rundir import load_model  # noqa: E402
@@ -148,7 +150,7 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool,
             continue
         ort_b = OrtBackend(export_dir, "cpu", precision, threads)
         out[f"onnxruntime cpu {precision}"] = (
-            lambda x, v, s=ort_b.session: s.run(None, {"noisy_images": x, "noise_variances": v}), Sampler(ort_b))
+            lambda x, v, s=ort_b.session, n=ort_b.inputs: s.run(None, dict(zip(n, (x, v)))), Sampler(ort_b))
     return out
 
 
@@ -231,16 +233,24 @@ def timed(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> dict
             "p99_s": float(np.percentile(arr, 99)), "repeats": repeats}
 
 
+def forward_inputs(spec: ModelSpec, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random images and random steps' conditioning (noise variances or timesteps) for one forward."""
+    schedule = build_schedule(spec.schedule)
+    total = schedule.num_timesteps
+    t = rng.integers(0, total, batch) if total else rng.random(batch)
+    m = spec.model
+    x = rng.standard_normal((batch, m.channels, m.image_size, m.image_size), dtype=np.float32)
+    inputs = feed(m, x, noise_variance(schedule, t), t)
+    return x, inputs[input_names_of(m)[1]]
+
+
 def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[int], steps: int, warmup: int,
                 repeats: int, compile_: bool, peak: float, int8: bool, threads: int | None = None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runners = forward_runners(m, ort_export(m, Path(tmp), int8, fp16=device == "cuda"), device, compile_, threads)
-        c, s = m.spec.model.channels, m.spec.model.image_size
         for batch in batches:
-            rng = np.random.default_rng(0)
-            x = rng.standard_normal((batch, c, s, s), dtype=np.float32)
-            v = rng.random((batch, 1, 1, 1), dtype=np.float32)
+            x, v = forward_inputs(m.spec, batch, np.random.default_rng(0))
             for name, (forward, sampler) in runners.items():
                 if "static-8" in name and batch != 8:
                     continue

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from export.io_spec import feed
 from export.onnx_graph import embedding_nodes
 from runtime.config import ModelSpec
 from runtime.schedule import build_schedule, noise_variance
@@ -91,8 +92,8 @@ class Int8Report:
     quantized_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes reading dequantized tensors
 
 
-def stratified_variances(spec: ModelSpec, n: int, rng: np.random.Generator) -> NDArray[np.float32]:
-    """``n`` noise variances covering the training distribution of steps (uniform t), stratified."""
+def stratified_steps(spec: ModelSpec, n: int, rng: np.random.Generator) -> NDArray:
+    """``n`` steps covering the training distribution of steps (uniform t), stratified, shuffled."""
     schedule = build_schedule(spec.schedule)
     u = (np.arange(n) + rng.random(n)) / n
     if schedule.discrete:
@@ -100,41 +101,45 @@ def stratified_variances(spec: ModelSpec, n: int, rng: np.random.Generator) -> N
         t: NDArray = np.minimum((u * schedule.num_timesteps).astype(np.int64), schedule.num_timesteps - 1)
     else:
         t = u
-    return rng.permutation(noise_variance(schedule, t)).astype(np.float32)
+    return rng.permutation(t)
 
 
-def data_pairs(spec: ModelSpec, images: NDArray[np.uint8], n: int, rng: np.random.Generator) -> Iterator[
-        tuple[NDArray[np.float32], NDArray[np.float32]]]:
-    """(x_t, variance) for ``n`` training images (N, C, H, W uint8) noised across the schedule."""
+Pair = tuple[NDArray[np.float32], float, float]  # one image x_t (C, H, W), its noise variance and its step
+
+
+def data_pairs(spec: ModelSpec, images: NDArray[np.uint8], n: int, rng: np.random.Generator) -> Iterator[Pair]:
+    """(x_t, variance, step) for ``n`` training images (N, C, H, W uint8) noised across the schedule."""
     pick = images[rng.choice(len(images), n, replace=n > len(images))]
     mean = np.asarray(spec.normalization.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec.normalization.std, np.float32).reshape(1, -1, 1, 1)
     x0 = (pick.astype(np.float32) / 255.0 - mean) / std
-    v = stratified_variances(spec, n, rng).reshape(-1, 1, 1, 1)
+    t = stratified_steps(spec, n, rng)
+    v = noise_variance(build_schedule(spec.schedule), t).astype(np.float32)
     eps = rng.standard_normal(x0.shape, dtype=np.float32)
-    x_t = np.sqrt(1.0 - v) * x0 + np.sqrt(v) * eps
+    x_t = np.sqrt(1.0 - v.reshape(-1, 1, 1, 1)) * x0 + np.sqrt(v.reshape(-1, 1, 1, 1)) * eps
     for i in range(n):
-        yield x_t[i], v[i]
+        yield x_t[i], float(v[i]), float(t[i])
 
 
-def sampler_pairs(fp32_model: Path, spec: ModelSpec, n: int, steps: int, seed: int) -> Iterator[
-        tuple[NDArray[np.float32], NDArray[np.float32]]]:
-    """(x_t, variance) the float32 model sees along DDIM trajectories: ``n`` pairs from the whole run."""
+def sampler_pairs(fp32_model: Path, spec: ModelSpec, n: int, steps: int, seed: int) -> Iterator[Pair]:
+    """(x_t, variance, step) the float32 model sees along DDIM trajectories: ``n`` pairs from the whole run."""
     from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
 
     backend = OrtBackend(fp32_model, "cpu")
+    sampler = Sampler(backend)
+    by_cond = {s.cond: s for s in sampler.plan(steps)}  # the plan's steps, by what the network is given
     seen: list[tuple[NDArray[np.float32], float]] = []
     inner = backend.denoise
 
-    def recording(x: NDArray[np.float32], v: float) -> NDArray[np.float32]:
-        seen.append((x.copy(), v))
-        return inner(x, v)
+    def recording(x: NDArray[np.float32], cond: float) -> NDArray[np.float32]:
+        seen.append((x.copy(), cond))
+        return inner(x, cond)
 
     backend.denoise = recording  # type: ignore[method-assign]
     images = max(1, -(-n // steps))  # enough trajectories for n pairs, one pair per image and step
-    Sampler(backend).sample(images, steps=steps, seed=seed + 1, batch_size=min(images, 32))
-    pairs = [(x[i], np.full((1, 1, 1), v, np.float32)) for x, v in seen for i in range(len(x))]
+    sampler.sample(images, steps=steps, seed=seed + 1, batch_size=min(images, 32))
+    pairs = [(x[i], by_cond[c].noise_var, by_cond[c].t) for x, c in seen for i in range(len(x))]
     rng = np.random.default_rng(seed + 2)
     for j in rng.permutation(len(pairs))[:n]:
         yield pairs[j]
@@ -153,8 +158,8 @@ def calibration_batches(fp32_model: Path, spec: ModelSpec, images: Callable[[], 
     feeds = []
     for start in range(0, len(order), opts.batch):
         chunk = [pairs[j] for j in order[start : start + opts.batch]]
-        feeds.append({"noisy_images": np.stack([c[0] for c in chunk]).astype(np.float32),
-                      "noise_variances": np.stack([c[1] for c in chunk]).astype(np.float32)})
+        feeds.append(feed(spec.model, np.stack([c[0] for c in chunk]), np.array([c[1] for c in chunk]),
+                          np.array([c[2] for c in chunk])))
     return feeds
 
 
@@ -216,7 +221,7 @@ def quantize_int8(fp32_model: Path, out: Path, spec: ModelSpec, images: Callable
     dq_out = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     counts = Counter(n.op_type for n in quantized.graph.node
                      if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_out for i in n.input))
-    pairs = sum(len(f["noise_variances"]) for f in feeds)
+    pairs = sum(len(f["noisy_images"]) for f in feeds)
     calibration = f"{pairs} pairs ({opts.calibration}), seed {opts.seed}, {opts.method}"
     return Int8Report(time.perf_counter() - start, calibration, kept, dict(counts))
 

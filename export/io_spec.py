@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.backends import INPUT_NAMES, OUTPUT_NAMES
+import numpy as np
+from numpy.typing import NDArray
+
+from runtime.backends import OUTPUT_NAMES, cond_shape, input_names
 from runtime.config import ModelConfig
 
-__all__ = ["BATCH_AXIS", "INPUT_NAMES", "OUTPUT_NAMES", "DTYPE", "BatchProfile", "tensor_shapes", "dynamic_axes",
-           "input_profile"]
+__all__ = ["BATCH_AXIS", "OUTPUT_NAMES", "DTYPE", "BatchProfile", "input_names_of", "tensor_shapes", "dynamic_axes",
+           "input_profile", "feed"]
 BATCH_AXIS = "batch"
 DTYPE = "float32"  # every input and output, in every precision (FP16 is internal to the graph)
 
@@ -41,21 +44,36 @@ class BatchProfile:
         return self.min == self.max
 
 
+def input_names_of(cfg: ModelConfig) -> tuple[str, str]:
+    """The images, then ``noise_variances`` or ``timesteps`` as the config's conditioning says."""
+    return input_names(cfg.conditioning)
+
+
 def tensor_shapes(cfg: ModelConfig, batch: int | str) -> dict[str, tuple[int | str, ...]]:
     """Shape of every input and output at ``batch`` (an int, or the symbolic batch axis)."""
     image = (batch, cfg.channels, cfg.image_size, cfg.image_size)  # (N, C, H, W)
-    return {"noisy_images": image, "noise_variances": (batch, 1, 1, 1), "pred_noises": image}
+    images, cond = input_names_of(cfg)
+    return {images: image, cond: cond_shape(cfg.conditioning, batch), OUTPUT_NAMES[0]: image}
 
 
-def dynamic_axes() -> dict[str, dict[int, str]]:
+def dynamic_axes(cfg: ModelConfig) -> dict[str, dict[int, str]]:
     """``torch.onnx.export``'s dynamic_axes: the batch axis of every tensor."""
-    return {name: {0: BATCH_AXIS} for name in INPUT_NAMES + OUTPUT_NAMES}
+    return {name: {0: BATCH_AXIS} for name in input_names_of(cfg) + OUTPUT_NAMES}
+
+
+def feed(cfg: ModelConfig, x: NDArray, noise_var: NDArray, t: NDArray) -> dict[str, NDArray[np.float32]]:
+    """The network's inputs for images ``x`` (N, C, H, W) at steps ``t`` (N,) of noise variance ``noise_var``
+    (N,): each image's variance as (N, 1, 1, 1), or its timestep as (N,), all float32."""
+    images, cond = input_names_of(cfg)
+    n = len(x)
+    value = np.asarray(t if cfg.conditioning == "timestep" else noise_var, dtype=np.float32)
+    return {images: np.asarray(x, dtype=np.float32), cond: value.reshape(cond_shape(cfg.conditioning, n))}
 
 
 def input_profile(cfg: ModelConfig, profile: BatchProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
     """TensorRT optimisation-profile shapes (min, opt, max) of every input."""
     out = {}
-    for name in INPUT_NAMES:
+    for name in input_names_of(cfg):
         out[name] = tuple(tuple(int(d) for d in tensor_shapes(cfg, b)[name])
                           for b in (profile.min, profile.opt, profile.max))
     return out

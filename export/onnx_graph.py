@@ -1,7 +1,8 @@
 """The denoiser as ONNX: export, simplification, metadata, and the FP16 conversion.
 
-FP16 keeps in float32 (see docs/design.md): the sinusoidal-embedding path from ``noise_variances`` up to
-Sin/Cos (angles reach 2 pi 1000 * variance, beyond fp16), every normalisation node (BatchNorm,
+FP16 keeps in float32 (see docs/design.md): the sinusoidal-embedding path from the conditioning input
+(``noise_variances`` or ``timesteps``) up to Sin/Cos (angles reach 2 pi 1000 * variance or 999 radians,
+beyond fp16), every normalisation node (BatchNorm,
 InstanceNorm - the legacy exporter's form of GroupNorm - GroupNorm, LayerNorm: their statistics
 overflow or lose precision in fp16), and Softmax (exponentials of attention logits). Inputs and
 outputs stay float32.
@@ -18,7 +19,7 @@ import onnx
 import torch
 from onnxconverter_common import float16
 
-from export.io_spec import INPUT_NAMES, OUTPUT_NAMES, dynamic_axes, tensor_shapes
+from export.io_spec import OUTPUT_NAMES, dynamic_axes, input_names_of, tensor_shapes
 from runtime.config import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,16 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int 
     import onnxslim
 
     shapes = tensor_shapes(spec.model, 2)
-    dummy = tuple(torch.rand(*shapes[name]) for name in INPUT_NAMES)
+    names = input_names_of(spec.model)
+    dummy = tuple(torch.rand(*shapes[name]) for name in names)
     model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         # Constants the trace records on purpose (the embedding's speeds, static image sizes).
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, dummy, str(path), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(model, dummy, str(path), input_names=list(names), output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=dynamic_axes(spec.model), opset_version=opset, do_constant_folding=True,
+                          dynamo=False)
     slim = onnxslim.slim(onnx.load(str(path)))  # constant folding, dead nodes, redundant casts/reshapes
     for i, node in enumerate(slim.graph.node):  # FP16 block lists and TensorRT layer precisions go by name
         if not node.name:
@@ -57,8 +60,11 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def embedding_nodes(graph: onnx.GraphProto, source: str = "noise_variances") -> list[str]:
-    """Names of the nodes on the paths from ``source`` up to and including the Sin / Cos nodes."""
+def embedding_nodes(graph: onnx.GraphProto, source: str | None = None) -> list[str]:
+    """Names of the nodes on the paths from ``source`` (default: the graph's conditioning input, its second)
+    up to and including the Sin / Cos nodes."""
+    if source is None:
+        source = graph.input[1].name if len(graph.input) > 1 else ""
     reached, names = {source}, []
     changed = True
     while changed:

@@ -1,7 +1,7 @@
 """The parity gate: an exported file against the eager PyTorch model on the same inputs.
 
-Inputs are realistic: clean images drawn N(0, I), noised to variances spread over the whole
-schedule (one variance per image, so per-sample conditioning is exercised), at several batch
+Inputs are realistic: clean images drawn N(0, I), noised to steps spread over the whole
+schedule (one step per image, so per-sample conditioning is exercised), at several batch
 sizes. The error is measured relative to the output's scale, ``max|onnx - eager| / max(max|eager|, 1)``
 per call: it stays meaningful where single elements of the predicted noise are near zero, and the
 floor of 1 (the scale of the unit-variance noise the network predicts) keeps an untrained model,
@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from export.io_spec import feed, input_names_of
 from runtime.config import ModelSpec
 from runtime.schedule import build_schedule, noise_variance, select_steps
 
@@ -55,17 +56,18 @@ class ParityResult:
 
 
 def gate_inputs(spec: ModelSpec, batches: tuple[int, ...] = BATCHES, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Feeds covering the schedule's whole noise range, one variance per image."""
+    """Feeds covering the schedule's whole noise range, one step (variance or timestep) per image."""
     schedule = build_schedule(spec.schedule)
-    variances = noise_variance(schedule, select_steps(schedule, 16, "uniform")).astype(np.float32)
+    steps = select_steps(schedule, 16, "uniform")
     rng = np.random.default_rng(seed)
     c, s = spec.model.channels, spec.model.image_size
     feeds = []
     for i, n in enumerate(batches):
-        v = np.resize(np.roll(variances, i), n).reshape(n, 1, 1, 1)  # ends of the range included across calls
+        t = np.resize(np.roll(steps, i), n)  # ends of the range included across calls
+        v = noise_variance(schedule, t)
         x0, eps = rng.standard_normal((2, n, c, s, s), dtype=np.float32)
-        x = np.sqrt(1 - v) * x0 + np.sqrt(v) * eps
-        feeds.append({"noisy_images": x.astype(np.float32), "noise_variances": v})
+        vv = v.reshape(n, 1, 1, 1)
+        feeds.append(feed(spec.model, np.sqrt(1 - vv) * x0 + np.sqrt(vv) * eps, v, t))
     return feeds
 
 
@@ -94,10 +96,11 @@ def compare(model: torch.nn.Module, run: Callable[[dict[str, np.ndarray]], np.nd
     """``run(feed) -> pred_noises`` against the eager model over the gate's feeds."""
     model.eval()
     worst_abs, worst_rel, worst_batch = 0.0, 0.0, 0
-    for feed in gate_inputs(spec, batches):
-        got = run(feed)
+    names = input_names_of(spec.model)
+    for inputs in gate_inputs(spec, batches):
+        got = run(inputs)
         with torch.no_grad():
-            ref = model(*(torch.from_numpy(feed[k]) for k in ("noisy_images", "noise_variances"))).numpy()
+            ref = model(*(torch.from_numpy(inputs[k]) for k in names)).numpy()
         abs_err = float(np.abs(got.astype(np.float64) - ref).max())
         rel_err = abs_err / max(float(np.abs(ref).max()), 1.0)
         if not np.isfinite(rel_err) or rel_err > worst_rel:

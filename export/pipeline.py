@@ -284,7 +284,7 @@ def _write_engine(model: Any, spec: Any, staging: Path, opts: ExportOptions, rep
                             opts.timing_cache, opts.optimization_level)
     report.seconds["model.plan"] = manifest["build_seconds"]
     batches = tuple(sorted({opts.profile.min, opts.profile.opt, opts.profile.max}))
-    result = compare(model, engine_runner(staging / "model.plan"), "model.plan", spec, "TensorRT", FP16_TOLERANCE,
+    result = compare(model, engine_runner(staging / "model.plan", spec), "model.plan", spec, "TensorRT", FP16_TOLERANCE,
                      batches)
     _record(result, report)
     write_manifest(staging / "manifest.json", manifest)

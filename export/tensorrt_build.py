@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from export.io_spec import BatchProfile, input_profile
+from export.io_spec import BatchProfile, input_names_of, input_profile
 from export.onnx_graph import graph_precision
 from runtime.backends import BackendError
 from runtime.backends.cuda_arrays import CupyArrays, device_info, import_cupy
@@ -84,7 +84,7 @@ def build_engine(onnx_path: Path, plan_path: Path, spec: ModelSpec, profile: Bat
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
     seconds = time.perf_counter() - start
     atomic_write_bytes(plan_path, bytes(serialized))
-    Engine(plan_path, CupyArrays(), trt)  # what was built loads here, with float32 I/O under the denoiser's names
+    Engine(plan_path, CupyArrays(), trt, spec)  # what was built loads here, with float32 I/O under the denoiser's names
     cache = config.get_timing_cache()
     if cache is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -132,14 +132,14 @@ def write_manifest(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def engine_runner(plan_path: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """Load ``model.plan`` once; the returned function runs it on host arrays (one variance per image)."""
+def engine_runner(plan_path: Path, spec: ModelSpec) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """Load ``model.plan`` once; the returned function runs it on host arrays (one step per image)."""
     trt = import_tensorrt()
     arrays = CupyArrays()
-    engine = Engine(plan_path, arrays, trt)
+    engine = Engine(plan_path, arrays, trt, spec)
 
     def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        x, v = (arrays.from_host(np.ascontiguousarray(feed[k])) for k in ("noisy_images", "noise_variances"))
+        x, v = (arrays.from_host(np.ascontiguousarray(feed[k])) for k in input_names_of(spec.model))
         return arrays.to_host(engine.run(x, v))
 
     return run

@@ -51,9 +51,11 @@ class Sampler:
         self.schedule = build_schedule(self.spec.schedule)
 
     def sample(self, num_images: int, steps: int = 50, seed: int = 0, eta: float = 0.0,
-               spacing: Spacing = "uniform", clip_x0: bool = False, batch_size: int = 16,
+               spacing: Spacing = "uniform", clip_x0: bool | None = None, batch_size: int = 16,
                on_step: Callable[[int], None] | None = None) -> SampleResult:
-        """Sample ``num_images`` images; image i depends only on (seed, i), not on the batch size."""
+        """Sample ``num_images`` images; image i depends only on (seed, i), not on the batch size.
+
+        ``clip_x0`` None: the model's default (``schedule.clip_sample`` in its config)."""
         for name, value in (("num_images", num_images), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -62,16 +64,16 @@ class Sampler:
         shape = (m.channels, m.image_size, m.image_size)
         net = [0.0]
 
-        def timed_denoise(x: Any, v: float) -> Any:
+        def timed_denoise(x: Any, cond: float) -> Any:
             t0 = time.perf_counter()
-            out = b.denoise(x, v)
+            out = b.denoise(x, cond)
             net[0] += time.perf_counter() - t0
             return out
 
         start = time.perf_counter()
         # GPU backends make their stream current, so the update's kernels queue behind the network's.
         with getattr(b, "context", contextlib.nullcontext)():
-            bounds = b.clip_bounds(*self.spec.normalization.x0_bounds()) if clip_x0 else None
+            bounds = b.clip_bounds(*self.spec.clip_bounds()) if self.clips(clip_x0) else None
             outs = self._batches(num_images, batch_size, seed, plan, shape, bounds, timed_denoise, on_step)
         seconds = time.perf_counter() - start
         samples = np.concatenate(outs)
@@ -81,7 +83,11 @@ class Sampler:
     def plan(self, steps: int, eta: float = 0.0, spacing: Spacing = "uniform") -> SamplingPlan:
         """The step plan for this model's schedule; ValueError for steps, eta or spacing it cannot take
         (cheap: callers use it to refuse bad input before sampling)."""
-        return SamplingPlan.build(self.schedule, steps, eta, spacing)
+        return SamplingPlan.build(self.schedule, steps, eta, spacing, self.spec.model.conditioning)
+
+    def clips(self, clip_x0: bool | None = None) -> bool:
+        """Whether sampling clips pred_x0: ``clip_x0`` when given, else the model's default."""
+        return self.spec.schedule.clip_sample if clip_x0 is None else clip_x0
 
     def _batches(self, num_images: int, batch_size: int, seed: int, plan: SamplingPlan, shape: tuple[int, int, int],
                  bounds: Any, denoise: Callable[[Any, float], Any],

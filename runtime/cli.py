@@ -68,7 +68,9 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help=f"CPU threads of ONNX Runtime / torch [default: one per physical core, {physical_cores()} here].")
 @click.option("--spacing", type=click.Choice(values(Spacing)), default="uniform", show_default=True)
-@click.option("--clip-x0", is_flag=True, help="Clip each step's predicted clean image to the pixel range.")
+@click.option("--clip-x0/--no-clip-x0", default=None,
+              help="Clip each step's predicted clean image to the pixel range (or the model's clip range) "
+                   "[default: the model's setting, off for models trained here].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help="The grid: .png, .jpg or .webp (PNG and WebP lossless).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Also one PNG per image here.")
@@ -76,8 +78,8 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool, out: Path,
-         out_dir: Path | None, npz: Path | None, progress: bool) -> None:
+         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool | None,
+         out: Path, out_dir: Path | None, npz: Path | None, progress: bool) -> None:
     """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest export under
     exports/, else the shipped Fashion-MNIST model)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -86,8 +88,8 @@ def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size
 
 
 def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool, out: Path,
-         out_dir: Path | None, npz: Path | None, progress: bool) -> None:
+         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool | None,
+         out: Path, out_dir: Path | None, npz: Path | None, progress: bool) -> None:
     from tqdm import tqdm
 
     from runtime.api import load

@@ -19,11 +19,17 @@ from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_
 
 from runtime.files import read_capped
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+# 2 added model.conditioning, the schedule "scaled-linear", schedule.clip_sample(_range) and the imported
+# "diffusers" architecture; a version-1 config reads as noise-variance conditioning without clipping.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
-Architecture = Literal["keras", "ddpm"]
-ScheduleName = Literal["cosine-angle", "linear", "cosine"]
+Architecture = Literal["keras", "ddpm", "diffusers"]
+ScheduleName = Literal["cosine-angle", "linear", "cosine", "scaled-linear"]
+# What the network is conditioned on: the variance of the noise (1 - alpha_bar, any schedule, any step) or the
+# integer step t of a discrete schedule (the DDPM paper's and diffusers' UNet2DModel's convention).
+Conditioning = Literal["noise_variance", "timestep"]
+CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 
 
 class ConfigError(ValueError):
@@ -50,6 +56,9 @@ class KerasUNetConfig:
     """Image channels: 1 grey, 3 RGB."""
     architecture: Literal["keras"] = "keras"
     """Which U-Net: keras (residual blocks) or ddpm (GroupNorm, attention, dropout)."""
+    conditioning: Conditioning = "noise_variance"
+    """What the network is conditioned on: noise_variance (1 - alpha_bar; any schedule) or timestep (the integer
+    step t of a discrete schedule, embedded as diffusers' UNet2DModel does)."""
     widths: tuple[int, ...] = (32, 64, 96, 128)
     """Channels of each resolution level, e.g. 32,64,96,128 (one 2x downsampling between levels)."""
     block_depth: int = 2
@@ -63,6 +72,7 @@ class KerasUNetConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.architecture, ("keras",), "architecture")
+        check_choice(self.conditioning, CONDITIONINGS, "conditioning")
         _check_positive_int(self.image_size, "image_size")
         _check_positive_int(self.channels, "channels")
         _check_positive_int(self.block_depth, "block_depth")
@@ -100,6 +110,9 @@ class DDPMUNetConfig:
     """Image channels: 1 grey, 3 RGB."""
     architecture: Literal["ddpm"] = "ddpm"
     """Which U-Net: keras (residual blocks) or ddpm (GroupNorm, attention, dropout)."""
+    conditioning: Conditioning = "noise_variance"
+    """What the network is conditioned on: noise_variance (1 - alpha_bar; any schedule) or timestep (the integer
+    step t of a discrete schedule, embedded as diffusers' UNet2DModel does)."""
     base_width: int = 128
     """Channels of the first level; level i has base_width * channel_mults[i]."""
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)
@@ -121,6 +134,7 @@ class DDPMUNetConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.architecture, ("ddpm",), "architecture")
+        check_choice(self.conditioning, CONDITIONINGS, "conditioning")
         for name in ("image_size", "channels", "base_width", "num_res_blocks", "num_groups", "num_heads"):
             _check_positive_int(getattr(self, name), name)
         if not self.channel_mults:
@@ -143,8 +157,43 @@ class DDPMUNetConfig:
             raise ConfigError("need 0 < embedding_min_frequency < embedding_max_frequency")
 
 
-ModelConfig = Union[KerasUNetConfig, DDPMUNetConfig]
+@dataclass(frozen=True)
+class DiffusersUNetConfig:
+    """A diffusers ``UNet2DModel`` brought in by ``ddim-export`` (not trainable here).
+
+    The runtime needs only the image shape and the conditioning; ``unet`` keeps the source's own
+    config (its ``config.json``) for the record. Whatever the source predicts, the exported graph
+    outputs the noise (``prediction_type`` says what was converted).
+    """
+
+    image_size: int
+    """Height and width of the (square) images in pixels."""
+    channels: int
+    """Image channels: 1 grey, 3 RGB."""
+    architecture: Literal["diffusers"] = "diffusers"
+    """A diffusers UNet2DModel."""
+    conditioning: Literal["timestep"] = "timestep"
+    """UNet2DModel is conditioned on the integer timestep."""
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    """What the source UNet predicts (the exported graph always outputs the noise)."""
+    unet: Mapping[str, Any] = field(default_factory=dict)
+    """The source UNet2DModel's config.json, verbatim."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.architecture, ("diffusers",), "architecture")
+        check_choice(self.conditioning, ("timestep",), "conditioning")
+        check_choice(self.prediction_type, ("epsilon", "sample", "v_prediction"), "prediction_type")
+        _check_positive_int(self.image_size, "image_size")
+        _check_positive_int(self.channels, "channels")
+        if not isinstance(self.unet, Mapping):
+            raise ConfigError("model.unet must be an object (the diffusers UNet's config)")
+
+
+ModelConfig = Union[KerasUNetConfig, DDPMUNetConfig, DiffusersUNetConfig]
+# The architectures the trainer builds (``fit --architecture``) ...
 MODEL_CONFIGS: dict[str, type] = {"keras": KerasUNetConfig, "ddpm": DDPMUNetConfig}
+# ... and every architecture a config may name (imported ones are exported and run, never trained).
+ALL_MODEL_CONFIGS: dict[str, type] = {**MODEL_CONFIGS, "diffusers": DiffusersUNetConfig}
 
 
 @dataclass(frozen=True)
@@ -152,19 +201,25 @@ class ScheduleConfig:
     """A noise schedule by name (see ``runtime/schedule.py``) and its parameters."""
 
     name: ScheduleName = "cosine-angle"
-    """Noise schedule: cosine-angle (continuous, the Keras example's), linear (DDPM's) or cosine (improved DDPM)."""
+    """Noise schedule: cosine-angle (continuous, the Keras example's), linear (DDPM's), cosine (improved DDPM) or
+    scaled-linear (linear in sqrt(beta), diffusers' scaled_linear)."""
     num_timesteps: int = 1000
-    """T of the discrete schedules (linear, cosine)."""
+    """T of the discrete schedules (linear, cosine, scaled-linear)."""
     beta_start: float = 1e-4
-    """First beta of the linear schedule."""
+    """First beta of the linear and scaled-linear schedules."""
     beta_end: float = 0.02
-    """Last beta of the linear schedule."""
+    """Last beta of the linear and scaled-linear schedules."""
     cosine_s: float = 0.008
     """Offset s of the cosine schedule (Nichol & Dhariwal)."""
     min_signal_rate: float = 0.02
     """Signal rate at the noisiest time of the cosine-angle schedule."""
     max_signal_rate: float = 0.95
     """Signal rate at the cleanest time of the cosine-angle schedule."""
+    clip_sample: bool = False
+    """Clip each step's predicted clean image when sampling, unless ddim-run says otherwise (--clip-x0 /
+    --no-clip-x0)."""
+    clip_sample_range: float | None = None
+    """Bound of |predicted clean image| in model space when clipping; none: the data range of the normalisation."""
 
     def __post_init__(self) -> None:
         check_choice(self.name, get_args(ScheduleName), "schedule")
@@ -175,6 +230,8 @@ class ScheduleConfig:
             raise ConfigError("need 0 < min_signal_rate < max_signal_rate <= 1")
         if self.cosine_s <= 0:
             raise ConfigError("cosine_s must be > 0")
+        if self.clip_sample_range is not None and not self.clip_sample_range > 0:
+            raise ConfigError(f"clip_sample_range must be > 0 (or none), got {self.clip_sample_range}")
 
     @property
     def discrete(self) -> bool:
@@ -217,6 +274,17 @@ class ModelSpec:
             raise ConfigError(
                 f"normalization has {len(self.normalization.mean)} channels, model has {self.model.channels}"
             )
+        if self.model.conditioning == "timestep" and not self.schedule.discrete:
+            raise ConfigError(f"conditioning 'timestep' needs a discrete schedule (linear, cosine, scaled-linear): "
+                              f"{self.schedule.name!r} has no integer timesteps")
+
+    def clip_bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel model-space bounds that clipping holds pred_x0 to (``schedule.clip_sample_range`` when
+        set, else the data range of the normalisation)."""
+        r = self.schedule.clip_sample_range
+        if r is None:
+            return self.normalization.x0_bounds()
+        return (-r,) * self.model.channels, (r,) * self.model.channels
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
@@ -246,9 +314,11 @@ class ModelSpec:
                 raise ConfigError(f"config has no {key!r} section")
         arch = data["model"].get("architecture", "keras")
         check_choice(arch, get_args(Architecture), "architecture")
+        if version == 1:
+            _check_v1(data)
         extra = {k: v for k, v in data.items() if k not in ("schema_version", "model", "schedule", "normalization")}
         return cls(
-            model=dataclass_from_dict(MODEL_CONFIGS[arch], data["model"], "model"),
+            model=dataclass_from_dict(ALL_MODEL_CONFIGS[arch], data["model"], "model"),
             schedule=dataclass_from_dict(ScheduleConfig, data["schedule"], "schedule"),
             normalization=dataclass_from_dict(NormalizationConfig, data["normalization"], "normalization"),
             extra=extra,
@@ -274,6 +344,16 @@ class ModelSpec:
         except OSError as exc:
             raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
         return cls.from_json(text, source=str(p))
+
+
+def _check_v1(data: Mapping[str, Any]) -> None:
+    """A version-1 config has none of version 2's additions (a file that claims 1 but has them was edited)."""
+    added = [("model", "conditioning"), ("schedule", "clip_sample"), ("schedule", "clip_sample_range")]
+    found = [f"{sec}.{key}" for sec, key in added if key in data[sec]]
+    if data["model"].get("architecture") == "diffusers" or data["schedule"].get("name") == "scaled-linear":
+        found.append("a schema-2 architecture or schedule")
+    if found:
+        raise ConfigError(f"config schema_version 1 has no {', '.join(found)}: set schema_version 2")
 
 
 def dataclass_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:

@@ -10,7 +10,6 @@ import json
 from typing import Any, Mapping
 
 from runtime.config import ConfigError, ModelSpec
-from runtime.files import MAX_JSON_BYTES
 
 METADATA_KEY = "ddim_deploy.config"  # JSON of ModelSpec.to_dict() plus an "export" section
 

@@ -1,6 +1,7 @@
 """The DDIM sampling loop, shared by every backend (numpy arrays or torch tensors).
 
-The loop knows nothing of the network: it calls ``denoise(x, noise_var) -> eps`` once per step
+The loop knows nothing of the network: it calls ``denoise(x, cond) -> eps`` once per step (``cond`` is
+the step's noise variance or its timestep, as the model's config says)
 and applies :func:`runtime.schedule.ddim_step`. Backends supply the denoiser, the initial noise
 and, for eta > 0, fresh noise per step; array creation stays with them, so the loop never
 moves buffers between host and device.
@@ -14,6 +15,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from runtime.config import Conditioning
 from runtime.schedule import Schedule, Spacing, StepCoefficients, ddim_step, select_steps, step_coefficients
 
 A = TypeVar("A")
@@ -29,8 +31,9 @@ class PlannedStep:
 
     index: int  # 0-based position in the plan
     t: float  # the schedule's step (index or time)
-    noise_var: float  # 1 - a_t: the denoiser's conditioning
+    noise_var: float  # 1 - a_t
     coef: StepCoefficients
+    cond: float  # what the network is given: noise_var, or t for timestep-conditioned models
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,19 @@ class SamplingPlan:
     eta: float
 
     @classmethod
-    def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing = "uniform") -> "SamplingPlan":
+    def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing = "uniform",
+              conditioning: Conditioning = "noise_variance") -> "SamplingPlan":
         """The plan for ``num_steps`` steps; ValueError before anything is allocated when the schedule cannot
         take that many (more than T for a discrete schedule, see ``runtime.schedule.check_num_steps``)."""
+        if conditioning == "timestep" and not schedule.discrete:
+            raise ValueError(f"a timestep-conditioned model needs a discrete schedule, not {schedule.name!r}")
         ts = select_steps(schedule, num_steps, spacing)  # checks num_steps first
         a = schedule.alpha_bar(ts)  # float64, decreasing in noise -> increasing along the plan
         a_prev = np.append(a[1:], 1.0)  # after the final step: the clean image, alpha_bar = 1
+        cond = ts if conditioning == "timestep" else 1.0 - a
         planned = tuple(
-            PlannedStep(i, float(ts[i]), float(1.0 - a[i]), step_coefficients(float(a[i]), float(a_prev[i]), eta))
+            PlannedStep(i, float(ts[i]), float(1.0 - a[i]), step_coefficients(float(a[i]), float(a_prev[i]), eta),
+                        float(cond[i]))
             for i in range(len(ts))
         )
         return cls(planned, float(eta))
@@ -68,7 +76,7 @@ class SamplingPlan:
 class SamplerHooks(Generic[A]):
     """Backend-specific pieces of the loop (array creation and checks stay with the backend)."""
 
-    denoise: Callable[[A, float], A]  # (x_t (N, C, H, W), noise variance) -> predicted noise
+    denoise: Callable[[A, float], A]  # (x_t (N, C, H, W), the step's cond) -> predicted noise
     noise_like: Callable[[A, int], A] | None = None  # (x, step index) -> N(0, I) noise, for eta > 0
     is_finite: Callable[[A], bool] | None = None  # checked on every step's output when given
     on_step: Callable[[PlannedStep], None] | None = None  # progress reporting
@@ -85,7 +93,7 @@ def ddim_sample(
         raise ValueError("eta > 0 needs a noise source (hooks.noise_like)")
     x = x_T
     for step in plan:
-        eps = hooks.denoise(x, step.noise_var)
+        eps = hooks.denoise(x, step.cond)
         noise = hooks.noise_like(x, step.index) if step.coef.sigma > 0 and hooks.noise_like else None
         x, _ = ddim_step(x, eps, step.coef, noise=noise, clip_x0=clip_x0)
         if hooks.is_finite is not None and not hooks.is_finite(x):

@@ -11,7 +11,8 @@ openai/improved-diffusion's ``gaussian_diffusion.py``):
                  ``x_t = sqrt(alpha_bar) * x_0 + sqrt(1 - alpha_bar) * eps``
 ``signal_rate``  ``sqrt(alpha_bar)``
 ``noise_rate``   ``sqrt(1 - alpha_bar)``
-``noise_var``    ``1 - alpha_bar``: what the denoiser is conditioned on
+``noise_var``    ``1 - alpha_bar``: what a noise-variance-conditioned denoiser sees
+                 (a timestep-conditioned one sees ``t`` itself)
 ``a_t, a_prev``  alpha_bar at the current step and at the next, less noisy one
 ``pred_x0``      the denoised image predicted from x_t and the predicted noise
 ``eta``          0 = deterministic DDIM, 1 = DDPM-like ancestral sampling
@@ -101,6 +102,11 @@ def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> F64:
     return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
+def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> F64:
+    """Linear in sqrt(beta) (diffusers' ``scaled_linear``, the latent-diffusion schedule)."""
+    return np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=np.float64) ** 2
+
+
 def cosine_betas(num_timesteps: int, s: float, max_beta: float = 0.999) -> F64:
     """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2).
 
@@ -123,6 +129,8 @@ def build_schedule(cfg: ScheduleConfig) -> Schedule:
         return DiscreteSchedule("linear", linear_betas(cfg.num_timesteps, cfg.beta_start, cfg.beta_end))
     if cfg.name == "cosine":
         return DiscreteSchedule("cosine", cosine_betas(cfg.num_timesteps, cfg.cosine_s))
+    if cfg.name == "scaled-linear":
+        return DiscreteSchedule("scaled-linear", scaled_linear_betas(cfg.num_timesteps, cfg.beta_start, cfg.beta_end))
     raise ValueError(f"unknown schedule {cfg.name!r}")  # ScheduleConfig already validated the name
 
 

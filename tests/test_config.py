@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from runtime.config import ConfigError, KerasUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig
+from runtime.config import (
+    SCHEMA_VERSION, ConfigError, DDPMUNetConfig, KerasUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig,
+)
 from trainer.config import RunConfig, TrainConfig
 from trainer.presets import PRESETS, get_preset
 
@@ -19,7 +21,7 @@ def test_run_config_round_trips_through_json(name):
     assert back.model == cfg.model and back.schedule == cfg.schedule
     assert back.normalization == spec.normalization
     assert RunConfig.from_spec(back) == cfg
-    assert json.loads(spec.to_json())["schema_version"] == 1
+    assert json.loads(spec.to_json())["schema_version"] == SCHEMA_VERSION == 2
 
 
 def spec_dict():
@@ -33,7 +35,10 @@ def spec_dict():
         (lambda d: d.pop("schema_version"), "no schema_version"),
         (lambda d: d.update(schema_version=99), "schema_version 99 is not supported"),
         (lambda d: d.pop("schedule"), "no 'schedule' section"),
-        (lambda d: d["model"].update(architecture="vit"), "unknown architecture 'vit'; allowed: keras, ddpm"),
+        (lambda d: d["model"].update(architecture="vit"), "unknown architecture 'vit'; allowed: keras, ddpm, diffusers"),
+        (lambda d: d["model"].update(conditioning="class"), "unknown conditioning 'class'; allowed: noise_variance"),
+        (lambda d: d["model"].update(conditioning="timestep"), "'timestep' needs a discrete schedule"),
+        (lambda d: d["schedule"].update(clip_sample_range=0), "clip_sample_range must be > 0"),
         (lambda d: d["model"].update(depth=3), "unknown key.*depth.*allowed"),
         (lambda d: d["model"].update(widths="32"), "must be a list"),
         (lambda d: d["model"].update(image_size="32"), "must be an integer"),
@@ -103,6 +108,9 @@ CLI_VALUES = {
     ("schedule", "cosine_s"): ("0.01", 0.01),
     ("schedule", "min_signal_rate"): ("0.05", 0.05),
     ("schedule", "max_signal_rate"): ("0.9", 0.9),
+    ("schedule", "clip_sample"): (None, True),
+    ("schedule", "clip_sample_range"): ("1.5", 1.5),
+    ("model", "conditioning"): ("timestep", "timestep"),
     ("data", "source"): ("folder", "folder"),
     ("data", "split"): ("val", "val"),
     ("data", "val_fraction"): ("0.3", 0.3),
@@ -129,6 +137,8 @@ CLI_VALUES = {
     ("train", "keep_checkpoints"): ("2", 2),
     ("train", "log_every"): ("3", 3),
 }
+# Values that are valid only beside another option.
+CLI_CONTEXT = {("model", "conditioning"): ["--schedule", "linear"]}
 
 
 def _print_config(*args: str) -> dict:
@@ -167,7 +177,7 @@ def test_every_config_field_of_every_architecture_round_trips_through_the_cli():
             args = [flag]
         else:
             args = [flags[(section, name)], typed]
-        cfg = _print_config(*preset, *args)
+        cfg = _print_config(*preset, *args, *CLI_CONTEXT.get((section, name), []))
         value = cfg[section][name]
         assert (tuple(value) if isinstance(value, list) else value) == stored, (section, name, cfg[section])
 
@@ -229,3 +239,28 @@ def test_every_export_option_field_has_a_generated_flag():
     for name, cls in (("profile", BatchProfile), ("int8", Int8Options), ("gate", GateOptions), ("limits", SizeLimits)):
         wanted |= {(name, f.name) for f in dc.fields(cls)}
     assert generated == wanted
+
+
+def test_schema_1_configs_read_as_noise_variance_conditioning_without_clipping():
+    d = spec_dict()
+    d["schema_version"] = 1
+    for key in ("conditioning",):
+        d["model"].pop(key)
+    for key in ("clip_sample", "clip_sample_range"):
+        d["schedule"].pop(key)
+    spec = ModelSpec.from_dict(d)
+    assert spec.model.conditioning == "noise_variance" and spec.schedule.clip_sample is False
+    d["model"]["conditioning"] = "noise_variance"  # a schema-1 file never had this: it was edited
+    with pytest.raises(ConfigError, match="schema_version 1 has no model.conditioning"):
+        ModelSpec.from_dict(d)
+
+
+def test_clip_bounds_follow_the_range_or_the_normalisation():
+    model = DDPMUNetConfig(image_size=32, channels=3, conditioning="timestep")
+    norm = NormalizationConfig(mean=(0.5,) * 3, std=(0.5,) * 3)
+    spec = ModelSpec(model, ScheduleConfig(name="linear"), norm)
+    assert spec.clip_bounds() == ((-1.0,) * 3, (1.0,) * 3)
+    ranged = ModelSpec(model, ScheduleConfig(name="linear", clip_sample=True, clip_sample_range=2.5), norm)
+    assert ranged.clip_bounds() == ((-2.5,) * 3, (2.5,) * 3)
+    with pytest.raises(ConfigError, match="needs a discrete schedule"):
+        ModelSpec(model, ScheduleConfig(name="cosine-angle"), norm)

@@ -21,13 +21,16 @@ from export import parity
 from export.io_spec import BatchProfile, input_profile
 from export.pipeline import ExportOptions, ParityError, export_run
 from export.tensorrt_build import manifest, sha256_file, unavailable_reason
-from runtime.config import DDPMUNetConfig, ModelSpec
+from runtime.config import DDPMUNetConfig, ModelSpec, ScheduleConfig
 from runtime.metadata import spec_from_metadata
 from trainer.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
+# The DDPM-style run is conditioned on timesteps over a linear schedule (as the DDPM presets are); the Keras
+# run on noise variances over the continuous schedule: both graph I/O conventions go through every test.
 DDPM_TINY = DDPMUNetConfig(image_size=32, channels=1, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
-                           attention_resolutions=(16,), num_groups=4, dropout=0.0)
+                           attention_resolutions=(16,), num_groups=4, dropout=0.0, conditioning="timestep")
+COND_INPUT = {"keras": ("noise_variances", (1, 1, 1)), "ddpm": ("timesteps", ())}
 
 
 def randomise_weights(run_dir: Path) -> None:
@@ -49,7 +52,7 @@ def run_dir(request, tmp_path_factory):
     data = _fashion(tmp)
     cfg = tiny_config(steps=1, sample_every=1, checkpoint_every=1)
     if request.param == "ddpm":
-        cfg = dataclasses.replace(cfg, model=DDPM_TINY)
+        cfg = dataclasses.replace(cfg, model=DDPM_TINY, schedule=ScheduleConfig(name="linear"))
     fit(cfg, tmp / "run", data, progress=False)
     randomise_weights(tmp / "run")
     return tmp / "run"
@@ -87,10 +90,11 @@ def test_writes_checked_files_that_pass_the_gate(exported):
     assert summary["parity"][0]["passed"] is True
 
 
-def test_graph_io_dynamic_batch_and_opset(exported):
+def test_graph_io_dynamic_batch_and_opset(exported, run_dir):
     out, _ = exported
     model = onnx.load(str(out / "model.onnx"))
-    assert [i.name for i in model.graph.input] == ["noisy_images", "noise_variances"]
+    cond, _ = COND_INPUT[ModelSpec.load(run_dir / "config.json").model.architecture]
+    assert [i.name for i in model.graph.input] == ["noisy_images", cond]
     assert [o.name for o in model.graph.output] == ["pred_noises"]
     for value in list(model.graph.input) + list(model.graph.output):
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -162,7 +166,8 @@ def test_interrupted_export_keeps_the_previous_export(run_dir, tmp_path, monkeyp
 def test_profile_and_manifest(run_dir, tmp_path):
     spec = ModelSpec.load(run_dir / "config.json")
     shapes = input_profile(spec.model, BatchProfile(1, 4, 8))
-    assert shapes["noise_variances"] == ((1, 1, 1, 1), (4, 1, 1, 1), (8, 1, 1, 1))
+    cond, rest = COND_INPUT[spec.model.architecture]
+    assert shapes[cond] == ((1, *rest), (4, *rest), (8, *rest))
     assert shapes["noisy_images"][2] == (8, spec.model.channels, spec.model.image_size, spec.model.image_size)
     with pytest.raises(ValueError, match="min-batch <= opt-batch"):
         BatchProfile(4, 2, 8)
@@ -284,7 +289,7 @@ def test_engine_branch_wiring_with_stand_ins(run_dir, tmp_path, monkeypatch):
         plan_path.write_bytes(onnx_path.read_bytes())
         return manifest(spec, profile, onnx_path, "stand-in", "no GPU", "0.0", 0.1, level, "fp16")
 
-    def fake_runner(plan_path, scale=1.0):
+    def fake_runner(plan_path, spec=None, scale=1.0):
         session = ort.InferenceSession(str(plan_path))
         return lambda feed: session.run(["pred_noises"], feed)[0] * scale
 
@@ -298,7 +303,7 @@ def test_engine_branch_wiring_with_stand_ins(run_dir, tmp_path, monkeypatch):
     assert data["onnx_file"] == "model.fp16.onnx"
     assert data["onnx_sha256"] == sha256_file(tmp_path / "out" / "model.fp16.onnx")
     assert data["profile"]["max_batch"] == 4 and (tmp_path / "out" / "model.plan").is_file()
-    monkeypatch.setattr(pipeline, "engine_runner", lambda p: fake_runner(p, scale=1.5))
+    monkeypatch.setattr(pipeline, "engine_runner", lambda p, spec: fake_runner(p, scale=1.5))
     with pytest.raises(ParityError, match="model.plan on TensorRT"):
         export_run(run_dir, tmp_path / "bad", ExportOptions(fp16=True))
     assert not (tmp_path / "bad").exists()

@@ -15,7 +15,7 @@ import pytest
 from test_export import cli, one_line_error, run_dir  # noqa: F401 (the tiny keras / ddpm runs)
 
 from export.int8 import (KEEP_FLOAT, GateOptions, Int8Options, calibration_batches, data_pairs, float_nodes,
-                         quality_gate, stratified_variances)
+                         quality_gate, stratified_steps)
 from export.onnx_graph import embedding_nodes
 from runtime.api import load
 from runtime.backends import ort_cache, precision
@@ -95,7 +95,9 @@ def test_calibration_spans_the_schedule():
     class Spec:
         schedule = spec_schedule
 
-    v = np.sort(stratified_variances(Spec, 64, rng))  # type: ignore[arg-type]
+    t = stratified_steps(Spec, 64, rng)  # type: ignore[arg-type]
+    assert t.dtype.kind == "i"
+    v = np.sort(noise_variance(build_schedule(spec_schedule), t))
     full = noise_variance(build_schedule(spec_schedule), np.arange(1000))
     # One draw per stratum of 1000/64 steps: from the cleanest to the noisiest end.
     assert v[0] <= full[16] and v[-1] >= full[1000 - 16]
@@ -106,11 +108,14 @@ def test_data_pairs_noise_real_images(run_dir):  # noqa: F811
     spec = read_spec(run_dir)
     images = np.full((5, 1, 32, 32), 255, np.uint8)
     pairs = list(data_pairs(spec, images, 40, np.random.default_rng(0)))
-    assert len(pairs) == 40 and pairs[0][0].shape == (1, 32, 32) and pairs[0][1].shape == (1, 1, 1)
+    assert len(pairs) == 40 and pairs[0][0].shape == (1, 32, 32)
     x0 = (1.0 - spec.normalization.mean[0]) / spec.normalization.std[0]
-    for x, v in pairs:  # the clean part of x_t is sqrt(1 - v) * x0; the rest is unit Gaussian noise of variance v
+    schedule = build_schedule(spec.schedule)
+    for x, v, t in pairs:  # the clean part of x_t is sqrt(1 - v) * x0; the rest is unit Gaussian noise of variance v
+        step = np.array([t]).astype(np.int64 if schedule.discrete else np.float64)
+        assert v == pytest.approx(float(noise_variance(schedule, step)[0]), rel=1e-6)
         resid = x - np.sqrt(1 - v) * x0
-        assert abs(resid.std() - np.sqrt(v.item())) < 0.1
+        assert abs(resid.std() - np.sqrt(v)) < 0.1
 
 
 def test_calibration_mixes_data_and_sampler_trajectories(int8_export, run_dir):  # noqa: F811

@@ -3,7 +3,6 @@ only when asked and then whole (the shipped path is a temporary folder here: mod
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import os
 import subprocess
 import sys
@@ -97,10 +98,18 @@ def test_runtime_errors(model_dirs, tmp_path):
     newer = onnx.load(str(export / "model.onnx"))
     for prop in newer.metadata_props:
         if prop.key == "ddim_deploy.config":
-            prop.value = prop.value.replace('"schema_version": 1', '"schema_version": 9')
+            prop.value = re.sub(r'"schema_version": \d+', '"schema_version": 9', prop.value)
     onnx.save(newer, str(tmp_path / "newer.onnx"))
     with pytest.raises(BackendError, match="schema_version 9 is not supported"):
         load(tmp_path / "newer.onnx")
+    other = onnx.load(str(export / "model.onnx"))  # metadata that says timesteps over a noise-variance graph
+    for prop in other.metadata_props:
+        if prop.key == "ddim_deploy.config":
+            prop.value = prop.value.replace('"conditioning": "noise_variance"', '"conditioning": "timestep"')
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(BackendError, match=r"not those of a denoiser conditioned on timestep \(\['noisy_images', "
+                                           r"'timesteps'\]"):
+        load(tmp_path / "other.onnx")
     (tmp_path / "corrupt.onnx").write_bytes(b"not a model")
     with pytest.raises(BackendError, match="cannot load .*corrupt.onnx"):
         load(tmp_path / "corrupt.onnx")
@@ -266,3 +275,28 @@ def test_threads_reach_onnx_runtime_and_torch():
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be an integer >= 1"):
         load(SHIPPED_MODEL, "onnxruntime", "cpu", threads=0)
+
+
+def test_timestep_conditioned_model_samples_as_eager_and_clips_as_its_config_says(tmp_path):
+    """A model conditioned on timesteps gets the plan's integer t (ONNX input ``timesteps`` (N,)); a schedule
+    with clip_sample clips by default, and the caller can still say otherwise."""
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(data / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (16, 28, 28), dtype=np.uint8))
+    write_idx(data / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 16, dtype=np.uint8))
+    cfg = tiny_config(steps=1, sample_every=1, checkpoint_every=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conditioning="timestep"),
+                              schedule=ScheduleConfig(name="linear", clip_sample=True))
+    fit(cfg, tmp_path / "run", data, progress=False)
+    randomise_weights(tmp_path / "run")
+    export_run(tmp_path / "run", tmp_path / "export", ExportOptions())
+    ort_sampler, torch_sampler = load(tmp_path / "export", **CPU), load(tmp_path / "run", backend="torch")
+    assert ort_sampler.backend.inputs == ("noisy_images", "timesteps") and ort_sampler.clips()
+    for eta in (0.0, 1.0):
+        ours = ort_sampler.sample(3, steps=10, seed=1, eta=eta, spacing="trailing")
+        eager = torch_sampler.sample(3, steps=10, seed=1, eta=eta, spacing="trailing")
+        assert np.abs(ours.samples - eager.samples).max() < 1e-4
+    unclipped = ort_sampler.sample(3, steps=10, seed=1, clip_x0=False)
+    clipped = ort_sampler.sample(3, steps=10, seed=1)
+    assert not np.array_equal(unclipped.samples, clipped.samples)

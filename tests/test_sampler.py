@@ -42,6 +42,16 @@ def test_plan_ends_on_clean_image_and_conditions_on_noise_variance():
     assert [s.coef.a_prev for s in plan.steps[:-1]] == [s.coef.a_t for s in plan.steps[1:]]
 
 
+def test_timestep_conditioned_plans_give_the_network_the_integer_step():
+    schedule = build_schedule(ScheduleConfig(name="linear"))
+    plan = SamplingPlan.build(schedule, 10, spacing="trailing", conditioning="timestep")
+    assert [s.cond for s in plan] == [s.t for s in plan] == list(range(999, -1, -100))
+    assert all(s.noise_var == pytest.approx(1 - schedule.alpha_bar(np.array([int(s.t)]))[0]) for s in plan)
+    assert [s.cond for s in SamplingPlan.build(schedule, 10, spacing="trailing")] == [s.noise_var for s in plan]
+    with pytest.raises(ValueError, match="needs a discrete schedule"):
+        SamplingPlan.build(build_schedule(ScheduleConfig()), 10, conditioning="timestep")
+
+
 def test_numpy_and_torch_run_the_same_update():
     """The eager PyTorch sampler uses this very loop: same inputs, same numbers."""
     rng = np.random.default_rng(3)

@@ -178,3 +178,10 @@ def test_clipping_bounds_pred_x0_and_keeps_update_consistent():
 def test_schedule_config_refuses_unknown_names():
     with pytest.raises(ConfigError, match="allowed: cosine-angle, linear, cosine"):
         ScheduleConfig(name="sigmoid")  # type: ignore[arg-type]
+
+
+def test_scaled_linear_is_linear_in_sqrt_beta():
+    sched = build_schedule(ScheduleConfig(name="scaled-linear", beta_start=0.00085, beta_end=0.012))
+    root = np.sqrt(sched.betas)
+    assert root[0] == pytest.approx(math.sqrt(0.00085)) and root[-1] == pytest.approx(math.sqrt(0.012))
+    np.testing.assert_allclose(np.diff(root), (root[-1] - root[0]) / 999, rtol=1e-9)

@@ -107,7 +107,7 @@ def test_export_names_the_trtexec_and_polygraphy_commands(exported):
 def test_engine_runner_runs_the_engine_on_device_buffers(exported, trt, run_dir):
     out, _ = exported
     spec = ModelSpec.load(run_dir / "config.json")
-    run = engine_runner(out / "model.plan")
+    run = engine_runner(out / "model.plan", spec)
     reference = ort.InferenceSession(str(out / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
     for feed in gate_inputs(spec, (1, 3, 8)):
         np.testing.assert_array_equal(run(feed), reference.run(["pred_noises"], feed)[0])

@@ -92,3 +92,29 @@ def test_half_precision_model_tracks_float32(arch):
         half = model.half()(x.half(), v)
     assert half.dtype == torch.float16
     assert ((half.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+def test_timestep_embedding_is_diffusers_unet2dmodel_embedding():
+    """conditioning 'timestep' embeds t exactly as diffusers' UNet2DModel defaults do (bit for bit)."""
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    from trainer.unet_keras import TimestepEmbedding
+
+    t = torch.tensor([0.0, 1.0, 17.0, 500.0, 999.0])
+    ours = TimestepEmbedding(64)(t).flatten(1)
+    theirs = embeddings.get_timestep_embedding(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("arch", ["ddpm", "keras"])
+def test_timestep_conditioned_nets_take_integer_steps_and_export(arch):
+    from runtime.config import KerasUNetConfig
+
+    cfg = (DDPMUNetConfig(image_size=16, channels=3, base_width=16, channel_mults=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(8,), num_groups=4, dropout=0.0, conditioning="timestep")
+           if arch == "ddpm" else KerasUNetConfig(image_size=16, channels=3, widths=(8, 16), conditioning="timestep"))
+    model = randomised(cfg) if arch == "ddpm" else build_model(cfg).eval()
+    torch.nn.init.normal_(getattr(model, "conv_out").weight, std=0.05)
+    x = torch.randn(2, 3, 16, 16)
+    a, b = model(x, torch.tensor([10.0, 900.0])), model(x, torch.tensor([11.0, 900.0]))
+    assert not torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # per-image steps, each its own
+    assert forward_gflops(model, cfg) > 0

@@ -142,6 +142,9 @@ class RunConfig:
         if self.train.sample_steps > most:  # refused now, not at the first sample grid
             raise ConfigError(f"sample_steps {self.train.sample_steps} is more than the {self.schedule.name!r} "
                               f"schedule takes ({most:,})")
+        if self.model.conditioning == "timestep" and not self.schedule.discrete:  # refused before any data loads
+            raise ConfigError(f"conditioning 'timestep' needs a discrete schedule (linear, cosine, scaled-linear): "
+                              f"{self.schedule.name!r} has no integer timesteps")
 
     def to_spec(self, normalization: NormalizationConfig) -> ModelSpec:
         """The config that travels with the checkpoint."""

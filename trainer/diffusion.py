@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from runtime.config import ModelSpec
+from runtime.config import Conditioning, ModelSpec
 from runtime.schedule import Schedule, Spacing
 
 
@@ -27,7 +27,7 @@ def sample_training_steps(schedule: Schedule, n: int, gen: torch.Generator) -> N
 
 def training_loss(
     model: nn.Module, x0: torch.Tensor, schedule: Schedule, gen: torch.Generator, loss: str,
-    part: slice | None = None, world: int = 1,
+    part: slice | None = None, world: int = 1, conditioning: Conditioning = "noise_variance",
 ) -> torch.Tensor:
     """Noise x0 at random steps and regress the noise (MAE as Keras, or MSE as DDPM).
 
@@ -41,8 +41,16 @@ def training_loss(
     a = torch.from_numpy(schedule.alpha_bar(steps)).to(device=x0.device, dtype=torch.float32).view(n, 1, 1, 1)
     noise = torch.randn((n * world, *x0.shape[1:]), generator=gen)[part].to(x0.device)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise  # q(x_t | x_0), DDPM Eq. 4
-    pred = model(x_t, 1.0 - a)
+    pred = model(x_t, conditioning_input(conditioning, steps, a))
     return F.l1_loss(pred.float(), noise) if loss == "mae" else F.mse_loss(pred.float(), noise)
+
+
+def conditioning_input(conditioning: Conditioning, steps: NDArray, a: torch.Tensor) -> torch.Tensor:
+    """What the network is given for noise level ``a`` (N, 1, 1, 1) at ``steps``: the noise variance, or the
+    integer timesteps as float32 (N,)."""
+    if conditioning == "timestep":
+        return torch.from_numpy(np.asarray(steps, dtype=np.float32)).to(a.device)
+    return 1.0 - a
 
 
 def sample_images(
@@ -54,7 +62,7 @@ def sample_images(
     eta: float = 0.0,
     spacing: Spacing = "uniform",
     batch_size: int = 64,
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> NDArray[np.uint8]:
     """Eager PyTorch DDIM sampling through the runtime's sampler; ``(N, H, W, C)`` uint8 images."""

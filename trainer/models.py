@@ -40,7 +40,7 @@ def forward_gflops(model: nn.Module, cfg: ModelConfig, batch: int = 1) -> float:
     counted (they are a few percent of the total and bandwidth-bound anyway).
     """
     x = torch.zeros(batch, cfg.channels, cfg.image_size, cfg.image_size)
-    v = torch.full((batch, 1, 1, 1), 0.5)
+    v = torch.full((batch,), 500.0) if cfg.conditioning == "timestep" else torch.full((batch, 1, 1, 1), 0.5)
     was_training = model.training
     model.eval()
     try:

@@ -53,6 +53,10 @@ def _fashion_mnist() -> Preset:
     return Preset(cfg, "the embedded default: Fashion-MNIST, 32x32x1, about an hour on 2 CPU cores")
 
 
+# The DDPM paper's presets condition on the integer timestep as the paper does, which also makes their U-Net
+# diffusers' UNet2DModel layer for layer (ddim-export --diffusers writes a plain UNet2DModel folder).
+
+
 def _ddpm_train(steps: int) -> TrainConfig:
     # DDPM (Ho et al. 2020, App. B): Adam 2e-4, batch 128, 5,000 warm-up steps, gradient clipping
     # at 1, EMA 0.9999, MSE on the noise; no weight decay.
@@ -66,7 +70,7 @@ def _cifar10(width: int) -> Preset:
     cfg = RunConfig(
         preset=f"cifar10-{width}",
         model=DDPMUNetConfig(image_size=32, channels=3, base_width=width, channel_mults=(1, 2, 2, 2),
-                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, conditioning="timestep"),
         schedule=DDPM_SCHEDULE,
         data=DataConfig(source="cifar10", split="train", random_flip=True, normalization="minus-one-one"),
         train=_ddpm_train(800_000),
@@ -79,7 +83,7 @@ def _celebahq64() -> Preset:
     cfg = RunConfig(
         preset="celebahq-64",
         model=DDPMUNetConfig(image_size=64, channels=3, base_width=128, channel_mults=(1, 2, 2, 2, 4),
-                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, conditioning="timestep"),
         schedule=DDPM_SCHEDULE,
         data=DataConfig(source="folder", split="all", random_flip=True, normalization="minus-one-one"),
         train=_ddpm_train(500_000),

@@ -25,7 +25,6 @@ absent), resumed (same config), or refused (:func:`check_run_dir`): nothing in i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re

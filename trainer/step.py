@@ -44,6 +44,11 @@ class Trainee:
         )
 
 
+def conditioning_of(model: nn.Module) -> str:
+    """What ``model`` is conditioned on (its config says; a bare test module means noise variance)."""
+    return getattr(getattr(model, "config", None), "conditioning", "noise_variance")
+
+
 def optimizer_step(t: Trainee, x0: torch.Tensor, lr: float, step: int, stop: bool = False) -> tuple[float, bool]:
     """One AdamW step on the diffusion loss of ``x0`` (this rank's slice), then the EMA update.
 
@@ -56,7 +61,8 @@ def optimizer_step(t: Trainee, x0: torch.Tensor, lr: float, step: int, stop: boo
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.train.precision)
     with torch.autocast(x0.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = diffusion.training_loss(t.net, x0, t.schedule, t.gen, t.train.loss,
-                                       part=t.dist.shard(x0.shape[0] * t.dist.world), world=t.dist.world)
+                                       part=t.dist.shard(x0.shape[0] * t.dist.world), world=t.dist.world,
+                                       conditioning=conditioning_of(t.model))
     shared = mean_across(torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)]), t.dist)
     value, any_stop = float(shared[0]), bool(shared[1] > 0)
     if not math.isfinite(value):

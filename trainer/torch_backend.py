@@ -14,6 +14,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from runtime.backends import cond_shape
 from runtime.config import ModelSpec
 from runtime.hostinfo import check_threads, threads_label
 from trainer.rundir import load_model
@@ -47,8 +48,9 @@ class TorchBackend:
         self.spec = spec
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, noise_var: float) -> torch.Tensor:
-        return self.model(x, torch.full((x.shape[0], 1, 1, 1), noise_var, device=x.device))
+    def denoise(self, x: torch.Tensor, cond: float) -> torch.Tensor:
+        shape = cond_shape(self.spec.model.conditioning, x.shape[0])
+        return self.model(x, torch.full(shape, cond, device=x.device))
 
     def from_host(self, x: NDArray[np.float32]) -> torch.Tensor:
         return torch.from_numpy(x).to(self.device)

@@ -1,9 +1,11 @@
 """The DDPM-style U-Net (Ho et al. 2020; the DDIM paper's CIFAR-10 and CelebA models), in PyTorch.
 
 Same inputs and output as the Keras U-Net: ``noisy_images`` (N, C, H, W) and ``noise_variances``
-(N, 1, 1, 1) in, predicted noise out. The noise variance goes through the float32 sinusoidal
-embedding and a two-layer MLP, and is added inside every residual block. GroupNorm statistics and
-the attention softmax are computed in float32 so that FP16 graphs stay accurate.
+(N, 1, 1, 1) (or ``timesteps`` (N,)) in, predicted noise out. The conditioning goes through the float32
+sinusoidal embedding and a two-layer MLP, and is added inside every residual block. With timestep
+conditioning the layout is diffusers' UNet2DModel's, so ``ddim-export --diffusers`` maps it weight for
+weight. GroupNorm statistics and the attention softmax are computed in float32 so that FP16 graphs stay
+accurate.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import DDPMUNetConfig
-from trainer.unet_keras import SinusoidalEmbedding
+from trainer.unet_keras import conditioning_embedding
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -113,7 +115,7 @@ class DDPMUNet(nn.Module):
         self.config = cfg
         base, groups, heads, drop = cfg.base_width, cfg.num_groups, cfg.num_heads, cfg.dropout
         emb_dim = 4 * base
-        self.embedding = SinusoidalEmbedding(base, cfg.embedding_min_frequency, cfg.embedding_max_frequency)
+        self.embedding = conditioning_embedding(cfg, base)
         self.emb_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(cfg.channels, base, 3, padding=1)
         widths = [base * m for m in cfg.channel_mults]
@@ -148,8 +150,9 @@ class DDPMUNet(nn.Module):
         self.norm_out = GroupNorm32(groups, ch)
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.channels, 3, padding=1))
 
-    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
-        emb = self.emb_mlp(self.embedding(noise_variances).flatten(1).to(noisy_images.dtype))  # (N, 4 base)
+    def forward(self, noisy_images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``cond``: noise variances (N, 1, 1, 1), or timesteps (N,) for a timestep-conditioned config."""
+        emb = self.emb_mlp(self.embedding(cond).flatten(1).to(noisy_images.dtype))  # (N, 4 base)
         h = self.conv_in(noisy_images)
         skips = [h]
         for level, down in zip(self.down, self.downsample):

@@ -1,8 +1,9 @@
 """The Keras DDIM example's U-Net, in PyTorch.
 
-Inputs ``noisy_images`` (N, C, H, W) and ``noise_variances`` (N, 1, 1, 1); output the predicted
-noise (N, C, H, W). Residual blocks with BatchNorm without affine parameters, swish, average-pool
-down, bilinear up, skip concatenation, no attention; the final 1x1 conv starts at zero.
+Inputs ``noisy_images`` (N, C, H, W) and ``noise_variances`` (N, 1, 1, 1) (or ``timesteps`` (N,) for a
+timestep-conditioned config); output the predicted noise (N, C, H, W). Residual blocks with BatchNorm
+without affine parameters, swish, average-pool down, bilinear up, skip concatenation, no attention; the
+final 1x1 conv starts at zero.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config import KerasUNetConfig
+from runtime.config import DDPMUNetConfig, KerasUNetConfig
 
 # Keras BatchNormalization defaults: momentum 0.99 (PyTorch counts 1 - momentum), epsilon 1e-3.
 KERAS_BN_MOMENTUM = 0.01
@@ -46,6 +47,39 @@ class SinusoidalEmbedding(nn.Module):
     def forward(self, noise_variances: torch.Tensor) -> torch.Tensor:  # (N, 1, 1, 1) -> (N, dims, 1, 1)
         angles = self.speeds(noise_variances.device) * noise_variances.float()
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers' ``get_timestep_embedding(t, dims, flip_sin_to_cos=True, downscale_freq_shift=0)``: cos / sin
+    of ``t * 10000^(-k / (dims / 2))``, the embedding of UNet2DModel's defaults, so a DDPM-style U-Net
+    conditioned on timesteps maps onto UNet2DModel weight for weight.
+
+    Float32 always (angles reach 999 radians); the frequencies are computed exactly as diffusers does.
+    """
+
+    MAX_PERIOD = 10_000.0
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        half = dims // 2
+        exponent = -math.log(self.MAX_PERIOD) * torch.arange(0, half, dtype=torch.float32, device="cpu") / half
+        self.frequencies = torch.exp(exponent).tolist()  # a plain list, like SinusoidalEmbedding's speeds
+        self._freqs: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, dims, 1, 1)
+        freqs = self._freqs.get(timesteps.device)
+        if freqs is None:
+            freqs = self._freqs[timesteps.device] = torch.tensor(self.frequencies, dtype=torch.float32,
+                                                                 device=timesteps.device)
+        angles = timesteps.reshape(-1, 1).float() * freqs[None, :]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)[:, :, None, None]
+
+
+def conditioning_embedding(cfg: KerasUNetConfig | DDPMUNetConfig, dims: int) -> nn.Module:
+    """The sinusoidal embedding of what ``cfg`` conditions on: the noise variance or the timestep."""
+    if cfg.conditioning == "timestep":
+        return TimestepEmbedding(dims)
+    return SinusoidalEmbedding(dims, cfg.embedding_min_frequency, cfg.embedding_max_frequency)
 
 
 class ResidualBlock(nn.Module):
@@ -101,7 +135,7 @@ class KerasUNet(nn.Module):
         super().__init__()
         self.config = cfg
         widths, depth = list(cfg.widths), cfg.block_depth
-        self.embedding = SinusoidalEmbedding(cfg.embedding_dims, cfg.embedding_min_frequency, cfg.embedding_max_frequency)
+        self.embedding = conditioning_embedding(cfg, cfg.embedding_dims)
         self.conv_in = nn.Conv2d(cfg.channels, widths[0], 1)
         self.down = nn.ModuleList()
         in_width = widths[0] + cfg.embedding_dims
@@ -118,9 +152,10 @@ class KerasUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, noisy_images: torch.Tensor, noise_variances: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy_images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``cond``: noise variances (N, 1, 1, 1), or timesteps (N,) for a timestep-conditioned config."""
         size = self.config.image_size  # static, so exported graphs keep every channel count known
-        e = self.embedding(noise_variances).to(noisy_images.dtype)  # (N, E, 1, 1)
+        e = self.embedding(cond).to(noisy_images.dtype)  # (N, E, 1, 1)
         e = e.repeat(1, 1, size, size)  # nearest upsampling of a 1x1 map: (N, E, H, W)
         x = torch.cat([self.conv_in(noisy_images), e], dim=1)
         skips: list[torch.Tensor] = []

@@ -1,4 +1,4 @@
-"""Backends: given noisy images and noise variances, return the predicted noise.
+"""Backends: given noisy images and the step's conditioning (noise variance or timestep), return the predicted noise.
 
 Every backend works on its own arrays (numpy on the host, torch tensors for the eager
 reference) and supplies the few array operations the shared DDIM loop needs, so buffers stay
@@ -14,12 +14,25 @@ import numpy as np
 from numpy.typing import NDArray
 
 from runtime.choices import BackendName, Device, Precision, RunPrecision
-from runtime.config import ModelSpec
+from runtime.config import Conditioning, ModelSpec
 from runtime.extras import install_hint
 
-# The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these).
-INPUT_NAMES = ("noisy_images", "noise_variances")
+# The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these): the images,
+# then the conditioning input its config names, then the predicted noise.
+IMAGE_INPUT = "noisy_images"
+COND_INPUTS: dict[str, str] = {"noise_variance": "noise_variances", "timestep": "timesteps"}
 OUTPUT_NAMES = ("pred_noises",)
+
+
+def input_names(conditioning: Conditioning) -> tuple[str, str]:
+    """The denoiser's inputs: ``noisy_images`` (N, C, H, W) and ``noise_variances`` (N, 1, 1, 1) or
+    ``timesteps`` (N,), all float32."""
+    return IMAGE_INPUT, COND_INPUTS[conditioning]
+
+
+def cond_shape(conditioning: Conditioning, batch: Any) -> tuple[Any, ...]:
+    """Shape of the conditioning input at ``batch`` (an int or a symbolic axis name)."""
+    return (batch,) if conditioning == "timestep" else (batch, 1, 1, 1)
 
 
 class BackendError(ValueError):
@@ -34,7 +47,7 @@ class Backend(Protocol):
     precision: str
     spec: ModelSpec
 
-    def denoise(self, x: Any, noise_var: float) -> Any: ...  # (N, C, H, W) -> predicted noise
+    def denoise(self, x: Any, cond: float) -> Any: ...  # (N, C, H, W), the step's cond -> predicted noise
     def from_host(self, x: NDArray[np.float32]) -> Any: ...
     def to_host(self, x: Any) -> NDArray[np.float32]: ...
     def is_finite(self, x: Any) -> bool: ...

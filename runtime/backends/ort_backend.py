@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
+from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends import ort_cache
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
@@ -178,17 +178,20 @@ class OrtBackend:
             self.spec = spec_from_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.model_path))
         except ConfigError as exc:
             raise BackendError(str(exc)) from None
+        self.conditioning = self.spec.model.conditioning
+        self.inputs = input_names(self.conditioning)
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
-        if names != (list(INPUT_NAMES), list(OUTPUT_NAMES)):
-            raise BackendError(f"{self.model_path} has inputs/outputs {names}, not the denoiser's")
+        if names != (list(self.inputs), list(OUTPUT_NAMES)):
+            raise BackendError(f"{self.model_path} has inputs/outputs {names}, not those of a denoiser conditioned "
+                               f"on {self.conditioning} ({list(self.inputs)}, {list(OUTPUT_NAMES)})")
         # Before anything is allocated: the sampler sizes its buffers from the metadata.
-        io = ((self.session.get_inputs(), INPUT_NAMES[0]), (self.session.get_outputs(), OUTPUT_NAMES[0]))
+        io = ((self.session.get_inputs(), self.inputs[0]), (self.session.get_outputs(), OUTPUT_NAMES[0]))
         for args, name in io:
             check_image_dims(graph_dims(args, name), self.spec, name, str(self.model_path))
 
-    def denoise(self, x: NDArray[np.float32], noise_var: float) -> NDArray[np.float32]:
-        v = np.full((x.shape[0], 1, 1, 1), noise_var, dtype=np.float32)
-        return self.session.run(["pred_noises"], {"noisy_images": x, "noise_variances": v})[0]
+    def denoise(self, x: NDArray[np.float32], cond: float) -> NDArray[np.float32]:
+        v = np.full(cond_shape(self.conditioning, x.shape[0]), cond, dtype=np.float32)
+        return self.session.run(list(OUTPUT_NAMES), dict(zip(self.inputs, (x, v))))[0]
 
     def from_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
         return x
@@ -216,14 +219,14 @@ class OrtCudaBackend(OnDevice, OrtBackend):
             raise BackendError(f"CuPy could not start on the GPU: {type(exc).__name__}: {exc}") from exc
         self.binding = self.session.io_binding()
 
-    def denoise(self, x: Any, noise_var: float) -> Any:
-        v = self.arrays.full((x.shape[0], 1, 1, 1), noise_var)
+    def denoise(self, x: Any, cond: float) -> Any:
+        v = self.arrays.full(cond_shape(self.conditioning, x.shape[0]), cond)
         out = self.arrays.empty_like(x)
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        b.bind_input("noisy_images", "cuda", 0, np.float32, tuple(x.shape), x.data.ptr)
-        b.bind_input("noise_variances", "cuda", 0, np.float32, tuple(v.shape), v.data.ptr)
+        for name, arr in zip(self.inputs, (x, v)):
+            b.bind_input(name, "cuda", 0, np.float32, tuple(arr.shape), arr.data.ptr)
         b.bind_output("pred_noises", "cuda", 0, np.float32, tuple(out.shape), out.data.ptr)
         self.arrays.stream.synchronize()  # ORT runs on its own stream: inputs must be complete
         self.session.run_with_iobinding(b)  # returns once the outputs are written

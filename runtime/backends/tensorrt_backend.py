@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from runtime.backends import INPUT_NAMES, OUTPUT_NAMES, BackendError
+from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
 from runtime.extras import install_hint
@@ -72,13 +72,14 @@ def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[
 class Engine:
     """A deserialized engine and one execution context, enqueued on a :class:`CupyArrays` stream."""
 
-    def __init__(self, plan: Path, arrays: CupyArrays, trt: Any) -> None:
+    def __init__(self, plan: Path, arrays: CupyArrays, trt: Any, spec: ModelSpec) -> None:
         self.arrays = arrays
+        self.inputs = input_names(spec.model.conditioning)
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise BackendError(f"TensorRT {trt.__version__} cannot load {plan}; {REBUILD}")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        if sorted(names) != sorted(INPUT_NAMES + OUTPUT_NAMES):
+        if sorted(names) != sorted(self.inputs + OUTPUT_NAMES):
             raise BackendError(f"{plan} has I/O tensors {names}, not the denoiser's")
         not_float = {n: str(engine.get_tensor_dtype(n)) for n in names
                      if engine.get_tensor_dtype(n) != trt.DataType.FLOAT}
@@ -90,19 +91,19 @@ class Engine:
         """Refuse an engine whose image tensors are not the manifest's sizes (the sampler allocates those)."""
         from runtime.backends.ort_backend import check_image_dims  # ONNX Runtime comes with TensorRT's extra
 
-        for name in (INPUT_NAMES[0], OUTPUT_NAMES[0]):
+        for name in (self.inputs[0], OUTPUT_NAMES[0]):
             check_image_dims(self.dims(name), spec, name, source, what="engine", told="manifest.json")
 
     def dims(self, name: str) -> list[int]:
         """``name``'s dims, -1 where set at run time, unless the first profile pins an input's size."""
         dims = [int(d) for d in self.engine.get_tensor_shape(name)]
-        if -1 in dims[1:] and name in INPUT_NAMES and self.engine.num_optimization_profiles > 0:
+        if -1 in dims[1:] and name in self.inputs and self.engine.num_optimization_profiles > 0:
             lo, _, hi = ([int(d) for d in shape] for shape in self.engine.get_tensor_profile_shape(name, 0))
             dims = [lo[i] if d < 0 and i > 0 and lo[i] == hi[i] else d for i, d in enumerate(dims)]
         return dims
 
     def bind(self, x: Any, v: Any, out: Any) -> None:
-        for name, arr in zip(INPUT_NAMES, (x, v)):
+        for name, arr in zip(self.inputs, (x, v)):
             if not self.context.set_input_shape(name, tuple(arr.shape)):
                 raise BackendError(f"TensorRT refused shape {tuple(arr.shape)} for {name}")
             self.context.set_tensor_address(name, arr.data.ptr)
@@ -113,7 +114,7 @@ class Engine:
             raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
 
     def run(self, x: Any, v: Any) -> Any:
-        """Predicted noise for device arrays ``x`` (N, C, H, W) and ``v`` (N, 1, 1, 1), on the stream."""
+        """Predicted noise for device arrays ``x`` (N, C, H, W) and ``v`` (the conditioning), on the stream."""
         out = self.arrays.empty_like(x)
         self.bind(x, v, out)
         self.enqueue()
@@ -150,7 +151,8 @@ class TensorRTBackend(OnDevice):
         except ConfigError as exc:
             raise BackendError(f"manifest.json: {exc}") from None
         self.model_path = export_dir / "model.plan"
-        self.engine = Engine(self.model_path, self.arrays, trt)
+        self.engine = Engine(self.model_path, self.arrays, trt, self.spec)
+        self.conditioning = self.spec.model.conditioning
         self.engine.check_dims(self.spec, str(self.model_path))
         prof = manifest["profile"]
         self.min_batch, self.max_batch, self.static = prof["min_batch"], prof["max_batch"], prof["static"]
@@ -160,30 +162,31 @@ class TensorRTBackend(OnDevice):
         self._capture_failed = False
         self._buffers: dict[str, Any] = {}
 
-    def denoise(self, x: Any, noise_var: float) -> Any:
+    def denoise(self, x: Any, cond: float) -> Any:
         n = x.shape[0]
         if not self.min_batch <= n <= self.max_batch:
             raise BackendError(f"batch {n} is outside the engine's profile {self.min_batch}..{self.max_batch}; "
                                "use --batch-size within it or rebuild with ddim-export --min-batch/--max-batch")
         if self.static and not self._capture_failed:
-            return self._replay(x, noise_var)
-        return self.engine.run(x, self.arrays.full((n, 1, 1, 1), noise_var))
+            return self._replay(x, cond)
+        return self.engine.run(x, self.arrays.full(cond_shape(self.conditioning, n), cond))
 
-    def _replay(self, x: Any, noise_var: float) -> Any:
+    def _replay(self, x: Any, cond: float) -> Any:
         """Static batch: copy into the captured buffers and launch the captured engine run."""
         if self._graph is None and not self._capture(x):
-            return self.denoise(x, noise_var)
+            return self.denoise(x, cond)
         b, stream = self._buffers, self.arrays.stream
         with stream:
             b["x"][...] = x
-            b["v"].fill(noise_var)
+            b["v"].fill(cond)
         self._graph.launch(stream)
         return b["out"]  # consumed by the update before the next replay overwrites it
 
     def _capture(self, x: Any) -> bool:
         """Capture one enqueue on the static buffers; False (and plain enqueues from now on) if it fails."""
         a = self.arrays
-        b = self._buffers = {"x": a.empty_like(x), "v": a.full((x.shape[0], 1, 1, 1), 0.0), "out": a.empty_like(x)}
+        v = a.full(cond_shape(self.conditioning, x.shape[0]), 0.0)
+        b = self._buffers = {"x": a.empty_like(x), "v": v, "out": a.empty_like(x)}
         self.engine.bind(b["x"], b["v"], b["out"])
         self.engine.enqueue()  # a first run outside capture lets TensorRT allocate what it needs
         ok, graph, error = False, None, ""
