@@ -125,15 +125,20 @@ def _diffusers(ctx: click.Context, run_dir: Path | None, out: Path, onnx_out: Pa
     given += ["--out"] * (onnx_out is not None) + ["--static-batch"] * (static_batch is not None)
     if given:
         raise click.UsageError(f"--diffusers writes only the diffusers folder: drop {', '.join(given)}")
-    from export.to_diffusers import export_diffusers
+    try:
+        from export.to_diffusers import export_diffusers
+    except ModuleNotFoundError as exc:
+        if exc.name != "diffusers":
+            raise
+        from runtime.extras import install_hint
 
+        raise click.ClickException(f"--diffusers needs diffusers ({install_hint('diffusers', 'diffusers')})") from None
     run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
                         "train one with python -m trainer fit")
     settings = section(ctx, "export")
     log.info("ddim-export: %s%s -> %s (a diffusers DDIMPipeline folder)", run_dir, why, out)
     report = export_diffusers(run_dir, out, settings.get("raw_weights", False), settings.get("force", False),
                               size_limits(ctx))
-    log.info("unet: %s: %s", report.kind, report.why)
     for note in report.notes:
         log.info("note: %s", note)
     load = "import trainer.diffusers_model, then " if report.kind == "DDIMDeployUNet" else ""

@@ -24,6 +24,7 @@ attention layer (the middle one included) has the same head width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ def unet2d_state_dict(net: DDPMUNet) -> dict[str, torch.Tensor]:
     return out
 
 
-def _putter(out: dict[str, torch.Tensor]):  # noqa: ANN202 (a local helper)
+def _putter(out: dict[str, torch.Tensor]) -> Callable[[str, nn.Module], None]:
     def put(prefix: str, module: nn.Module) -> None:
         for name, value in module.state_dict().items():
             out[f"{prefix}.{name}"] = value.detach().clone()

@@ -28,9 +28,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ from runtime import __version__
 from runtime.config import ModelSpec
 from runtime.files import PathLock, replace_dir, sha256_file
 from runtime.limits import SizeLimits
-from trainer.diffusers_model import CONTINUOUS_GRID, DDIMDeployUNet, DiffusersExportError, grid_alpha_bar, pixel_affine
+from trainer.diffusers_model import (
+    CONTINUOUS_GRID, DDIMDeployUNet, DiffusersExportError, folds, grid_alpha_bar, pixel_affine,
+)
 from trainer.rundir import WEIGHTS, load_model
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,7 @@ def export_diffusers(run_dir: Path, out: Path, raw_weights: bool = False, force:
 def _export(run_dir: Path, out: Path, weights: str, limits: SizeLimits) -> DiffusersReport:
     net, spec = load_model(run_dir, weights, limits)
     report = plan(spec, out)  # refuses what no folder can hold before anything is written
+    log.info("unet: %s: %s", report.kind, report.why)
     unet, reference = _unet(net, spec, report.kind)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -123,13 +127,7 @@ def plan(spec: ModelSpec, out: Path) -> DiffusersReport:
     mismatch = unet2d_mismatch(spec)
     if spec.model.architecture not in ("keras", "ddpm"):
         raise DiffusersExportError(f"{mismatch}; export the original model instead")
-    scale, shift = pixel_affine(spec.normalization)  # refuses per-channel stds
-    folded = scale != 1.0 or bool(np.any(shift != 0.0))
-    if folded and spec.model.conditioning == "timestep":
-        raise DiffusersExportError(
-            "this timestep-conditioned model was trained on another normalisation than minus-one-one, and "
-            "DDIMPipeline samples in [-1, 1] pixels; folding the difference in would need noise levels between "
-            "its timesteps")
+    folded = folds(spec)  # refuses normalisations that cannot be folded in
     clip_range(spec)  # refuses a clip range diffusers cannot express
     if mismatch is None:
         report = DiffusersReport(out, "UNet2DModel", "its layers are UNet2DModel's (timestep-conditioned DDPM U-Net)")

@@ -1,9 +1,9 @@
 """ddim-export --diffusers: our nets as diffusers DDIMPipeline folders, against our net and against ddim-run.
 
 Parity is measured, never pinned: the UNet2DModel against our DDPM U-Net on the same inputs (relative
-error <= 1e-5 of the output's scale, as the export's gate), and DDIMPipeline's images against ddim-run's
-from the same noise (x_T, then one draw per step; max difference <= 1e-4 on [0, 1] pixels). The figures
-are printed (pytest -s).
+error <= 1e-5 of the output's scale, ten times tighter than the export's gate), and DDIMPipeline's images
+against ddim-run's from the same noise (x_T, then one draw per step; max difference <= 1e-4 on [0, 1]
+pixels). The figures are printed (pytest -s).
 """
 
 from __future__ import annotations
@@ -22,26 +22,26 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 
-import diffusers.pipelines.ddim.pipeline_ddim as pipeline_ddim  # noqa: E402
-import diffusers.schedulers.scheduling_ddim as scheduling_ddim  # noqa: E402
-from diffusers import DDIMPipeline, UNet2DModel  # noqa: E402
+from conftest import tiny_config, write_fashion
+from diffusers import DDIMPipeline, UNet2DModel
+from diffusers.pipelines.ddim import pipeline_ddim
+from diffusers.schedulers import scheduling_ddim
 
-import trainer.diffusers_model  # noqa: E402,F401  (DDIMDeployUNet folders load only once it is imported)
-from conftest import tiny_config, write_fashion  # noqa: E402
-from export.cli import main as export_main  # noqa: E402
-from export.diffusers_unet import to_unet2d, unet2d_mismatch  # noqa: E402
-from export.to_diffusers import export_diffusers, max_difference  # noqa: E402
-from runtime.cli import main as run_main  # noqa: E402
-from runtime.config import DDPMUNetConfig, KerasUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig  # noqa: E402
-from runtime.noise import ImageNoise  # noqa: E402
-from runtime.sampler import PlannedStep, SamplerHooks, SamplingPlan, ddim_sample  # noqa: E402
-from runtime.schedule import step_coefficients  # noqa: E402
-from trainer.config import DataConfig  # noqa: E402
-from trainer.diffusers_model import DiffusersExportError, grid_alpha_bar  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.presets import get_preset  # noqa: E402
-from trainer.rundir import WEIGHTS, write_config  # noqa: E402
-from trainer.train import fit  # noqa: E402
+import trainer.diffusers_model  # DDIMDeployUNet folders load only once it is imported
+from export.cli import main as export_main
+from export.diffusers_unet import to_unet2d, unet2d_mismatch
+from export.to_diffusers import export_diffusers, max_difference, scheduler_config
+from runtime.cli import main as run_main
+from runtime.config import DDPMUNetConfig, KerasUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig
+from runtime.noise import ImageNoise
+from runtime.sampler import PlannedStep, SamplerHooks, SamplingPlan, ddim_sample
+from runtime.schedule import build_schedule, select_steps, step_coefficients
+from trainer.config import DataConfig
+from trainer.diffusers_model import DiffusersExportError, grid_alpha_bar
+from trainer.models import build_model
+from trainer.presets import get_preset
+from trainer.rundir import WEIGHTS, write_config
+from trainer.train import fit
 
 # [0, 1] pixels after a few float32 steps through two samplers and two nets: measured 4e-7 to 5e-6 (tiny nets),
 # 2.2e-5 (cifar10-64); a wrong step, noise draw or timestep shows at 1e-2 or more.
@@ -58,13 +58,14 @@ def minus_one_one(channels: int) -> NormalizationConfig:
 
 
 def ddpm(**kw: object) -> DDPMUNetConfig:
-    base = dict(image_size=16, channels=3, base_width=16, channel_mults=(1, 2), num_res_blocks=1,
-                attention_resolutions=(8,), num_groups=4, dropout=0.1, conditioning="timestep")
+    base = {"image_size": 16, "channels": 3, "base_width": 16, "channel_mults": (1, 2), "num_res_blocks": 1,
+            "attention_resolutions": (8,), "num_groups": 4, "dropout": 0.1, "conditioning": "timestep"}
     return DDPMUNetConfig(**{**base, **kw})
 
 
 def keras(**kw: object) -> KerasUNetConfig:
-    return KerasUNetConfig(**{**dict(image_size=16, channels=3, widths=(8, 16), block_depth=1, embedding_dims=8), **kw})
+    base = {"image_size": 16, "channels": 3, "widths": (8, 16), "block_depth": 1, "embedding_dims": 8}
+    return KerasUNetConfig(**{**base, **kw})
 
 
 def randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -112,7 +113,7 @@ def pipeline_images(folder: Path, monkeypatch: pytest.MonkeyPatch, steps: int, e
     """DDIMPipeline's images (N, H, W, C) in [0, 1], its randn_tensor fed ddim-run's noise streams."""
     noise = ImageNoise(seed, range(n))
 
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):  # noqa: ANN001, ANN202
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.from_numpy(noise.draw(tuple(shape[1:]))).to(device=device, dtype=dtype)
 
     monkeypatch.setattr(pipeline_ddim, "randn_tensor", randn_tensor)
@@ -160,6 +161,22 @@ def test_ddpm_unet_maps_onto_unet2dmodel(heads: int) -> None:
 def test_what_does_not_map_says_why(spec: ModelSpec, why: str) -> None:
     reason = unet2d_mismatch(spec)
     assert reason is not None and why in reason
+
+
+@pytest.mark.parametrize("schedule", [LINEAR, COSINE_ANGLE], ids=["linear", "cosine-angle"])
+def test_scheduler_timesteps_are_ddim_runs_steps(schedule: ScheduleConfig) -> None:
+    """"leading" is our "uniform" for every step count; a continuous schedule's "trailing" grid steps t land on
+    our uniform times as (t + 1) / 1000 when the count divides 1000."""
+    from diffusers import DDIMScheduler
+
+    spec = ModelSpec(keras(), schedule, minus_one_one(3))
+    sched = DDIMScheduler(**scheduler_config(spec))
+    counts = (1, 7, 50, 999, 1000) if schedule.discrete else (1, 8, 10, 25, 50, 1000)
+    for steps in counts:
+        sched.set_timesteps(steps)
+        ours = select_steps(build_schedule(schedule), steps, "uniform")
+        theirs = sched.timesteps.numpy()
+        np.testing.assert_array_equal(theirs if schedule.discrete else (theirs + 1) / 1000, ours)
 
 
 # --------------------------------------------------------------------------- (b) the UNet2DModel folder
@@ -328,3 +345,8 @@ def test_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert bad.exit_code != 0 and "--fp16" in bad.output and not (tmp_path / "x").exists()
     missing = CliRunner().invoke(export_main, [str(tmp_path / "nope"), "--diffusers", str(tmp_path / "y")])
     assert missing.exit_code == 1 and missing.output.count("\n") == 1 and not (tmp_path / "y").exists()
+    flowers = write_run(tmp_path / "flowers", ModelSpec(keras(), COSINE_ANGLE,
+                                                        NormalizationConfig((0.5, 0.4, 0.3), (0.25, 0.2, 0.3))))
+    refused = CliRunner().invoke(export_main, [str(flowers), "--diffusers", str(tmp_path / "z")])
+    assert refused.exit_code == 1 and refused.output.startswith("error: the normalisation's stds differ")
+    assert refused.output.count("\n") == 1 and not (tmp_path / "z").exists()

@@ -20,17 +20,19 @@ distribution; the steps fall at other noise levels than ``ddim-run``'s, so the s
 images. Timestep-conditioned nets cannot take those levels: they need the [-1, 1] normalisation.
 
 Import this module before ``from_pretrained``: diffusers loads a component named by module path only
-from modules already imported (it never imports code because a folder names it), and looks the
-loader bases (``ModelMixin``, ...) up in the component's module, hence the re-exports below.
+from modules already imported (it never imports code because a folder names it), and finds how to load
+the component by looking its loader bases (``ModelMixin``, ...) up in this module, so the module must
+hold that name (it does: the class derives from it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, ModelMixin, SchedulerMixin  # noqa: F401  (looked up here by diffusers' loader)
+from diffusers import ConfigMixin, ModelMixin  # ModelMixin is also what diffusers' loader looks up in this module
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from numpy.typing import NDArray
@@ -62,6 +64,19 @@ def pixel_affine(norm: NormalizationConfig) -> tuple[float, NDArray[np.float64]]
     return 2.0 * norm.std[0], 2.0 * np.asarray(norm.mean, dtype=np.float64) - 1.0
 
 
+def folds(spec: ModelSpec) -> bool:
+    """Whether the model's normalisation differs from [-1, 1] pixels and is folded in (module docstring);
+    DiffusersExportError where it cannot be."""
+    scale, shift = pixel_affine(spec.normalization)
+    folded = scale != 1.0 or bool(np.any(shift != 0.0))
+    if folded and spec.model.conditioning == "timestep":
+        raise DiffusersExportError(
+            "this timestep-conditioned model was trained on another normalisation than minus-one-one, and "
+            "DDIMPipeline samples in [-1, 1] pixels; folding the difference in would need noise levels between "
+            "its timesteps")
+    return folded
+
+
 def grid_alpha_bar(spec: ModelSpec, num_train_timesteps: int) -> NDArray[np.float64]:
     """alpha_bar at the scheduler's steps 0..T-1: the discrete schedule's own, or the continuous
     schedule's at times (t + 1) / T (so "trailing" steps land on ddim-run's uniform times)."""
@@ -90,12 +105,9 @@ class DDIMDeployUNet(ModelMixin, ConfigMixin):
         if (sample_size, in_channels, out_channels) != (m.image_size, m.channels, m.channels):
             raise DiffusersExportError("sample_size / in_channels / out_channels disagree with the model config")
         self.net = build_model(m)
+        folds(self.spec)  # refuses what cannot be folded in
         scale, shift = pixel_affine(self.spec.normalization)
         a = grid_alpha_bar(self.spec, num_train_timesteps)
-        folded = scale != 1.0 or bool(np.any(shift != 0.0))
-        if folded and m.conditioning == "timestep":
-            raise DiffusersExportError("a timestep-conditioned model needs the minus-one-one normalisation: the "
-                                       "[-1, 1] pixels of DDIMPipeline would fall between its timesteps")
         # Per step: the net's input is (y - shift_t) / div_t and its noise variance var_t (module docstring);
         # 1 + (A^2 - 1) a is exactly 1 when nothing is folded, so that case is the identity bit for bit.
         denom = 1.0 + (scale**2 - 1.0) * a  # (T,)
