@@ -45,7 +45,7 @@ from runtime.config import ModelSpec
 from runtime.files import PathLock, replace_dir, sha256_file
 from runtime.limits import SizeLimits
 from trainer.diffusers_model import (
-    CONTINUOUS_GRID, DDIMDeployUNet, DiffusersExportError, folds, grid_alpha_bar, pixel_affine,
+    CONTINUOUS_GRID, DDIMDeployUNet, DiffusersExportError, folds, grid_alpha_bar, grid_size, pixel_affine,
 )
 from trainer.rundir import WEIGHTS, load_model
 
@@ -157,9 +157,8 @@ def _unet(net: torch.nn.Module, spec: ModelSpec, kind: Kind) -> tuple[torch.nn.M
     if kind == "UNet2DModel":
         return to_unet2d(net), lambda x, t: net(x, t.float())
     m = spec.model
-    grid = spec.schedule.num_timesteps if spec.schedule.discrete else CONTINUOUS_GRID
     wrapper = DDIMDeployUNet(spec=spec.to_dict(), sample_size=m.image_size, in_channels=m.channels,
-                             out_channels=m.channels, num_train_timesteps=grid)
+                             out_channels=m.channels, num_train_timesteps=grid_size(spec))
     wrapper.net.load_state_dict(net.state_dict())
     wrapper.eval()
     # The reloaded wrapper against the one in memory: the saved weights and config, and the import by name.
@@ -183,7 +182,7 @@ def scheduler_config(spec: ModelSpec) -> dict[str, Any]:
     prediction, timesteps "leading" with offset 0 (= our "uniform"; "trailing" for a continuous schedule on
     its grid), clipping as the model's ``clip_sample`` says (ddim-run's default)."""
     s = spec.schedule
-    grid = s.num_timesteps if s.discrete else CONTINUOUS_GRID
+    grid = grid_size(spec)
     cfg: dict[str, Any] = {
         "num_train_timesteps": grid, "clip_sample": s.clip_sample, "clip_sample_range": clip_range(spec),
         "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon", "thresholding": False,
@@ -242,8 +241,7 @@ def max_difference(reference: Callable[[torch.Tensor, torch.Tensor], Any], unet:
     """``unet(x, t).sample`` (as DDIMPipeline calls it) against ``reference(x, t)`` on noisy images at integer
     timesteps spread over the schedule, both ends included: ``(max abs, max abs / max(max|reference|, 1))``,
     the parity gate's measure (``export/parity.py``)."""
-    m, s = spec.model, spec.schedule
-    grid = s.num_timesteps if s.discrete else CONTINUOUS_GRID
+    m, grid = spec.model, grid_size(spec)
     gen = torch.Generator().manual_seed(seed)
     t = torch.linspace(0, grid - 1, batch).round().to(torch.int64)
     a = torch.from_numpy(grid_alpha_bar(spec, grid)[t.numpy()]).float().view(-1, 1, 1, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -329,8 +330,17 @@ def test_folder_ownership(tmp_path: Path) -> None:
     export_diffusers(run, out)
     with pytest.raises(FileExistsError, match="--force"):
         export_diffusers(run, out)
-    export_diffusers(run, out, force=True)
-    assert (out / "export_report.json").is_file()
+    export_diffusers(run, out, raw_weights=True, force=True)  # the gate compares with the raw weights then
+    assert json.loads((out / "export_report.json").read_text())["weights"] == "raw"
+
+
+def test_custom_folder_names_the_module_to_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers never imports a module because a folder names it: without the import, loading says which."""
+    run = write_run(tmp_path / "run", ModelSpec(keras(), COSINE_ANGLE, minus_one_one(3)))
+    export_diffusers(run, tmp_path / "out")
+    monkeypatch.delitem(sys.modules, "trainer.diffusers_model")
+    with pytest.raises(ValueError, match="import trainer.diffusers_model before"):
+        DDIMPipeline.from_pretrained(tmp_path / "out")
 
 
 def test_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -77,6 +77,11 @@ def folds(spec: ModelSpec) -> bool:
     return folded
 
 
+def grid_size(spec: ModelSpec) -> int:
+    """T of the scheduler: the discrete schedule's own, else :data:`CONTINUOUS_GRID`."""
+    return spec.schedule.num_timesteps if spec.schedule.discrete else CONTINUOUS_GRID
+
+
 def grid_alpha_bar(spec: ModelSpec, num_train_timesteps: int) -> NDArray[np.float64]:
     """alpha_bar at the scheduler's steps 0..T-1: the discrete schedule's own, or the continuous
     schedule's at times (t + 1) / T (so "trailing" steps land on ddim-run's uniform times)."""
