@@ -115,8 +115,7 @@ def _export(run_dir: Path, out: Path, weights: str, limits: SizeLimits) -> Diffu
                 "weights_sha256": sha256_file(run_dir / WEIGHTS)}
         (staging / "README.md").write_text(model_card(spec, report, info))
         (staging / REPORT).write_text(json.dumps(_summary(report, info), indent=2) + "\n")  # last: complete
-        _fsync_tree(staging)
-        replace_dir(staging, out)
+        replace_dir(staging, out)  # fsyncs the subfolders diffusers wrote too
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -252,14 +251,6 @@ def max_difference(reference: Callable[[torch.Tensor, torch.Tensor], Any], unet:
         got = unet(x, t).sample.double()
     max_abs = float((got - ref).abs().max())
     return max_abs, max_abs / max(float(ref.abs().max()), 1.0)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file below ``folder`` (``replace_dir`` syncs only its top level; diffusers writes subfolders)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def _summary(report: DiffusersReport, info: dict[str, str]) -> dict[str, Any]:
