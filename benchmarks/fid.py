@@ -1,9 +1,10 @@
 """Sample quality of every backend: FID / FD-classifier and KID against the data and against eager
-PyTorch, same-noise parity (PSNR, max pixel difference), over a sweep of DDIM step counts.
+PyTorch, same-noise parity (PSNR, max pixel difference), over a sweep of step counts and solvers.
 
     python benchmarks/fid.py                                # the shipped Fashion-MNIST model, 1,000 samples,
                                                             # eager PyTorch, ONNX Runtime float32 and INT8
     python benchmarks/fid.py --quick                        # smoke test: 64 samples, 10 and 20 steps
+    python benchmarks/fid.py --solver ddim --solver dpmpp-2m --steps 5 --steps 10 --steps 20 --steps 50
     python benchmarks/fid.py --model runs/x --extractor inception --inception-weights pt_inception-2015-12-05.pth
 
 Every backend samples the same N images from the same initial noise (per-image seeds, eta = 0), so
@@ -12,7 +13,8 @@ differences between backends are the backends' own. Scores use one feature extra
 ``inception`` (pytorch-fid's InceptionV3 pool3, the standard FID; needs the ``fid`` extra and the
 weights). The reference is the model's training split; the real-vs-real baseline scores N images of
 the held-out split against it, so it carries the same small-sample bias as the models' rows.
-Writes benchmarks/results/fid-DATE-HOST.{json,md} plus a plot of score against steps and a PNG grid
+Writes benchmarks/results/fid-DATE-HOST.{json,md} plus a plot of score against steps and against
+images/s (one curve per backend and solver: pick the operating point there) and a PNG grid
 of the same-noise samples of every backend side by side.
 """
 
@@ -38,7 +40,7 @@ from quality import (  # noqa: E402
     FeatureExtractor, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
 )
 from runtime.api import Sampler  # noqa: E402
-from runtime.choices import Device, values  # noqa: E402
+from runtime.choices import Device, Solver, values  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
@@ -96,8 +98,8 @@ def scores(ext: FeatureExtractor, feats: NDArray[np.float64], ref_stats: Any, re
 
 def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[str, ...], steps_list: list[int],
         n: int, batch_size: int, seed: int, extractor: str, inception_weights: Path | None, classifier: Path | None,
-        data_path: Path | None, reference_size: int | None, device: str,
-        grid_steps: int) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
+        data_path: Path | None, reference_size: int | None, device: str, grid_steps: int,
+        solvers: tuple[str, ...] = ("ddim",)) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
     source = RunConfig.from_spec(spec).data.source
     ext = make_extractor(extractor, inception_weights, classifier, device=device)
     ref = reference_images(spec, "train", data_path)
@@ -111,7 +113,7 @@ def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[
     held_out = reference_images(spec, "val", data_path)
     pick = np.random.default_rng(seed).choice(len(held_out), min(n, len(held_out)), replace=False)
     base = {"model": str(model_dir), "extractor": ext.score_name, "n": len(pick)}
-    rows = [{**base, "backend": "real (held-out split)", "steps": 0,
+    rows = [{**base, "backend": "real (held-out split)", "solver": "-", "steps": 0,
              **scores(ext, ext.features(held_out[pick]), ref_stats, ref_feats, kid_subset)}]
     click.echo(f"  real vs real: {ext.score_name} {rows[0]['fd_data']:.3f} ({len(pick)} held-out images vs "
                f"{len(ref)} training images)", err=True)
@@ -119,15 +121,16 @@ def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = export_dir or make_export(model_dir, Path(tmp), names, data_path, classifier)
         samplers = open_backends(names, model_dir, export_dir, device)
-        for steps in steps_list:
+        for solver, steps in ((s, k) for s in solvers for k in steps_list):
             eager_images: NDArray[np.uint8] | None = None
             eager_feats: NDArray[np.float64] | None = None
             for label, sampler in samplers.items():
-                result = sampler.sample(n, steps=steps, seed=seed, batch_size=batch_size)
+                result = sampler.sample(n, steps=steps, seed=seed, batch_size=batch_size, solver=solver)
                 images = result.images
                 feats = ext.features(images)
-                row = {**base, "n": n, "backend": label, "steps": steps, "seconds": result.seconds,
-                       "images_per_s": n / result.seconds, **scores(ext, feats, ref_stats, ref_feats, kid_subset)}
+                row = {**base, "n": n, "backend": label, "solver": solver, "steps": steps,
+                       "seconds": result.seconds, "images_per_s": n / result.seconds,
+                       **scores(ext, feats, ref_stats, ref_feats, kid_subset)}
                 if label == EAGER:
                     eager_images, eager_feats = images, feats
                 elif eager_images is not None and eager_feats is not None:
@@ -138,8 +141,8 @@ def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[
                                                                .mean()))
                 rows.append(row)
                 if steps == grid_steps:
-                    grids.setdefault(steps, {})[label] = images[:16]
-                click.echo(f"  {label:24s} {steps:4d} steps: {ext.score_name} {row['fd_data']:8.3f}  "
+                    grids.setdefault(steps, {})[label if len(solvers) == 1 else f"{label}, {solver}"] = images[:16]
+                click.echo(f"  {label:24s} {solver:8s} {steps:4d} steps: {ext.score_name} {row['fd_data']:8.3f}  "
                            f"KID {row['kid']:.4f}  {row['images_per_s']:6.1f} images/s"
                            + (f"  PSNR vs eager {row['psnr_vs_eager']:.1f} dB, max diff {row['max_abs_diff_vs_eager']}"
                               if "psnr_vs_eager" in row else ""), err=True)
@@ -165,13 +168,15 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "classifier's features and is not comparable with published FIDs. KID: mean ± std over 50 subsets. "
              "The real row scores "
              "held-out images against the training split with the same N.", "",
-             "| model | features | backend | steps | N | score vs data | KID vs data | score vs eager | PSNR vs eager "
-             "| max diff | pixels off > 1 | images/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | features | backend | solver | steps | N | score vs data | KID vs data | score vs eager "
+             "| PSNR vs eager | max diff | pixels off > 1 | images/s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         steps = "-" if r["steps"] == 0 else r["steps"]
         off = r.get("pixels_off_by_more_than_1")
         lines.append(
-            f"| {Path(r['model']).name} | {r['extractor']} | {r['backend']} | {steps} | {r['n']} | "
+            f"| {Path(r['model']).name} | {r['extractor']} | {r['backend']} | {r.get('solver', 'ddim')} | {steps} | "
+            f"{r['n']} | "
             f"{r['fd_data']:.3f} | "
             f"{r['kid']:.3g} ± {r['kid_std']:.2g} | {_fmt(r.get('fd_vs_eager'), '.4f')} | "
             f"{_fmt(r.get('psnr_vs_eager'), '.1f')} | {_fmt(r.get('max_abs_diff_vs_eager'), 'd')} | "
@@ -180,20 +185,26 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Score against steps per backend (the baseline as a line), and speed against steps."""
+    """Score against steps, and score against images/s (the operating points), one curve per backend and
+    solver; the real-vs-real baseline as a line in both."""
     plt = pyplot()
     fig, (ax_q, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     sampled = [r for r in rows if r["steps"] > 0]
-    for backend in sorted({r["backend"] for r in sampled}):
-        pts = sorted((r["steps"], r["fd_data"], r["images_per_s"]) for r in sampled if r["backend"] == backend)
-        ax_q.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
-        ax_s.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=backend)
+    for backend, solver in sorted({(r["backend"], r.get("solver", "ddim")) for r in sampled}):
+        pts = sorted((r["steps"], r["fd_data"], r["images_per_s"]) for r in sampled
+                     if r["backend"] == backend and r.get("solver", "ddim") == solver)
+        label = f"{backend}, {solver}"
+        ax_q.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax_s.plot([p[2] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for steps, fd, speed in pts:
+            ax_s.annotate(str(steps), (speed, fd), fontsize=6, xytext=(2, 2), textcoords="offset points")
     for r in rows:
         if r["steps"] == 0:
-            ax_q.axhline(r["fd_data"], color="grey", ls="--", lw=1, label=f"real vs real (N={r['n']})")
+            for ax in (ax_q, ax_s):
+                ax.axhline(r["fd_data"], color="grey", ls="--", lw=1, label=f"real vs real (N={r['n']})")
     name = rows[0]["extractor"] if rows else "score"
-    ax_q.set(title=f"{name} against the training split", xlabel="DDIM steps", ylabel=name, xscale="log")
-    ax_s.set(title="sampling speed", xlabel="DDIM steps", ylabel="images/s", xscale="log", yscale="log")
+    ax_q.set(title=f"{name} against the training split", xlabel="sampling steps", ylabel=name, xscale="log")
+    ax_s.set(title="quality per speed (points: steps)", xlabel="images/s", ylabel=name, xscale="log")
     for ax in (ax_q, ax_s):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -247,13 +258,15 @@ def comparison_grid(panels: dict[str, NDArray[np.uint8]], path: Path, scale: int
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="Where the model's dataset lies [default: where the trainer finds it].")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when available]")
+@click.option("--solver", "solvers", type=click.Choice(values(Solver)), multiple=True,
+              help="Solvers to sweep (repeat the option) [default: ddim].")
 @click.option("--quick", is_flag=True, help="Smoke test: 64 images, 10 and 20 steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
 def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, ...], steps_list: tuple[int, ...],
          eager: bool, n: int, batch_size: int, seed: int, extractor: str | None, inception_weights: Path | None,
-         classifier: Path | None, reference_size: int | None, data_path: Path | None, device: str | None, quick: bool,
-         out: Path) -> None:
+         classifier: Path | None, reference_size: int | None, data_path: Path | None, device: str | None,
+         solvers: tuple[str, ...], quick: bool, out: Path) -> None:
     """Score the samples of every backend and write JSON, Markdown, a plot and a comparison grid."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = model_dir or SHIPPED_MODEL
@@ -269,11 +282,11 @@ def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, .
     click.echo(f"fid: {model_dir}, backends {', '.join(names)}, {n} images, steps {steps}, {extractor} features",
                err=True)
     rows, grids = run(model_dir, spec, export_dir, names, steps, n, batch_size, seed, extractor, inception_weights,
-                      classifier, data_path, reference_size, device, grid_steps)
+                      classifier, data_path, reference_size, device, grid_steps, solvers or ("ddim",))
     env = environment(device)
     stem = report_stem("fid")
     out.mkdir(parents=True, exist_ok=True)
-    rows = write_json(out / f"{stem}.json", env, rows, ("model", "extractor", "backend", "steps", "n"))
+    rows = write_json(out / f"{stem}.json", env, rows, ("model", "extractor", "backend", "solver", "steps", "n"))
     (out / f"{stem}.md").write_text(markdown(env, rows))
     plot(rows, out / f"{stem}.png")
     comparison_grid(grids[grid_steps], out / f"{stem}-samples-{grid_steps}-steps.png")

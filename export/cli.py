@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from runtime.cliconfig import (
-    GroupedCommand, GroupedOption, add_options, config_options, section, with_flag_names,
+    GroupedCommand, GroupedOption, add_options, config_options, flag_of, overrides, section, with_flag_names,
 )
 from runtime.clitools import friendly_errors, size_limit_options, size_limits
 from runtime.shipped import pick
@@ -67,13 +67,17 @@ SUB_OPTIONS = {"profile", "int8_options", "int8_gate", "limits"}
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), cls=GroupedOption, group="Export",
               help="Export directory [default: exports/NAME, NAME the folder's (its parent's for a unet/ folder)].")
+@click.option("--diffusers", "diffusers_out", type=click.Path(path_type=Path), cls=GroupedOption, group="Export",
+              help="Write only a diffusers DDIMPipeline folder here, no ONNX (a UNet2DModel where our net is one, "
+                   "else ddim-deploy's DDIMDeployUNet; see docs/diffusers-export.md).")
 @add_options(_options())
 @click.option("--static-batch", type=click.IntRange(min=1), default=None, cls=GroupedOption,
               group="TensorRT batch profile", help="A fixed-batch engine (CUDA-graph friendly): min = opt = max.")
 @size_limit_options
 @friendly_errors
 @click.pass_context
-def main(ctx: click.Context, run_dir: Path | None, out: Path | None, static_batch: int | None) -> None:
+def main(ctx: click.Context, run_dir: Path | None, out: Path | None, diffusers_out: Path | None,
+         static_batch: int | None) -> None:
     """Export the model of RUN_DIR: a trainer run directory or shipped model folder (config.json +
     model.safetensors), or a diffusers folder (a pipeline's model_index.json, or a UNet2DModel folder's
     config.json + diffusion_pytorch_model.safetensors: see docs/diffusers.md). Default: the latest run
@@ -83,6 +87,9 @@ def main(ctx: click.Context, run_dir: Path | None, out: Path | None, static_batc
     from export.pipeline import REPORT, ExportOptions, export_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if diffusers_out is not None:
+        _diffusers(ctx, run_dir, diffusers_out, out, static_batch)
+        return
     if static_batch and section(ctx, "profile"):
         raise click.UsageError("--static-batch sets min = opt = max: drop --min-batch/--opt-batch/--max-batch")
     settings = section(ctx, "export")
@@ -118,6 +125,37 @@ def main(ctx: click.Context, run_dir: Path | None, out: Path | None, static_batc
     for tool, command in report.tensorrt_commands.items():
         log.info("the same engine with %s (run in %s): %s", tool, out, command)
     log.info("exported %s", out)
+
+
+# The only ExportOptions that mean something for a diffusers folder.
+DIFFUSERS_FIELDS = {("export", "raw_weights"), ("export", "force"), ("export", "progress")}
+
+
+def _diffusers(ctx: click.Context, run_dir: Path | None, out: Path, onnx_out: Path | None,
+               static_batch: int | None) -> None:
+    """``--diffusers OUT``: the diffusers folder only (export/to_diffusers.py), nothing else."""
+    given = [flag_of(ctx, *key) for key in overrides(ctx) if key not in DIFFUSERS_FIELDS and key[0] != "limits"]
+    given += ["--out"] * (onnx_out is not None) + ["--static-batch"] * (static_batch is not None)
+    if given:
+        raise click.UsageError(f"--diffusers writes only the diffusers folder: drop {', '.join(given)}")
+    try:
+        from export.to_diffusers import export_diffusers
+    except ModuleNotFoundError as exc:
+        if exc.name != "diffusers":
+            raise
+        from runtime.extras import install_hint
+
+        raise click.ClickException(f"--diffusers needs diffusers ({install_hint('diffusers', 'diffusers')})") from None
+    run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
+                        "train one with python -m trainer fit")
+    settings = section(ctx, "export")
+    log.info("ddim-export: %s%s -> %s (a diffusers DDIMPipeline folder)", run_dir, why, out)
+    report = export_diffusers(run_dir, out, settings.get("raw_weights", False), settings.get("force", False),
+                              size_limits(ctx))
+    for note in report.notes:
+        log.info("note: %s", note)
+    load = "import trainer.diffusers_model, then " if report.kind == "DDIMDeployUNet" else ""
+    log.info("exported %s; load it with %sdiffusers.DDIMPipeline.from_pretrained(%r)", out, load, str(out))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from runtime.backends import Backend, BackendName, Device, RunPrecision, open_backend
+from runtime.choices import Solver
 from runtime.images import to_uint8
 from runtime.noise import ImageNoise
-from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample
+from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample, default_spacing
 from runtime.schedule import Spacing, build_schedule
 
 
@@ -51,15 +52,17 @@ class Sampler:
         self.schedule = build_schedule(self.spec.schedule)
 
     def sample(self, num_images: int, steps: int = 50, seed: int = 0, eta: float = 0.0,
-               spacing: Spacing = "uniform", clip_x0: bool | None = None, batch_size: int = 16,
-               on_step: Callable[[int], None] | None = None) -> SampleResult:
+               spacing: Spacing | None = None, clip_x0: bool | None = None, batch_size: int = 16,
+               on_step: Callable[[int], None] | None = None, solver: Solver = "ddim") -> SampleResult:
         """Sample ``num_images`` images; image i depends only on (seed, i), not on the batch size.
 
-        ``clip_x0`` None: the model's default (``schedule.clip_sample`` in its config)."""
+        ``clip_x0`` None: the model's default (``schedule.clip_sample`` in its config). ``solver``: ``ddim``
+        or ``dpmpp-2m`` (DPM-Solver++(2M), deterministic: eta 0). ``spacing`` None: the solver's default
+        (:func:`runtime.sampler.default_spacing`)."""
         for name, value in (("num_images", num_images), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        plan = self.plan(steps, eta, spacing)
+        plan = self.plan(steps, eta, spacing, solver)
         b, m = self.backend, self.spec.model
         shape = (m.channels, m.image_size, m.image_size)
         net = [0.0]
@@ -80,10 +83,15 @@ class Sampler:
         calls = len(plan) * len(outs)
         return SampleResult(to_uint8(samples, self.spec.normalization), samples, seconds, net[0], len(plan), calls)
 
-    def plan(self, steps: int, eta: float = 0.0, spacing: Spacing = "uniform") -> SamplingPlan:
-        """The step plan for this model's schedule; ValueError for steps, eta or spacing it cannot take
+    def plan(self, steps: int, eta: float = 0.0, spacing: Spacing | None = None,
+             solver: Solver = "ddim") -> SamplingPlan:
+        """The step plan for this model's schedule; ValueError for steps, eta, spacing or solver it cannot take
         (cheap: callers use it to refuse bad input before sampling)."""
-        return SamplingPlan.build(self.schedule, steps, eta, spacing, self.spec.model.conditioning)
+        return SamplingPlan.build(self.schedule, steps, eta, spacing, self.spec.model.conditioning, solver)
+
+    def spacing(self, spacing: Spacing | None = None, solver: Solver = "ddim") -> Spacing:
+        """The spacing a plan uses: ``spacing`` when given, else the solver's default for this schedule."""
+        return spacing or default_spacing(self.schedule, solver)
 
     def clips(self, clip_x0: bool | None = None) -> bool:
         """Whether sampling clips pred_x0: ``clip_x0`` when given, else the model's default."""

@@ -17,8 +17,8 @@ Precision = Literal["fp32", "fp16", "int8"]
 RunPrecision = Literal["auto", "fp32", "fp16", "int8"]
 # How the DDIM steps are spread over the schedule (runtime/schedule.py).
 Spacing = Literal["uniform", "quadratic", "leading", "trailing", "linspace"]
-# The samplers of the runtime loop.
-Solver = Literal["ddim"]
+# The solvers of the runtime loop: DDIM (runtime/schedule.py) and DPM-Solver++(2M) (runtime/dpm_solver.py).
+Solver = Literal["ddim", "dpmpp-2m"]
 
 
 def values(choice: Any) -> tuple[str, ...]:

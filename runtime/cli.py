@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from runtime.choices import BackendName, Device, RunPrecision, Spacing, values
+from runtime.choices import BackendName, Device, RunPrecision, Solver, Spacing, values
 from runtime.clitools import friendly_errors
 from runtime.hostinfo import physical_cores
 from runtime.outputs import StagedOutputs, check_file, check_folder
@@ -67,7 +67,11 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
                    "gate and is faster on this CPU, else model.onnx.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help=f"CPU threads of ONNX Runtime / torch [default: one per physical core, {physical_cores()} here].")
-@click.option("--spacing", type=click.Choice(values(Spacing)), default="uniform", show_default=True)
+@click.option("--spacing", type=click.Choice(values(Spacing)), default=None,
+              help="How the steps spread over the schedule [default: uniform; trailing for dpmpp-2m on a discrete "
+                   "schedule].")
+@click.option("--solver", type=click.Choice(values(Solver)), default="ddim", show_default=True,
+              help="ddim, or dpmpp-2m (DPM-Solver++(2M): about as good in 10 steps as DDIM in far more; eta 0).")
 @click.option("--clip-x0/--no-clip-x0", default=None,
               help="Clip each step's predicted clean image to the pixel range (or the model's clip range) "
                    "[default: the model's setting, off for models trained here].")
@@ -78,18 +82,18 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def main(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool | None,
-         out: Path, out_dir: Path | None, npz: Path | None, progress: bool) -> None:
+         device: str | None, precision: str | None, threads: int | None, spacing: str | None, clip_x0: bool | None,
+         out: Path, out_dir: Path | None, npz: Path | None, progress: bool, solver: str = "ddim") -> None:
     """Sample a PNG grid from MODEL: an export directory or ONNX file (default: the latest export under
     exports/, else the shipped Fashion-MNIST model)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     _run(model, steps, eta, num_images, batch_size, seed, backend, device, precision, threads, spacing, clip_x0,
-         out, out_dir, npz, progress)
+         out, out_dir, npz, progress, solver)
 
 
 def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size: int, seed: int, backend: str,
-         device: str | None, precision: str | None, threads: int | None, spacing: str, clip_x0: bool | None,
-         out: Path, out_dir: Path | None, npz: Path | None, progress: bool) -> None:
+         device: str | None, precision: str | None, threads: int | None, spacing: str | None, clip_x0: bool | None,
+         out: Path, out_dir: Path | None, npz: Path | None, progress: bool, solver: str = "ddim") -> None:
     from tqdm import tqdm
 
     from runtime.api import load
@@ -100,11 +104,13 @@ def _run(model: Path | None, steps: int, eta: float, num_images: int, batch_size
     check_outputs(out, out_dir, npz)
     sampler = load(model, backend, device, precision, threads)  # type: ignore[arg-type]
     log.info("backend: %s", sampler.why)
-    sampler.plan(steps, eta, spacing)  # type: ignore[arg-type]  # refuse steps the schedule cannot take, now
+    sampler.plan(steps, eta, spacing, solver)  # type: ignore[arg-type]  # refuse what the schedule cannot take, now
+    log.info("solver: %s, %d steps (%s spacing), eta %g, %s", solver, steps, sampler.spacing(spacing, solver), eta,  # type: ignore[arg-type]
+             "pred_x0 clipped" if sampler.clips(clip_x0) else "no clipping")
     batches = -(-num_images // batch_size)
     with tqdm(total=steps * batches, desc="sampling", unit="step", disable=not progress) as bar:
         result = sampler.sample(num_images, steps, seed, eta, spacing, clip_x0, batch_size,  # type: ignore[arg-type]
-                                on_step=lambda i: bar.update(1))
+                                on_step=lambda i: bar.update(1), solver=solver)  # type: ignore[arg-type]
     # All or nothing: a full disk at the npz must not leave a new grid beside the old per-image files.
     with StagedOutputs() as staged:
         scale = grid_scale(result.images.shape[1], len(result.images))

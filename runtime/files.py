@@ -55,13 +55,16 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 
 def replace_dir(staging: Path, out: Path) -> None:
-    """Put the staged folder ``staging`` (a sibling of ``out``) in place of ``out``: its files are
-    fsynced, ``out`` moves aside to ``.NAME.old-PID``, the staged folder is renamed in, and only then is
-    the old one removed. A crash in between leaves ``.NAME.old-PID`` for the next writer to restore."""
-    for path in staging.iterdir():
-        if path.is_file():
+    """Put the staged folder ``staging`` (a sibling of ``out``) in place of ``out``: its files (in
+    subfolders too) are fsynced, ``out`` moves aside to ``.NAME.old-PID``, the staged folder is renamed in,
+    and only then is the old one removed. A crash in between leaves ``.NAME.old-PID`` for the next writer
+    to restore."""
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and not path.is_symlink():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

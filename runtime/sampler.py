@@ -1,8 +1,9 @@
-"""The DDIM sampling loop, shared by every backend (numpy arrays or torch tensors).
+"""The sampling loop, shared by every backend (numpy arrays or torch tensors).
 
 The loop knows nothing of the network: it calls ``denoise(x, cond) -> eps`` once per step (``cond`` is
-the step's noise variance or its timestep, as the model's config says)
-and applies :func:`runtime.schedule.ddim_step`. Backends supply the denoiser, the initial noise
+the step's noise variance or its timestep, as the model's config says) and applies the plan's solver:
+:func:`runtime.schedule.ddim_step` (DDIM) or :func:`runtime.dpm_solver.dpmpp_2m_step` (DPM-Solver++(2M),
+which also carries the previous step's pred_x0). Backends supply the denoiser, the initial noise
 and, for eta > 0, fresh noise per step; array creation stays with them, so the loop never
 moves buffers between host and device.
 """
@@ -15,7 +16,9 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from runtime.choices import Solver, values
 from runtime.config import Conditioning
+from runtime.dpm_solver import MultistepCoefficients, dpmpp_2m_step, multistep_coefficients
 from runtime.schedule import Schedule, Spacing, StepCoefficients, ddim_step, select_steps, step_coefficients
 
 A = TypeVar("A")
@@ -34,6 +37,7 @@ class PlannedStep:
     noise_var: float  # 1 - a_t
     coef: StepCoefficients
     cond: float  # what the network is given: noise_var, or t for timestep-conditioned models
+    multistep: MultistepCoefficients | None = None  # DPM-Solver++(2M)'s scalars (None under DDIM)
 
 
 @dataclass(frozen=True)
@@ -42,24 +46,32 @@ class SamplingPlan:
 
     steps: tuple[PlannedStep, ...]
     eta: float
+    solver: Solver = "ddim"
 
     @classmethod
-    def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing = "uniform",
-              conditioning: Conditioning = "noise_variance") -> "SamplingPlan":
+    def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing | None = None,
+              conditioning: Conditioning = "noise_variance", solver: Solver = "ddim") -> "SamplingPlan":
         """The plan for ``num_steps`` steps; ValueError before anything is allocated when the schedule cannot
         take that many (more than T for a discrete schedule, see ``runtime.schedule.check_num_steps``)."""
+        if solver not in values(Solver):
+            raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(values(Solver))}")
+        if solver == "dpmpp-2m" and eta != 0:
+            raise ValueError(f"--solver dpmpp-2m is deterministic: eta must be 0, got {eta} (use --solver ddim "
+                             "for eta > 0)")
         if conditioning == "timestep" and not schedule.discrete:
             raise ValueError(f"a timestep-conditioned model needs a discrete schedule, not {schedule.name!r}")
-        ts = select_steps(schedule, num_steps, spacing)  # checks num_steps first
+        ts = select_steps(schedule, num_steps, spacing or default_spacing(schedule, solver))  # checks num_steps first
         a = schedule.alpha_bar(ts)  # float64, decreasing in noise -> increasing along the plan
         a_prev = np.append(a[1:], 1.0)  # after the final step: the clean image, alpha_bar = 1
         cond = ts if conditioning == "timestep" else 1.0 - a
+        multistep = [multistep_coefficients(float(a[i]), float(a_prev[i]), float(a[i - 1]) if i else None)
+                     if solver == "dpmpp-2m" else None for i in range(len(ts))]
         planned = tuple(
             PlannedStep(i, float(ts[i]), float(1.0 - a[i]), step_coefficients(float(a[i]), float(a_prev[i]), eta),
-                        float(cond[i]))
+                        float(cond[i]), multistep[i])
             for i in range(len(ts))
         )
-        return cls(planned, float(eta))
+        return cls(planned, float(eta), solver)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -70,6 +82,13 @@ class SamplingPlan:
     @property
     def stochastic(self) -> bool:
         return any(s.coef.sigma > 0 for s in self.steps)
+
+
+def default_spacing(schedule: Schedule, solver: Solver = "ddim") -> Spacing:
+    """``uniform``, except DPM-Solver++ on a discrete schedule: ``trailing``. Uniform (= leading) ends at t = 0,
+    where lambda jumps and the second-order extrapolation overshoots; trailing ends at T/S and lets the first-order
+    final step land on the clean image (tests/test_dpm_solver.py measures both)."""
+    return "trailing" if solver == "dpmpp-2m" and schedule.discrete else "uniform"
 
 
 @dataclass
@@ -88,14 +107,17 @@ def ddim_sample(
     hooks: SamplerHooks[A],
     clip_x0: tuple[object, object] | None = None,
 ) -> A:
-    """Run the plan from x_T; returns pred_x0 of the final step (model space, un-normalised)."""
+    """Run the plan (its solver) from x_T; returns pred_x0 of the final step (model space, un-normalised)."""
     if plan.stochastic and hooks.noise_like is None:
         raise ValueError("eta > 0 needs a noise source (hooks.noise_like)")
-    x = x_T
+    x, x0 = x_T, None
     for step in plan:
         eps = hooks.denoise(x, step.cond)
-        noise = hooks.noise_like(x, step.index) if step.coef.sigma > 0 and hooks.noise_like else None
-        x, _ = ddim_step(x, eps, step.coef, noise=noise, clip_x0=clip_x0)
+        if step.multistep is not None:
+            x, x0 = dpmpp_2m_step(x, eps, step.coef.a_t, step.multistep, prev_x0=x0, clip_x0=clip_x0)
+        else:
+            noise = hooks.noise_like(x, step.index) if step.coef.sigma > 0 and hooks.noise_like else None
+            x, _ = ddim_step(x, eps, step.coef, noise=noise, clip_x0=clip_x0)
         if hooks.is_finite is not None and not hooks.is_finite(x):
             raise NonFiniteError(
                 f"non-finite values at sampling step {step.index + 1}/{len(plan)} "

@@ -62,16 +62,19 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     out = tmp_path / "out"
     proc = script("fid.py", "--model", str(run), "--data", str(fashion_dir), "--classifier", str(tmp_path / "cls"),
                   "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out),
-                  "--backend", "onnxruntime", "--backend", "onnxruntime-int8")
+                  "--backend", "onnxruntime", "--backend", "onnxruntime-int8",
+                  "--solver", "ddim", "--solver", "dpmpp-2m")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"fid: {run}")
     (report,) = out.glob("fid-*.json")
     rows = json.loads(report.read_text())["results"]
     real = [r for r in rows if r["steps"] == 0]
     assert len(real) == 1 and real[0]["n"] == 6 and real[0]["extractor"] == "FD-classifier"
-    sampled = {(r["backend"], r["steps"]): r for r in rows if r["steps"]}
-    assert set(sampled) == {(b, s) for b in ("eager fp32", "onnxruntime cpu fp32", "onnxruntime cpu int8")
-                            for s in (2, 3)}
+    both = {(r["backend"], r["solver"], r["steps"]): r for r in rows if r["steps"]}
+    assert set(both) == {(b, solver, s) for b in ("eager fp32", "onnxruntime cpu fp32", "onnxruntime cpu int8")
+                         for solver in ("ddim", "dpmpp-2m") for s in (2, 3)}
+    assert both["eager fp32", "ddim", 3]["fd_data"] != both["eager fp32", "dpmpp-2m", 3]["fd_data"]
+    sampled = {(b, s): r for (b, solver, s), r in both.items() if solver == "ddim"}
     assert all(0 < sampled[("onnxruntime cpu int8", s)]["psnr_vs_eager"] < float("inf") for s in (2, 3))
     for steps in (2, 3):
         ort = sampled[("onnxruntime cpu fp32", steps)]
@@ -81,7 +84,8 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
             "fd_data"] + 1e-3
         assert "psnr_vs_eager" not in sampled[("eager fp32", steps)]
     md = report.with_suffix(".md").read_text()
-    assert "| FD-classifier | onnxruntime cpu fp32 | 3 | 6 |" in md
+    assert "| FD-classifier | onnxruntime cpu fp32 | ddim | 3 | 6 |" in md
+    assert "| FD-classifier | onnxruntime cpu fp32 | dpmpp-2m | 3 | 6 |" in md
     assert report.with_suffix(".png").stat().st_size > 10_000
     assert (out / f"{report.stem}-samples-3-steps.png").stat().st_size > 1_000
 

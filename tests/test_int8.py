@@ -16,6 +16,7 @@ from test_export import cli, one_line_error, run_dir  # noqa: F401 (the tiny ker
 
 from export.int8 import (KEEP_FLOAT, GateOptions, Int8Options, calibration_batches, data_pairs, float_nodes,
                          quality_gate, stratified_steps)
+from export.io_spec import input_names_of
 from export.onnx_graph import embedding_nodes
 from runtime.api import load
 from runtime.backends import ort_cache, precision
@@ -125,8 +126,9 @@ def test_calibration_mixes_data_and_sampler_trajectories(int8_export, run_dir): 
     feeds = calibration_batches(out / "model.onnx", spec, lambda: images,
                                 Int8Options(calibration="both", calibration_size=40, calibration_steps=5, batch=16))
     assert [len(f["noisy_images"]) for f in feeds] == [16, 16, 8]
-    variances = np.concatenate([f["noise_variances"].ravel() for f in feeds])
-    assert len(np.unique(variances)) < 40  # trajectories share their steps' variances; data pairs do not
+    cond = input_names_of(spec.model)[1]  # noise variances, or timesteps for the ddpm run
+    values = np.concatenate([f[cond].ravel() for f in feeds])
+    assert len(np.unique(values)) < 40  # trajectories share their steps; data pairs do not
 
 
 def test_float_nodes_refuses_unknown_parts(int8_export):

@@ -300,3 +300,20 @@ def test_timestep_conditioned_model_samples_as_eager_and_clips_as_its_config_say
     unclipped = ort_sampler.sample(3, steps=10, seed=1, clip_x0=False)
     clipped = ort_sampler.sample(3, steps=10, seed=1)
     assert not np.array_equal(unclipped.samples, clipped.samples)
+
+
+def test_ddim_run_solver_option(model_dirs, tmp_path):
+    """--solver dpmpp-2m runs torch-free, says which solver and spacing ran, and equals the API's samples;
+    eta > 0 with it is one line and exit 2."""
+    _, export = model_dirs
+    proc = run_cli(str(export), "--device", "cpu", "--steps", "8", "--num-images", "3", "--solver", "dpmpp-2m",
+                   "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"), "--no-progress",
+                   block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "solver: dpmpp-2m, 8 steps (trailing spacing), eta 0, no clipping" in proc.stderr
+    api = load(export, **CPU).sample(3, steps=8, solver="dpmpp-2m")
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["samples"], api.samples)
+    assert not np.array_equal(api.samples, load(export, **CPU).sample(3, steps=8).samples)
+    bad = run_cli(str(export), "--solver", "dpmpp-2m", "--eta", "1", "--out", str(tmp_path / "b.png"))
+    assert bad.returncode != 0 and not (tmp_path / "b.png").exists()
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --solver dpmpp-2m is deterministic: eta must be 0")
