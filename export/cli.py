@@ -145,7 +145,7 @@ def _diffusers(ctx: click.Context, run_dir: Path | None, out: Path, onnx_out: Pa
             raise
         from runtime.extras import install_hint
 
-        raise click.ClickException(f"--diffusers needs diffusers ({install_hint('diffusers', 'diffusers')})") from None
+        raise click.ClickException(f"--diffusers needs diffusers ({install_hint('diffusers')})") from None
     run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
                         "train one with python -m trainer fit")
     settings = section(ctx, "export")

@@ -291,7 +291,7 @@ def load_denoiser(folder: DiffusersFolder) -> "DiffusersDenoiser":
     except ImportError:
         from runtime.extras import install_hint
 
-        hint = install_hint("diffusers", "diffusers")
+        hint = install_hint("diffusers")
         raise DiffusersFolderError(f"reading a diffusers folder needs diffusers: {hint}") from None
     from runtime.schedule import build_schedule
 

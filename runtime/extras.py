@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import re
 
-# Used where the distribution metadata cannot be read (running from a source tree without installing).
+# Used where the distribution metadata cannot be read (running from a source tree without installing), or an
+# install predates an extra; tests/test_runtime.py checks that it equals pyproject.toml's extras.
 _FALLBACK = {
     "cpu": ("onnxruntime>=1.17",),
     "gpu": ("onnxruntime-gpu>=1.23", "tensorrt-cu13>=10.13", "cupy-cuda13x>=13.6"),
     "train": ("torch>=2.2", "safetensors>=0.4", "matplotlib>=3.7", "scipy>=1.10"),
     "fid": ("pytorch-fid>=0.3",),
+    "diffusers": ("torch>=2.2", "diffusers>=0.30"),
 }
 
 

@@ -360,3 +360,38 @@ def test_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     refused = CliRunner().invoke(export_main, [str(flowers), "--diffusers", str(tmp_path / "z")])
     assert refused.exit_code == 1 and refused.output.startswith("error: the normalisation's stds differ")
     assert refused.output.count("\n") == 1 and not (tmp_path / "z").exists()
+
+
+def test_round_trip_ours_to_diffusers_and_back_samples_the_same_images(ddpm_run: Path, tmp_path: Path) -> None:
+    """Our run -> ddim-export --diffusers -> ddim-export of that folder (the import) -> ddim-run: the same
+    samples as ddim-run of our own export of the run. Both directions, both gates, one check."""
+    import onnx
+
+    from export.cli import main as export_main
+    from runtime.metadata import spec_from_metadata
+
+    folder, ours, back = tmp_path / "diffusers", tmp_path / "ours", tmp_path / "back"
+    for args in ([str(ddpm_run), "--diffusers", str(folder)], [str(ddpm_run), "--out", str(ours)],
+                 [str(folder), "--out", str(back)]):
+        result = CliRunner().invoke(export_main, args)
+        assert result.exit_code == 0, result.output
+    meta = {p.key: p.value for p in onnx.load(str(back / "model.onnx")).metadata_props}
+    spec_back = spec_from_metadata(meta, "model.onnx")
+    assert spec_back.model.architecture == "diffusers"
+    spec = ModelSpec.load(ddpm_run / "config.json")
+    # diffusers always states a clip range (1.0); ours leaves it to the normalisation, here the same [-1, 1]
+    assert dataclasses.replace(spec_back.schedule, clip_sample_range=None) == spec.schedule
+    assert spec_back.clip_bounds() == spec.clip_bounds()
+    for eta in ("0", "1"):
+        samples = []
+        for model in (ours, back):
+            npz = tmp_path / f"{model.name}-{eta}.npz"
+            result = CliRunner().invoke(run_main, [str(model), "--steps", "6", "--eta", eta, "--num-images", "3",
+                                                   "--seed", "5", "--backend", "onnxruntime", "--device", "cpu",
+                                                   "--npz", str(npz), "--out", str(tmp_path / "g.png"),
+                                                   "--no-progress"])
+            assert result.exit_code == 0, result.output
+            samples.append(np.load(npz)["samples"])
+        diff = float(np.abs(samples[0] - samples[1]).max())
+        print(f"round trip ours -> diffusers -> ours, eta {eta}: max |diff| of the samples {diff:.2e}")
+        assert diff <= PIXEL_TOLERANCE  # model space [-1, 1]: twice the pixel scale

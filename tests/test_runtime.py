@@ -249,6 +249,9 @@ def test_install_hints_name_installable_packages():
     assert install_hint("gpu", "cupy-cuda13x") == \
         f"pip install '{next(r for r in extras['gpu'] if r.startswith('cupy'))}' (in a ddim-deploy clone: pip install -e '.[gpu]')"
     assert all(r in install_hint("gpu") for r in extras["gpu"])
+    from runtime.extras import _FALLBACK  # used without installed metadata, or with an install older than an extra
+
+    assert all(tuple(extras[name]) == reqs for name, reqs in _FALLBACK.items()), "the fallback drifted from pyproject"
     bad = [f"{p.relative_to(root)}:{n}" for folder in ("runtime", "trainer", "export", "quality", "benchmarks")
            for p in (root / folder).rglob("*.py")
            for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"pip install '?ddim-deploy\[", line)]
