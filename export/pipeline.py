@@ -162,7 +162,8 @@ def read_source(run_dir: Path, opts: ExportOptions) -> DiffusersFolder | None:
     """The checked diffusers folder ``run_dir`` is, or None for a run directory of ours (checked as it loads);
     a folder that is neither is refused saying what was looked for."""
     if diffusers_layout(run_dir) is None:
-        if run_dir.is_dir() and not (run_dir / CONFIG).is_file():
+        # lexists: a config.json that is a FIFO or a link to a device is ours to refuse as "not a regular file"
+        if run_dir.is_dir() and not os.path.lexists(run_dir / CONFIG):
             raise DiffusersFolderError(f"{run_dir} is not a model folder: looked for {LOOKED_FOR}")
         return None
     if opts.raw_weights:
