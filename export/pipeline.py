@@ -20,6 +20,7 @@ and an ``--out`` that a kill between the two renames left missing is restored fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 
@@ -116,20 +117,40 @@ def is_our_export(folder: Path) -> bool:
             and not (folder / CONFIG).is_file() and not (folder / "checkpoints").exists())
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an ``--out`` that is not ours to replace (see the module docstring)."""
+def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
+    """Refuse an output folder (given as ``flag``) that is not ours to replace (see the module docstring)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} is a file, not an export folder; it is never replaced: pick another --out")
+        raise FileExistsError(f"{flag} {out} is a file, not an export folder; it is never replaced: "
+                              f"pick another {flag}")
     if not out.exists() or not any(out.iterdir()):
         return
     if (out / CONFIG).is_file() or (out / "checkpoints").is_dir():
-        raise FileExistsError(f"--out {out} is a training run directory; it is never replaced (even with --force): "
-                              "pick another --out")
+        raise FileExistsError(f"{flag} {out} is a training run directory; it is never replaced (even with --force): "
+                              f"pick another {flag}")
     if not is_our_export(out):
-        raise FileExistsError(f"--out {out} holds files that are not an export of ddim-export (no {REPORT}); it is "
-                              "never replaced (even with --force): pick another --out")
+        raise FileExistsError(f"{flag} {out} holds files that are not an export of ddim-export (no {REPORT}); it is "
+                              f"never replaced (even with --force): pick another {flag}")
     if not force:
-        raise FileExistsError(f"--out {out} holds an earlier export; pass --force to replace it")
+        raise FileExistsError(f"{flag} {out} holds an earlier export; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def export_folder(out: Path, force: bool, flag: str = "--out") -> Iterator[Path]:
+    """Hold ``out``'s lock, finish what a killed export into it left, and refuse it unless it is ours to
+    replace; yields ``out`` with a name (staging and the lock live beside it). Shared by every exporter."""
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
+    try:
+        lock = PathLock(out, "export folder").__enter__()
+    except OSError as exc:
+        raise FileExistsError(f"cannot create {flag} {out}: {exc.strerror or exc}") from None
+    try:
+        for line in recover_staging(out):
+            log.info("%s", line)
+        check_out_dir(out, force, flag)
+        yield out
+    finally:
+        lock.__exit__()
 
 
 def recover_staging(out: Path) -> list[str]:
@@ -181,19 +202,8 @@ def read_source(run_dir: Path, opts: ExportOptions) -> DiffusersFolder | None:
 def export_run(run_dir: Path, out: Path, opts: ExportOptions) -> ExportReport:
     """Export the model of ``run_dir`` into ``out`` (see the module docstring)."""
     folder = read_source(run_dir, opts)  # before the lock: a refused folder leaves nothing behind
-    if out.name in ("", ".", ".."):  # staging and the lock live beside --out: it needs a name
-        out = out.resolve()
-    try:
-        lock = PathLock(out, "export folder").__enter__()
-    except OSError as exc:
-        raise FileExistsError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    try:
-        for line in recover_staging(out):
-            log.info("%s", line)
-        check_out_dir(out, opts.force)
+    with export_folder(out, opts.force) as out:
         return _export(run_dir, folder, out, opts)
-    finally:
-        lock.__exit__()
 
 
 def _load(run_dir: Path, folder: DiffusersFolder | None, opts: ExportOptions,

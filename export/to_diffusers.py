@@ -39,10 +39,10 @@ import torch
 from export.diffusers_card import model_card
 from export.diffusers_unet import to_unet2d, unet2d_mismatch
 from export.parity import FP32_TOLERANCE
-from export.pipeline import REPORT, ParityError, check_out_dir, recover_staging
+from export.pipeline import REPORT, ParityError, export_folder
 from runtime import __version__
 from runtime.config import ModelSpec
-from runtime.files import PathLock, replace_dir, sha256_file
+from runtime.files import replace_dir, sha256_file
 from runtime.limits import SizeLimits
 from trainer.diffusers_model import (
     CONTINUOUS_GRID, DDIMDeployUNet, DiffusersExportError, folds, grid_alpha_bar, grid_size, pixel_affine,
@@ -79,22 +79,8 @@ class DiffusersReport:
 def export_diffusers(run_dir: Path, out: Path, raw_weights: bool = False, force: bool = False,
                      limits: SizeLimits = SizeLimits()) -> DiffusersReport:
     """Write the model of ``run_dir`` as a DDIMPipeline folder ``out`` (see the module docstring)."""
-    if out.name in ("", ".", ".."):  # staging and the lock live beside OUT: it needs a name
-        out = out.resolve()
-    try:
-        lock = PathLock(out, "export folder").__enter__()
-    except OSError as exc:
-        raise FileExistsError(f"cannot create --diffusers {out}: {exc.strerror or exc}") from None
-    try:
-        for line in recover_staging(out):
-            log.info("%s", line)
-        try:
-            check_out_dir(out, force)
-        except FileExistsError as exc:  # the shared check names the ONNX export's flag
-            raise FileExistsError(str(exc).replace("--out", "--diffusers")) from None
+    with export_folder(out, force, "--diffusers") as out:
         return _export(run_dir, out, "raw" if raw_weights else "ema", limits)
-    finally:
-        lock.__exit__()
 
 
 def _export(run_dir: Path, out: Path, weights: str, limits: SizeLimits) -> DiffusersReport:

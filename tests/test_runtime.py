@@ -14,7 +14,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from conftest import tiny_config, write_idx
+from conftest import tiny_config, write_fashion, write_idx
 from export.pipeline import ExportOptions, export_run
 from runtime.api import load
 from runtime.backends import BackendError
@@ -283,11 +283,7 @@ def test_threads_reach_onnx_runtime_and_torch():
 def test_timestep_conditioned_model_samples_as_eager_and_clips_as_its_config_says(tmp_path):
     """A model conditioned on timesteps gets the plan's integer t (ONNX input ``timesteps`` (N,)); a schedule
     with clip_sample clips by default, and the caller can still say otherwise."""
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    write_idx(data / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (16, 28, 28), dtype=np.uint8))
-    write_idx(data / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 16, dtype=np.uint8))
+    data = write_fashion(tmp_path / "fmnist", train=16, test=8)
     cfg = tiny_config(steps=1, sample_every=1, checkpoint_every=1)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conditioning="timestep"),
                               schedule=ScheduleConfig(name="linear", clip_sample=True))
