@@ -11,7 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -59,7 +59,18 @@ class Sampler:
         ``clip_x0`` None: the model's default (``schedule.clip_sample`` in its config). ``solver``: ``ddim``
         or ``dpmpp-2m`` (DPM-Solver++(2M), deterministic: eta 0). ``spacing`` None: the solver's default
         (:func:`runtime.sampler.default_spacing`)."""
-        for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        return self.sample_images([(seed, i) for i in range(num_images)], steps, eta, spacing, clip_x0, batch_size,
+                                  on_step, solver)
+
+    def sample_images(self, images: Sequence[tuple[int, int]], steps: int = 50, eta: float = 0.0,
+                      spacing: Spacing | None = None, clip_x0: bool | None = None, batch_size: int = 16,
+                      on_step: Callable[[int], None] | None = None, solver: Solver = "ddim") -> SampleResult:
+        """Sample the images named by ``(seed, index)`` pairs, in that order: pair (s, i) is image i of
+        ``sample(..., seed=s)`` with the same settings, bit for bit, whatever else shares its batch (this is how
+        ``ddim-serve`` merges the images of concurrent requests into one network batch)."""
+        for name, value in (("images", len(images)), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         plan = self.plan(steps, eta, spacing, solver)
@@ -77,7 +88,7 @@ class Sampler:
         # GPU backends make their stream current, so the update's kernels queue behind the network's.
         with getattr(b, "context", contextlib.nullcontext)():
             bounds = b.clip_bounds(*self.spec.clip_bounds()) if self.clips(clip_x0) else None
-            outs = self._batches(num_images, batch_size, seed, plan, shape, bounds, timed_denoise, on_step)
+            outs = self._batches(images, batch_size, plan, shape, bounds, timed_denoise, on_step)
         seconds = time.perf_counter() - start
         samples = np.concatenate(outs)
         calls = len(plan) * len(outs)
@@ -97,12 +108,12 @@ class Sampler:
         """Whether sampling clips pred_x0: ``clip_x0`` when given, else the model's default."""
         return self.spec.schedule.clip_sample if clip_x0 is None else clip_x0
 
-    def _batches(self, num_images: int, batch_size: int, seed: int, plan: SamplingPlan, shape: tuple[int, int, int],
-                 bounds: Any, denoise: Callable[[Any, float], Any],
+    def _batches(self, images: Sequence[tuple[int, int]], batch_size: int, plan: SamplingPlan,
+                 shape: tuple[int, int, int], bounds: Any, denoise: Callable[[Any, float], Any],
                  on_step: Callable[[int], None] | None) -> list[NDArray[np.float32]]:
         b, outs = self.backend, []
-        for first in range(0, num_images, batch_size):
-            noise = ImageNoise(seed, range(first, min(first + batch_size, num_images)))
+        for first in range(0, len(images), batch_size):
+            noise = ImageNoise.of(images[first:first + batch_size])
             hooks = SamplerHooks[Any](
                 denoise=denoise,
                 noise_like=lambda x, i: b.from_host(noise.draw(shape)),  # noqa: B023 (used within the batch)

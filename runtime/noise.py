@@ -2,7 +2,8 @@
 
 Each image i of a sampling call draws from its own ``numpy.random.Generator`` seeded with
 ``(seed, i)``: first its initial noise x_T, then, for eta > 0, one draw per step. So an image
-does not depend on the batch size, the backend, or which other images are sampled with it.
+does not depend on the batch size, the backend, or which other images are sampled with it: a
+batch may even mix images of different seeds (``ImageNoise.of``, what ``ddim-serve`` batches).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ class ImageNoise:
 
     def __init__(self, seed: int, indices: Sequence[int]) -> None:
         self._rngs = [np.random.default_rng([seed, int(i)]) for i in indices]
+
+    @classmethod
+    def of(cls, images: Sequence[tuple[int, int]]) -> "ImageNoise":
+        """Noise streams for ``(seed, index)`` pairs: image ``index`` of a call seeded with ``seed``."""
+        noise = cls(0, ())
+        noise._rngs = [np.random.default_rng([int(seed), int(i)]) for seed, i in images]
+        return noise
 
     def draw(self, shape: tuple[int, int, int]) -> NDArray[np.float32]:
         """The next ``(N, C, H, W)`` standard normal draw, one image per stream."""

@@ -68,6 +68,18 @@ def test_same_seed_same_images_any_batch_size(model_dirs):
     assert not np.array_equal(a, c)
 
 
+def test_sample_images_mixes_seeds_in_one_batch(model_dirs):
+    """(seed, i) pairs from different calls in one batch: each image equals its own call's, bit for bit."""
+    _, export = model_dirs
+    sampler = load(export)
+    pairs = [(5, 2), (6, 0), (5, 0), (9, 3)]
+    mixed = sampler.sample_images(pairs, steps=10, batch_size=4).images
+    for k, (seed, i) in enumerate(pairs):
+        np.testing.assert_array_equal(mixed[k], sampler.sample(i + 1, steps=10, seed=seed, batch_size=4).images[i])
+    with pytest.raises(ValueError, match="images must be >= 1"):
+        sampler.sample_images([], steps=10)
+
+
 def test_fp16_file_and_clipping_and_spacings(model_dirs):
     _, export = model_dirs
     fp16 = load(export, backend="onnxruntime", precision="fp16")
