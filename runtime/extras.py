@@ -18,6 +18,7 @@ _FALLBACK = {
     "train": ("torch>=2.2", "safetensors>=0.4", "matplotlib>=3.7", "scipy>=1.10"),
     "fid": ("pytorch-fid>=0.3",),
     "diffusers": ("torch>=2.2", "diffusers>=0.30"),
+    "serve": ("ray[serve]>=2.60,<3",),
 }
 
 

@@ -16,6 +16,10 @@ PACKAGES = ("runtime", "trainer", "quality", "export")
 FORBIDDEN = {"runtime": {"trainer", "quality", "export"}, "trainer": {"quality", "export"}, "quality": {"export"}}
 # package -> top-level modules it may import only inside functions (never when the package is imported)
 NOT_AT_MODULE_LEVEL = {"runtime": {"torch"}}
+# The HTTP service's stack: only runtime/serving imports it (ddim-run and the rest never need the serve extra), and
+# runtime/serving never imports torch, not even lazily (its replicas run the lean runtime).
+SERVING = "runtime/serving/"
+SERVING_ONLY = {"ray", "fastapi", "starlette", "pydantic", "uvicorn"}
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,13 @@ def violations(root: Path) -> list[str]:
         for path in sorted((root / package).rglob("*.py")):
             for imp in imports_of(path, root):
                 top = imp.module.split(".")[0]
+                serving = imp.file.startswith(SERVING)
                 if top in FORBIDDEN.get(package, set()):
                     bad.append(f"{imp}: {package} may not import {top}")
+                elif top in SERVING_ONLY and not serving:
+                    bad.append(f"{imp}: only runtime.serving may import {top}")
+                elif serving and top == "torch":
+                    bad.append(f"{imp}: runtime.serving may not import torch")
                 elif imp.module_level and top in NOT_AT_MODULE_LEVEL.get(package, set()):
                     bad.append(f"{imp}: {package} may import {top} only inside functions")
     return bad
@@ -121,12 +130,16 @@ def write(root: Path, rel: str, text: str) -> None:
     ("trainer/x.py", "from export.int8 import GateOptions\n", "trainer may not import export"),
     ("quality/metrics.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from export import int8\n",
      "quality may not import export"),
+    ("runtime/cli.py", "def f():\n    from ray import serve\n", "only runtime.serving may import ray"),
+    ("trainer/x.py", "import pydantic\n", "only runtime.serving may import pydantic"),
+    ("runtime/serving/x.py", "def f():\n    import torch\n", "runtime.serving may not import torch"),
 ])
 def test_a_forbidden_import_is_reported(tmp_path, rel, text, expected):
     for package in PACKAGES:
         write(tmp_path, f"{package}/__init__.py", "")
     write(tmp_path, "trainer/data/__init__.py", "")
     write(tmp_path, "runtime/backends/__init__.py", "")
+    write(tmp_path, "runtime/serving/__init__.py", "")
     write(tmp_path, rel, text)
     (found,) = violations(tmp_path)
     assert found.endswith(expected) and rel in found
@@ -139,6 +152,7 @@ def test_a_forbidden_import_is_reported(tmp_path, rel, text, expected):
     ("quality/x.py", "from trainer.rundir import load_weights\nimport runtime\n"),
     ("export/x.py", "import torch\nfrom trainer.rundir import load_model\nfrom quality import psnr\n"),
     ("trainer/x.py", "import torch\nfrom runtime.config import ModelSpec\n# import quality\ns = 'import export'\n"),
+    ("runtime/serving/x.py", "from ray import serve\nfrom fastapi import FastAPI\nfrom runtime.api import load\n"),
 ])
 def test_allowed_imports_pass(tmp_path, rel, text):
     for package in PACKAGES:

@@ -1,0 +1,165 @@
+"""``ddim-serve``: the model behind an HTTP endpoint, on Ray Serve (replicas, request batching, clusters)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runtime.choices import Device, RunPrecision, values
+from runtime.clitools import friendly_errors
+from runtime.extras import install_hint
+from runtime.hostinfo import physical_cores
+
+SERVE_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # the lean runtime's: replicas never import torch
+APP_NAME = "ddim"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, in one line, when the port is taken (Serve's proxy would retry it in the background)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                             "pick another --port") from None
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200 (the replicas have loaded the model and the proxy routes to them)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        time.sleep(0.25)
+    raise TimeoutError(f"the service did not become ready within {timeout_s:.0f} s ({url}: {last})")
+
+
+def import_ray() -> tuple[Any, Any]:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise click.ClickException(f"ddim-serve needs Ray Serve: {install_hint('serve')}") from None
+    return ray, serve
+
+
+def quiet_ray_logs() -> None:
+    for name in ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP proxy listens on (0.0.0.0: every interface; put TLS and auth in front).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Copies of the model, each a Ray actor (spread over the cluster's nodes with --address).")
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="CPUs Ray reserves per replica (scheduling only; --threads sets what ONNX Runtime uses).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most images per network batch, merged across concurrent requests with the same "
+                   "(steps, eta, solver).")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="How long a batch waits for more images before it runs.")
+@click.option("--backend", type=click.Choice(SERVE_BACKENDS), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]")
+@click.option("--precision", type=click.Choice(values(RunPrecision)), default="auto", show_default=True,
+              help="As ddim-run --precision.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"CPU threads of ONNX Runtime per replica [default: one per physical core, {physical_cores()} "
+                   "here].")
+@click.option("--address", default=None,
+              help="Join this Ray cluster (auto, or HOST:PORT of `ray start --head`) instead of starting a local "
+                   "one; MODEL must then lie at the same path on every node.")
+@click.option("--max-images-per-request", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds to wait for the replicas to load the model.")
+@friendly_errors
+def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: float, max_batch: int,
+         batch_wait_ms: float, backend: str, device: str | None, precision: str, threads: int | None,
+         address: str | None, max_images_per_request: int, max_steps: int, ready_timeout: float) -> None:
+    """Serve MODEL (an export directory or ONNX file; default: the latest export under exports/, else the shipped
+    Fashion-MNIST model) over HTTP: POST /v1/samples, GET /v1/model, GET /healthz, docs at /docs."""
+    from runtime.cli import latest_export
+    from runtime.serving.core import ModelService, ServeOptions
+    from runtime.shipped import pick
+
+    started = time.monotonic()
+    model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
+    options = ServeOptions(str(model.resolve()), backend, device, None if precision == "auto" else precision,  # type: ignore[arg-type]
+                           threads, max_batch, batch_wait_ms, max_images_per_request, max_steps)
+    # Load it here first: a wrong path, a corrupt file or a missing backend fails in one line before Ray starts.
+    probe = ModelService(options)
+    click.echo(f"ddim-serve: {model}{why}; {probe.sampler.why}", err=True)
+    del probe
+    check_port_free(host, port)
+    ray, serve = import_ray()
+    from runtime.serving.app import build
+
+    quiet_ray_logs()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    click.echo(f"ddim-serve: {'joining Ray at ' + address if address else 'starting a local Ray instance'}, "
+               f"{replicas} replica(s), max batch {max_batch}, batch wait {batch_wait_ms:g} ms", err=True)
+    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False, configure_logging=True)
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        click.echo("ddim-serve: shutting down", err=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    def on_sigterm(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(options, replicas, replica_cpus), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        wait_ready(f"{url}/healthz", ready_timeout)
+        click.echo(f"ddim-serve: ready at {url} in {time.monotonic() - started:.1f} s "
+                   f"(POST {url}/v1/samples, docs at {url}/docs); Ctrl-C stops", err=True)
+        click.echo(url)
+        sys.stdout.flush()
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        stop()
+    except BaseException:
+        stop()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo("ddim-serve: stopped", err=True)
+
+
+if __name__ == "__main__":
+    main()

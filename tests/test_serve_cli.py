@@ -1,0 +1,94 @@
+"""The ddim-serve command line: refusals before Ray starts, and the real start -> ready -> Ctrl-C cycle."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from runtime.shipped import SHIPPED_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runtime.serving.cli", *args]
+
+
+def test_bad_model_and_busy_port_fail_in_one_line_before_ray(tmp_path):
+    start = time.monotonic()
+    missing = subprocess.run(serve_cmd(str(tmp_path / "nope")), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} does not exist"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model.safetensors").write_bytes(b"")
+    torch_run = subprocess.run(serve_cmd(str(run_dir), "--backend", "torch"), cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)
+    assert torch_run.returncode == 2 and "'torch' is not one of" in torch_run.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = subprocess.run(serve_cmd(str(SHIPPED_MODEL), "--port", str(port)), cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)
+    assert taken.returncode == 1
+    assert taken.stderr.strip().splitlines()[-1] == (f"error: --host 127.0.0.1 --port {port}: cannot listen there "
+                                                     "(Address already in use); pick another --port")
+    assert "starting a local Ray instance" not in taken.stderr
+    assert time.monotonic() - start < 45  # nothing above waited for Ray
+
+
+def test_start_ready_serve_and_ctrl_c(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(serve_cmd(str(SHIPPED_MODEL), "--port", str(port), "--max-batch", "4", "--threads", "1",
+                                      "--replica-cpus", "0.5"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(150)
+        assert line and line[0].strip() == f"http://127.0.0.1:{port}", (line, proc.poll())
+        with urllib.request.urlopen(f"{line[0].strip()}/healthz", timeout=30) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/samples", method="POST",
+                                     data=json.dumps({"num_images": 2, "steps": 2}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200 and resp.read().startswith(b"\x89PNG")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+        err = proc.stderr.read()
+        assert "ddim-serve: ready at http://127.0.0.1:" in err and err.rstrip().endswith("ddim-serve: stopped")
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with socket.socket() as s:  # the port is free again: Serve's proxy is gone
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-batch", "0", "0 is not in the range x>=1"),
+    ("--port", "70000", "70000 is not in the range 1<=x<=65535"),
+])
+def test_option_ranges(option, value, message):
+    from click.testing import CliRunner
+
+    from runtime.serving.cli import main
+
+    result = CliRunner().invoke(main, [str(SHIPPED_MODEL), option, value])
+    assert result.exit_code == 2 and message in result.output
