@@ -149,7 +149,8 @@ def direct(model: Path, batch: int, steps: int, solver: str, threads: int | None
 
 
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"# ddim-serve load test ({env['cpu']}, {env['cores']} cores, Ray {env['ray']})", "",
+    lines = [f"# ddim-serve load test ({env['cpu']}, {env['cores']} cores, float32 matmul peak "
+             f"{env.get('matmul_peak_gflop_s', '?')} GFLOP/s, Ray {env['ray']})", "",
              "Closed-loop clients on the same machine as the service (they share its CPU), 1 replica. Latency: "
              "client wall time per request. Batches formed: the server's network batches by size (count).", "",
              "| max batch | clients | images/request | steps | requests | errors | requests/s | images/s | p50 ms "
@@ -179,8 +180,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
     fig, (ax_t, ax_l, ax_b) = plt.subplots(1, 3, figsize=(13, 4))
     labels = [f"max batch {r['max_batch']}" for r in rows]
-    ax_t.bar(labels, [r["images_per_s"] for r in rows], color="tab:blue")
+    ax_t.bar(labels, [r["images_per_s"] for r in rows], color="tab:blue", label="served")
+    ax_t.scatter(labels, [r["direct_images_per_s"] for r in rows], marker="_", s=3000, color="black", zorder=3,
+                 label="runtime alone at that batch")
     ax_t.set(title="throughput", ylabel="images/s")
+    ax_t.legend(fontsize=8, loc="lower right")
     x = np.arange(len(rows))
     for i, (key, name) in enumerate((("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"))):
         ax_l.bar(x + (i - 1) * 0.25, [r[key] for r in rows], width=0.25, label=name)
@@ -239,7 +243,8 @@ def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, client
             rc = server.stop()
         ceiling = direct(model, max_batch, steps, solver, threads)
         batches = {str(k): after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
-        row = {"model": str(model), "max_batch": max_batch, "batch_wait_ms": batch_wait_ms, "clients": clients,
+        shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
+        row = {"model": str(shown), "max_batch": max_batch, "batch_wait_ms": batch_wait_ms, "clients": clients,
                "num_images": num_images, "steps": steps, "solver": solver, "ready_s": server.ready_s,
                "batches": batches, "shutdown_rc": rc, "direct_images_per_s": ceiling, **result}
         rows.append(row)
@@ -247,8 +252,11 @@ def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, client
                    f"{result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} "
                    f"ms, {result['errors']} errors; batches {batches}; shutdown rc {rc}; runtime alone at batch "
                    f"{max_batch}: {ceiling:.2f} images/s", err=True)
+    from benchmarks.latency import matmul_peak
+
     env = {"host": socket.gethostname(), "cpu": cpu_name(), "cores": physical_cores(),
-           "python": platform.python_version(), "ray": ray.__version__}
+           "python": platform.python_version(), "ray": ray.__version__,
+           "matmul_peak_gflop_s": round(matmul_peak("cpu"), 1)}
     stem = report_stem("serve-load")
     out.mkdir(parents=True, exist_ok=True)
     rows = write_json(out / f"{stem}.json", env, rows,

@@ -88,6 +88,21 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     assert "| FD-classifier | onnxruntime cpu fp32 | dpmpp-2m | 3 | 6 |" in md
     assert report.with_suffix(".png").stat().st_size > 10_000
     assert (out / f"{report.stem}-samples-3-steps.png").stat().st_size > 1_000
+    # FD along training, on the same run's checkpoints: scored once, then reused when the script follows the run.
+    args = ("fd_by_step.py", str(run), "--data", str(fashion_dir), "--classifier", str(tmp_path / "cls"),
+            "--num-images", "6", "--steps", "2", "--batch-size", "4", "--out", str(out))
+    proc = script(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads((out / "fd_by_step.json").read_text())
+    steps = [r["step"] for r in scored["results"]]
+    assert steps and steps == sorted(steps) and steps[-1] == 2
+    assert all(r["fd_data"] > 0 for r in scored["results"]) and scored["meta"]["n"] == 6
+    assert "| 2 |" in (out / "fd_by_step.md").read_text() and (out / "fd_by_step.png").stat().st_size > 5_000
+    again = script(*args)
+    assert again.returncode == 0 and f"({0} to score)" in again.stderr
+    assert json.loads((out / "fd_by_step.json").read_text())["results"] == scored["results"]
+    bad = script("fd_by_step.py", str(run), str(run / "model.safetensors"), "--out", str(out))
+    assert bad.returncode != 0 and "no training step in its name" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_fid_bad_model_is_one_line_error(tmp_path):
@@ -134,3 +149,30 @@ def test_latency_gpu_rows(tmp_path):
         assert {"onnxruntime cuda fp32", "onnxruntime cuda fp16"} <= backends
     if unavailable_reason() is None:
         assert {"tensorrt fp16", "tensorrt fp16 static-8 + CUDA graph"} <= backends
+
+
+def test_serve_load_report_names_the_ceiling():
+    from benchmarks.serve_load import markdown
+
+    env = {"cpu": "CPU", "cores": 2, "ray": "2.60.0", "matmul_peak_gflop_s": 100.0}
+    base = {"model": "m", "clients": 16, "num_images": 1, "steps": 20, "requests": 200, "errors": 0, "p50_ms": 1.0,
+            "p90_ms": 2.0, "p99_ms": 3.0, "ready_s": 12.0}
+    rows = [{**base, "max_batch": 1, "requests_per_s": 5.0, "images_per_s": 5.0, "batches": {"1": 200},
+             "direct_images_per_s": 6.0},
+            {**base, "max_batch": 16, "requests_per_s": 8.0, "images_per_s": 8.0, "batches": {"16": 12, "8": 1},
+             "direct_images_per_s": 9.0}]
+    md = markdown(env, rows)
+    assert "| 16 | 16 | 1 | 20 | 200 | 0 | 8.00 | 8.00 | 1 | 2 | 3 | 8: 1, 16: 12 | 12.0 | 9.00 |" in md
+    assert "--max-batch 16 gives 1.60x the images/s of --max-batch 1" in md and "gains 1.50x" in md
+
+
+@pytest.mark.slow
+def test_serve_load_end_to_end(tmp_path):
+    proc = script("serve_load.py", "--requests", "12", "--clients", "4", "--warmup", "2", "--steps", "2",
+                  "--max-batch", "1", "--max-batch", "4", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = tmp_path.glob("serve-load-*.json")
+    rows = json.loads(report.read_text())["results"]
+    assert [r["max_batch"] for r in rows] == [1, 4]
+    assert all(r["errors"] == 0 and r["ok"] == 12 and r["shutdown_rc"] == 0 for r in rows)
+    assert sum(int(k) * v for k, v in rows[1]["batches"].items()) == 12

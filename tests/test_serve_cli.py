@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -53,7 +54,8 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen(serve_cmd(str(SHIPPED_MODEL), "--port", str(port), "--max-batch", "4", "--threads", "1",
                                       "--replica-cpus", "0.5"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
@@ -67,7 +69,7 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200 and resp.read().startswith(b"\x89PNG")
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group, Ray's own processes too
         assert proc.wait(90) == 0
         err = proc.stderr.read()
         assert "ddim-serve: ready at http://127.0.0.1:" in err and err.rstrip().endswith("ddim-serve: stopped")

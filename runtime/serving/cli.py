@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,12 +17,13 @@ from typing import Any
 import click
 
 from runtime.choices import Device, RunPrecision, values
-from runtime.clitools import friendly_errors
+from runtime.clitools import friendly_errors, one_line
 from runtime.extras import install_hint
 from runtime.hostinfo import physical_cores
 
 SERVE_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # the lean runtime's: replicas never import torch
 APP_NAME = "ddim"
+SHUTDOWN_TIMEOUT_S = 60
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -125,16 +127,29 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
              log_to_driver=False, configure_logging=True)
     stopping = False
 
-    def stop(*_: Any) -> None:
+    def stop() -> None:
+        """Take the app down (the whole of Serve and Ray when they are ours; only our app on a joined cluster)
+        within a bounded time, whatever state Ray is in (a terminal's Ctrl-C may have stopped its processes)."""
         nonlocal stopping
         if stopping:
             return
         stopping = True
         click.echo("ddim-serve: shutting down", err=True)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        failed: list[str] = []
+
+        def take_down() -> None:
+            try:
+                serve.delete(APP_NAME) if address else serve.shutdown()
+            except Exception as exc:  # noqa: BLE001 (reported in one line; Ray is stopped next anyway)
+                failed.append(one_line(exc))
+
+        worker = threading.Thread(target=take_down, daemon=True)
+        worker.start()
+        worker.join(SHUTDOWN_TIMEOUT_S)
+        if worker.is_alive() or failed:
+            why = failed[0] if failed else f"no answer within {SHUTDOWN_TIMEOUT_S} s"
+            click.echo(f"ddim-serve: Serve did not shut down cleanly ({why}); stopping Ray anyway", err=True)
+        ray.shutdown()
 
     def on_sigterm(*_: Any) -> None:
         raise KeyboardInterrupt
