@@ -9,6 +9,8 @@ Writes, all small enough for the repository:
                       inside, parity gate), so ``ddim-run`` samples the shipped model with nothing but the runtime
   samples.png         64 images, 50 DDIM steps, seed 0, sampled by the runtime on that ONNX file
   loss.csv, loss.png, train.log   the training log and loss curve
+  fd_by_step.{json,md,png}        FD-classifier along training, when the run has them
+                                  (``benchmarks/fd_by_step.py RUN_DIR``)
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def main(run_dir: Path, out: Path) -> None:
     tensors = {k: v for k, v in load_weights(run_dir / WEIGHTS).items() if k.startswith("ema.")}
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, tmp, metadata={"format": "ddim-deploy", "weights": "ema", "source_run": run_dir.name})
-    for name in (CONFIG, "loss.csv", "loss.png", "train.log"):
+    for name in (CONFIG, "loss.csv", "loss.png", "train.log", "fd_by_step.json", "fd_by_step.md", "fd_by_step.png"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
     # The shipped folder is exported as ddim-export would (parity gate included), and its model.onnx kept.

@@ -135,3 +135,25 @@ def assert_onnx_matches_eager(model, image_shape: tuple[int, int, int]) -> None:
     with torch.no_grad():
         expected = model(x, v).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# Tests whose subject does not depend on the U-Net (command-line refusals, commit logic, the INT8 gate's and the
+# precision cache's bookkeeping): the keras variant runs by default, the ddpm one with -m slow (suite time).
+ARCH_INDEPENDENT = {
+    "test_export.py::test_cli_bad_inputs",
+    "test_export.py::test_cli_refuses_a_non_empty_out_and_requires_engine_when_asked",
+    "test_export.py::test_cli_defaults_to_the_latest_run",
+    "test_export.py::test_interrupted_export_keeps_the_previous_export",
+    "test_int8.py::test_gate_failure_writes_nothing",
+    "test_int8.py::test_a_named_gate_classifier_that_cannot_load_stops_the_export",
+    "test_int8.py::test_verdicts_follow_the_cache_switches",
+    "test_int8.py::test_auto_measures_on_another_host_and_caches_the_verdict",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in ARCH_INDEPENDENT \
+                and "ddpm" in item.name.partition("[")[2]:
+            item.add_marker(pytest.mark.slow)
+

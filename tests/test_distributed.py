@@ -78,6 +78,7 @@ def test_batch_must_split_evenly_across_processes():
     assert DistInfo(rank=1, world=2).shard(8) == slice(4, 8)
 
 
+@pytest.mark.slow  # 20+ s; the DDP maths is checked by test_two_processes_agree_and_match_one_process by default
 def test_torchrun_cli_trains_and_resumes_with_two_processes(tmp_path, fashion_dir):
     out = tmp_path / "run"
     tiny = ["--widths", "8,16", "--block-depth", "1", "--embedding-dims", "8", "--batch-size", "8",
