@@ -94,3 +94,19 @@ def test_option_ranges(option, value, message):
 
     result = CliRunner().invoke(main, [str(SHIPPED_MODEL), option, value])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_a_cuda_model_needs_replica_gpus(monkeypatch):
+    """Ray hides GPUs from actors that ask for none: a model picked onto CUDA with --replica-gpus 0 is refused."""
+    from click.testing import CliRunner
+
+    import runtime.serving.core as core
+    from runtime.serving.cli import main
+
+    class OnCuda:
+        def __init__(self, options):
+            self.sampler = type("S", (), {"why": "stand-in", "backend": type("B", (), {"device": "cuda"})()})()
+
+    monkeypatch.setattr(core, "ModelService", OnCuda)
+    result = CliRunner().invoke(main, [str(SHIPPED_MODEL), "--replica-gpus", "0"])
+    assert result.exit_code == 2 and "--replica-gpus is 0: Ray would hide the GPU" in result.output

@@ -149,7 +149,7 @@ class DDIMService:
         return {"status": "ok"}
 
 
-def build(options: ServeOptions, replicas: int = 1, replica_cpus: float = 1.0) -> Any:
-    """The bound application ``serve.run`` deploys."""
+def build(options: ServeOptions, replicas: int = 1, replica_cpus: float = 1.0, replica_gpus: float = 0.0) -> Any:
+    """The bound application ``serve.run`` deploys (Ray hides GPUs from actors that ask for none)."""
     return DDIMService.options(num_replicas=replicas,
-                               ray_actor_options={"num_cpus": replica_cpus}).bind(options)
+                               ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus}).bind(options)

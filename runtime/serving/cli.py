@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -78,6 +79,9 @@ def quiet_ray_logs() -> None:
               help="Copies of the model, each a Ray actor (spread over the cluster's nodes with --address).")
 @click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="CPUs Ray reserves per replica (scheduling only; --threads sets what ONNX Runtime uses).")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
+              help="GPUs Ray gives each replica (fractions share one; Ray hides GPUs from replicas that ask for "
+                   "none) [default: 1 when the model runs on CUDA here, else 0].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most images per network batch, merged across concurrent requests with the same "
                    "(steps, eta, solver).")
@@ -98,7 +102,8 @@ def quiet_ray_logs() -> None:
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds to wait for the replicas to load the model.")
 @friendly_errors
-def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: float, max_batch: int,
+def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: float, replica_gpus: float | None,
+         max_batch: int,
          batch_wait_ms: float, backend: str, device: str | None, precision: str, threads: int | None,
          address: str | None, max_images_per_request: int, max_steps: int, ready_timeout: float) -> None:
     """Serve MODEL (an export directory or ONNX file; default: the latest export under exports/, else the shipped
@@ -114,6 +119,13 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     # Load it here first: a wrong path, a corrupt file or a missing backend fails in one line before Ray starts.
     probe = ModelService(options)
     click.echo(f"ddim-serve: {model}{why}; {probe.sampler.why}", err=True)
+    on_gpu = probe.sampler.backend.device == "cuda"
+    if on_gpu and options.device is None:  # replicas pick what was picked here, on the GPU Ray gives them
+        options = dataclasses.replace(options, device="cuda")
+    replica_gpus = (1.0 if on_gpu else 0.0) if replica_gpus is None else replica_gpus
+    if on_gpu and replica_gpus == 0:
+        raise click.UsageError("the model runs on CUDA but --replica-gpus is 0: Ray would hide the GPU from the "
+                               "replicas; give --replica-gpus (e.g. 0.5 to share a GPU) or --device cpu")
     del probe
     check_port_free(host, port)
     ray, serve = import_ray()
@@ -122,7 +134,8 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     quiet_ray_logs()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     click.echo(f"ddim-serve: {'joining Ray at ' + address if address else 'starting a local Ray instance'}, "
-               f"{replicas} replica(s), max batch {max_batch}, batch wait {batch_wait_ms:g} ms", err=True)
+               f"{replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), max batch {max_batch}, "
+               f"batch wait {batch_wait_ms:g} ms", err=True)
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, configure_logging=True)
     stopping = False
@@ -157,7 +170,8 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(options, replicas, replica_cpus), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build(options, replicas, replica_cpus, replica_gpus), name=APP_NAME, route_prefix="/",
+                  blocking=False)
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         wait_ready(f"{url}/healthz", ready_timeout)
         click.echo(f"ddim-serve: ready at {url} in {time.monotonic() - started:.1f} s "
