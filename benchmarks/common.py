@@ -6,7 +6,7 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runtime.hostinfo import cpu_name  # noqa: F401 (the scripts take it from here)
 
@@ -28,6 +28,22 @@ def write_json(path: Path, environment: dict[str, Any], rows: list[dict[str, Any
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment, "results": rows}, indent=2) + "\n")
     return rows
+
+
+def write_report(kind: str, out: Path, environment: dict[str, Any], rows: list[dict[str, Any]],
+                 key: tuple[str, ...], markdown: Callable[[dict[str, Any], list[dict]], str],
+                 plot: Callable[[list[dict], Path], None]) -> tuple[list[dict], Path]:
+    """``out/KIND-DATE-HOST.{json,md,png}`` (the same day's rows for other ``key`` values kept), the Markdown
+    echoed; returns all rows and the stem path."""
+    import click
+
+    stem = out / report_stem(kind)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = write_json(Path(f"{stem}.json"), environment, rows, key)  # not with_suffix: host names hold dots
+    Path(f"{stem}.md").write_text(markdown(environment, rows))
+    plot(rows, Path(f"{stem}.png"))
+    click.echo(markdown(environment, rows))
+    return rows, stem
 
 
 def pyplot() -> Any:

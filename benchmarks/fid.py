@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
 from quality import (  # noqa: E402
     FeatureExtractor, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
 )
@@ -284,14 +284,10 @@ def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, .
     rows, grids = run(model_dir, spec, export_dir, names, steps, n, batch_size, seed, extractor, inception_weights,
                       classifier, data_path, reference_size, device, grid_steps, solvers or ("ddim",))
     env = environment(device)
-    stem = report_stem("fid")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = write_json(out / f"{stem}.json", env, rows, ("model", "extractor", "backend", "solver", "steps", "n"))
-    (out / f"{stem}.md").write_text(markdown(env, rows))
-    plot(rows, out / f"{stem}.png")
-    comparison_grid(grids[grid_steps], out / f"{stem}-samples-{grid_steps}-steps.png")
-    click.echo(markdown(env, rows))
-    click.echo(f"wrote {out / stem}.json, .md, .png and -samples-{grid_steps}-steps.png")
+    _, stem = write_report("fid", out, env, rows, ("model", "extractor", "backend", "solver", "steps", "n"), markdown,
+                           plot)
+    comparison_grid(grids[grid_steps], Path(f"{stem}-samples-{grid_steps}-steps.png"))
+    click.echo(f"wrote {stem}.json, .md, .png and -samples-{grid_steps}-steps.png")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from export.io_spec import feed, input_names_of  # noqa: E402
 from export.onnx_graph import write_deployed_onnx, write_fp16_onnx  # noqa: E402
@@ -365,12 +365,8 @@ def main(models: tuple[str, ...], batches: tuple[int, ...], sample_batches: tupl
         rows += bench_model(m, device, list(batches or (1, 8, 32, 64)), list(sample_batches or (1, 8)), steps,
                             warmup, repeats, compile_, peak, int8, threads)
     env = environment(device, peak)
-    stem = report_stem("latency")
-    rows = write_json(out / f"{stem}.json", env, rows, ("model", "backend", "kind", "batch"))
-    (out / f"{stem}.md").write_text(markdown(env, rows))
-    plot(rows, out / f"{stem}.png")
-    click.echo(markdown(env, rows))
-    click.echo(f"wrote {out / stem}.json, .md and .png")
+    _, stem = write_report("latency", out, env, rows, ("model", "backend", "kind", "batch"), markdown, plot)
+    click.echo(f"wrote {stem}.json, .md and .png")
 
 
 if __name__ == "__main__":

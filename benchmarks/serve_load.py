@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, cpu_name, pyplot, report_stem, save_figure, write_json  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 
@@ -257,14 +257,9 @@ def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, client
     env = {"host": socket.gethostname(), "cpu": cpu_name(), "cores": physical_cores(),
            "python": platform.python_version(), "ray": ray.__version__,
            "matmul_peak_gflop_s": round(matmul_peak("cpu"), 1)}
-    stem = report_stem("serve-load")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = write_json(out / f"{stem}.json", env, rows,
-                      ("model", "max_batch", "clients", "num_images", "steps", "solver"))
-    (out / f"{stem}.md").write_text(markdown(env, rows))
-    plot(rows, out / f"{stem}.png")
-    click.echo(markdown(env, rows))
-    click.echo(f"wrote {out / stem}.json, .md and .png")
+    _, stem = write_report("serve-load", out, env, rows, ("model", "max_batch", "clients", "num_images", "steps",
+                                                           "solver"), markdown, plot)
+    click.echo(f"wrote {stem}.json, .md and .png")
 
 
 if __name__ == "__main__":
