@@ -80,6 +80,10 @@ def plot(meta: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     ax.axhline(meta["real"], color="grey", ls="--", lw=1, label=f"real vs real (N={meta['n']})")
     ax.set(title=f"{meta['extractor']} along training ({meta['solver']}, {meta['steps']} steps, N={meta['n']})",
            xlabel="training step", ylabel=meta["extractor"], yscale="log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))  # plain numbers on the log axis, not 4 x 10^1
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure(fig, path)
