@@ -53,9 +53,10 @@ def service(tmp_path_factory):
     from ray import serve
 
     from runtime.serving.app import build
-    from runtime.serving.cli import quiet_ray_logs, wait_ready
+    from runtime.serving.cli import quiet_ray_logs, serve_environment, wait_ready
 
     quiet_ray_logs()
+    serve_environment()
     options = ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=2, max_batch=8,
                            batch_wait_ms=BATCH_WAIT_MS, max_images_per_request=16, max_steps=50)
     broken = ServeOptions(str(nan_model(tmp_path_factory.mktemp("nan"))), "onnxruntime", "cpu", "fp32", threads=1,

@@ -9,13 +9,17 @@ Batching: a request becomes one job per image; the replica's :class:`runtime.ser
 jobs of concurrent requests with the same (steps, eta, solver) into network batches of up to ``--max-batch``,
 taken whenever the replica is free (waiting at most ``--batch-wait-ms`` for a batch to fill), and samples them in
 a worker thread (the event loop keeps taking requests meanwhile).
-"""
 
+No ``from __future__ import annotations`` here: FastAPI reads the route annotations (``req: SampleRequest``) at
+run time, and through Serve's class ingress string annotations are not resolved (the body became a query
+parameter).
+"""
 
 import asyncio
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -121,11 +125,9 @@ class DDIMService:
         failed = next((r.error for r in results if r.error is not None), None)
         if failed is not None:
             return error(500, f"sampling failed: {failed}")
-        import numpy as np
-
         images = np.stack([r.image for r in results])  # type: ignore[misc]
         try:
-            body = encode(images, jobs, req.format)
+            body = await asyncio.to_thread(encode, images, jobs, req.format)
         except Exception as exc:  # noqa: BLE001
             return error(500, f"encoding failed: {one_line(exc)}")
         self.core.stats.requests += 1

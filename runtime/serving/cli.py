@@ -65,6 +65,18 @@ def import_ray() -> tuple[Any, Any]:
     return ray, serve
 
 
+# Serve gives a starting proxy 3 readiness checks of 5 s before it kills it: on a 2-core machine that is busy (a
+# training run beside it) the proxy took longer and Serve failed to start. Defaults only: the environment wins.
+RAY_SERVE_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def serve_environment() -> None:
+    """Set :data:`RAY_SERVE_DEFAULTS` where the environment has no value (before Ray starts: its processes
+    inherit it)."""
+    for key, value in RAY_SERVE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def quiet_ray_logs() -> None:
     for name in ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -132,7 +144,7 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     from runtime.serving.app import build
 
     quiet_ray_logs()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    serve_environment()
     click.echo(f"ddim-serve: {'joining Ray at ' + address if address else 'starting a local Ray instance'}, "
                f"{replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), max batch {max_batch}, "
                f"batch wait {batch_wait_ms:g} ms", err=True)
