@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import io
 import json
 import math
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime import __version__
 from runtime.choices import BackendName, Device, RunPrecision, Solver, values
 from runtime.clitools import one_line
+from runtime.files import sha256_file
 
 MAX_BODY_BYTES = 64 * 1024  # a request body is a few fields of JSON: anything larger is refused unread
 Format = Literal["grid", "png", "npz"]
@@ -197,14 +197,6 @@ class Batcher:
                     future.set_result(result)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ModelService:
     """A loaded model plus the request rules: the part of a replica that does not depend on Ray."""
 
@@ -219,7 +211,7 @@ class ModelService:
                              f"(ddim-export {options.model} first)")
         path = Path(getattr(b, "model_path", None) or options.model)
         self.model_file = path
-        self.sha256 = file_sha256(path) if path.is_file() else ""
+        self.sha256 = sha256_file(path) if path.is_file() else ""
         self.backend_label = f"{b.name} {b.device} {b.precision}"
         self.stats = Stats()
 
