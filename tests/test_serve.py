@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -20,15 +19,10 @@ from runtime.api import load
 from runtime.images import grid_bytes, grid_scale
 from runtime.serving.core import ImageJob, ModelService, RequestError, SampleRequest, ServeOptions, encode
 from runtime.shipped import SHIPPED_MODEL
+from test_distributed import free_port
 
 MODEL = SHIPPED_MODEL / "model.onnx"
 BATCH_WAIT_MS = 1500.0  # long: the 8 concurrent requests below must meet in one batch on a loaded CI machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nan_model(folder: Path) -> Path:

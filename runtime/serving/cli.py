@@ -150,15 +150,9 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
                f"batch wait {batch_wait_ms:g} ms", err=True)
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, configure_logging=True)
-    stopping = False
-
     def stop() -> None:
         """Take the app down (the whole of Serve and Ray when they are ours; only our app on a joined cluster)
         within a bounded time, whatever state Ray is in (a terminal's Ctrl-C may have stopped its processes)."""
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
         click.echo("ddim-serve: shutting down", err=True)
         failed: list[str] = []
 
