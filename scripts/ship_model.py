@@ -11,6 +11,8 @@ Writes, all small enough for the repository:
   loss.csv, loss.png, train.log   the training log and loss curve
   fd_by_step.{json,md,png}        FD-classifier along training, when the run has them
                                   (``benchmarks/fd_by_step.py RUN_DIR``)
+OUT/README.md, the model card, is written by hand: it is carried over unchanged, and its figures are yours to update.
+OUT is replaced as a whole (staged beside it, then one rename): a failure leaves the old folder untouched.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from export.pipeline import ExportOptions, export_run  # noqa: E402
 from runtime.api import load  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
-from runtime.files import atomic_path  # noqa: E402
+from runtime.files import replace_dir  # noqa: E402
 from runtime.images import grid_scale, save_grid  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.rundir import CONFIG, WEIGHTS, load_weights  # noqa: E402
@@ -41,25 +43,43 @@ from trainer.rundir import CONFIG, WEIGHTS, load_weights  # noqa: E402
 @friendly_errors
 def main(run_dir: Path, out: Path) -> None:
     """Ship RUN_DIR's EMA weights, config, ONNX, sample grid and training log into OUT."""
-    from safetensors.torch import save_file
-
     click.echo(f"ship: {run_dir} -> {out}", err=True)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for k, v in load_weights(run_dir / WEIGHTS).items() if k.startswith("ema.")}
-    with atomic_path(out / WEIGHTS) as tmp:
-        save_file(tensors, tmp, metadata={"format": "ddim-deploy", "weights": "ema", "source_run": run_dir.name})
-    for name in (CONFIG, "loss.csv", "loss.png", "train.log", "fd_by_step.json", "fd_by_step.md", "fd_by_step.png"):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, out / name)
-    # The shipped folder is exported as ddim-export would (parity gate included), and its model.onnx kept.
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        report = export_run(out, Path(tmp) / "export", ExportOptions())
-        click.echo(f"  {report.parity[0].line()}", err=True)
-        os.replace(Path(tmp) / "export" / "model.onnx", out / "model.onnx")
-    result = load(out / "model.onnx", "onnxruntime", "cpu").sample(64, steps=50, seed=0)
-    save_grid(out / "samples.png", result.images, scale=grid_scale(result.images.shape[1], 64))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a staging folder beside OUT and swapped in by one rename at the end, so a
+    # failed parity gate or an interrupt leaves the shipped folder as it was (weights, ONNX and grid together).
+    # The staged folder carries OUT's name: the export records it as the ONNX file's source.
+    holder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        stage = holder / out.name
+        stage.mkdir()
+        build(run_dir, out, stage)
+        replace_dir(stage, out)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
     for path in sorted(out.iterdir()):
         click.echo(f"  {path.name:20s} {path.stat().st_size:>10,} bytes", err=True)
+    if (out / "README.md").is_file():
+        click.echo("  README.md kept as it was: the card is written by hand, bring its figures up to date", err=True)
+
+
+def build(run_dir: Path, out: Path, stage: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v for k, v in load_weights(run_dir / WEIGHTS).items() if k.startswith("ema.")}
+    meta = {"format": "ddim-deploy", "weights": "ema", "source_run": run_dir.name}
+    save_file(tensors, stage / WEIGHTS, metadata=meta)
+    for name in (CONFIG, "loss.csv", "loss.png", "train.log", "fd_by_step.json", "fd_by_step.md", "fd_by_step.png"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, stage / name)
+    if (out / "README.md").is_file():
+        shutil.copyfile(out / "README.md", stage / "README.md")
+    # The shipped folder is exported as ddim-export would (parity gate included), and its model.onnx kept.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        report = export_run(stage, Path(tmp) / "export", ExportOptions())
+        click.echo(f"  {report.parity[0].line()}", err=True)
+        os.replace(Path(tmp) / "export" / "model.onnx", stage / "model.onnx")
+    result = load(stage / "model.onnx", "onnxruntime", "cpu").sample(64, steps=50, seed=0)
+    save_grid(stage / "samples.png", result.images, scale=grid_scale(result.images.shape[1], 64))
 
 
 if __name__ == "__main__":
