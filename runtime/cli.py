@@ -71,7 +71,7 @@ def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
               help="How the steps spread over the schedule [default: uniform; trailing for dpmpp-2m on a discrete "
                    "schedule].")
 @click.option("--solver", type=click.Choice(values(Solver)), default="ddim", show_default=True,
-              help="ddim, or dpmpp-2m (DPM-Solver++(2M): about as good in 10 steps as DDIM in far more; eta 0).")
+              help="ddim, or dpmpp-2m (DPM-Solver++(2M), eta 0: on the shipped model 10 steps score as 50 DDIM steps).")
 @click.option("--clip-x0/--no-clip-x0", default=None,
               help="Clip each step's predicted clean image to the pixel range (or the model's clip range) "
                    "[default: the model's setting, off for models trained here].")

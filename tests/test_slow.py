@@ -30,8 +30,9 @@ def test_fashion_mnist_preset_learns(tmp_path: Path):
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
 def test_shipped_model_quality_holds():
-    """The shipped model's 20-step samples stay near their measured FD-classifier (38.5 at N = 1,000;
-    a model that lost its training would score in the hundreds)."""
+    """The shipped model's 20-step samples stay near their measured FD-classifier (29.3 at N = 1,000 against
+    all 60,000 training images; 33.7 here, N = 500 against 10,000; a model that lost its training would score in
+    the hundreds, the previous shipped model scored 38.5 at N = 1,000)."""
     import numpy as np
 
     from runtime.api import load
@@ -46,4 +47,4 @@ def test_shipped_model_quality_holds():
     ref = feature_stats(ext.features(train[pick]))
     images = load(SHIPPED_MODEL / "model.onnx", "onnxruntime", "cpu").sample(500, steps=20, seed=0, batch_size=50)
     fd = frechet_distance(feature_stats(ext.features(images.images)), ref)
-    assert fd < 55, fd
+    assert fd < 38, fd
