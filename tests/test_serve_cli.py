@@ -70,8 +70,13 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200 and resp.read().startswith(b"\x89PNG")
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group, Ray's own processes too
-        assert proc.wait(90) == 0
+        try:  # the CLI bounds Serve's shutdown at 60 s, then stops Ray: allow both on a loaded machine
+            rc = proc.wait(150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"no exit 150 s after Ctrl-C; stderr: {proc.communicate()[1][-1500:]}")
         err = proc.stderr.read()
+        assert rc == 0, err[-1500:]
         assert "ddim-serve: ready at http://127.0.0.1:" in err and err.rstrip().endswith("ddim-serve: stopped")
         assert "Traceback" not in err
     finally:
