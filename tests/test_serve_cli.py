@@ -55,7 +55,10 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
     proc = subprocess.Popen(serve_cmd(str(SHIPPED_MODEL), "--port", str(port), "--max-batch", "4", "--threads", "1",
                                       "--replica-cpus", "0.5"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # as a terminal's foreground job: SIGINT at its default, even where pytest's parent
+                            # (or an earlier test) left it ignored, which the child would inherit and keep
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
