@@ -73,11 +73,12 @@ def build(run_dir: Path, out: Path, stage: Path) -> None:
             shutil.copyfile(run_dir / name, stage / name)
     if (out / "README.md").is_file():
         shutil.copyfile(out / "README.md", stage / "README.md")
-    # The shipped folder is exported as ddim-export would (parity gate included), and its model.onnx kept.
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        report = export_run(stage, Path(tmp) / "export", ExportOptions())
-        click.echo(f"  {report.parity[0].line()}", err=True)
-        os.replace(Path(tmp) / "export" / "model.onnx", stage / "model.onnx")
+    # The shipped folder is exported as ddim-export would (parity gate included) into the staging holder beside
+    # it, and its model.onnx kept.
+    export = stage.parent / "export"
+    report = export_run(stage, export, ExportOptions())
+    click.echo(f"  {report.parity[0].line()}", err=True)
+    os.replace(export / "model.onnx", stage / "model.onnx")
     result = load(stage / "model.onnx", "onnxruntime", "cpu").sample(64, steps=50, seed=0)
     save_grid(stage / "samples.png", result.images, scale=grid_scale(result.images.shape[1], 64))
 
