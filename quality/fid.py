@@ -12,6 +12,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,25 +55,17 @@ def read_input(path: Path) -> FidInput:
 def read_folder(folder: Path) -> NDArray[np.uint8]:
     from PIL import Image, UnidentifiedImageError
 
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if not files:
         raise QualityError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     out: list[NDArray[np.uint8]] = []
     for p in files:
         try:
-            with Image.open(p) as im:
-                mode = im.mode
-                if mode in _GREY:
-                    im = im.convert("L")
-                elif mode in _RGB:
-                    im = im.convert("RGB")
-                else:
-                    raise QualityError(f"{p} is a {mode} image; FID takes 8-bit grey or RGB images "
-                                       f"{'(no alpha channel)' if 'A' in mode else ''}".rstrip())
-                a = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            if isinstance(exc, QualityError):
-                raise
+            a = _read_image(p)
+        except QualityError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError, UnidentifiedImageError) as exc:
             raise QualityError(f"cannot read image {p}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         a = a[..., None] if a.ndim == 2 else a
         if out and a.shape != out[0].shape:
@@ -82,27 +75,57 @@ def read_folder(folder: Path) -> NDArray[np.uint8]:
     return check_count(np.stack(out), folder)
 
 
+def _read_image(p: Path) -> NDArray[np.uint8]:
+    """One file as (H, W) grey or (H, W, 3) RGB uint8; an alpha channel only when fully opaque."""
+    from PIL import Image
+
+    with Image.open(p) as im:
+        mode = im.mode
+        if mode in _GREY:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+        if mode in _RGB:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        if mode in ("LA", "RGBA", "PA"):
+            a = np.asarray(im.convert("LA" if mode == "LA" else "RGBA"), dtype=np.uint8)
+            if (a[..., -1] == 255).all():  # opaque: the alpha channel says nothing
+                return a[..., 0] if mode == "LA" else a[..., :3]
+            raise QualityError(f"{p} has transparent pixels; FID takes opaque grey or RGB images")
+        raise QualityError(f"{p} is a {mode} image; FID takes 8-bit grey or RGB images")
+
+
 def _shape(a: NDArray[np.uint8]) -> str:
     return f"{a.shape[0]}x{a.shape[1]} {'grey' if a.shape[2] == 1 else 'RGB'}"
 
 
 def read_npz(path: Path) -> FidInput:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):  # np.load reads a plain .npy array whatever the file's name
+            raise QualityError(f"{path} is a single .npy array, not an .npz file with 'images' or 'mu'/'sigma'")
+        with loaded as z:
             keys = set(z.files)
             if "images" in keys:
                 return FidInput(path, images=check_count(_npz_images(z["images"], path), path))
             if {"mu", "sigma"} <= keys:
-                extractor = str(z["extractor"]) if "extractor" in keys else None
-                n = int(z["n"]) if "n" in keys else 0
+                extractor = _scalar(z, "extractor", str, path) if "extractor" in keys else None
+                n = _scalar(z, "n", int, path) if "n" in keys else 0
                 return FidInput(path, stats=_npz_stats(z["mu"], z["sigma"], n, path), extractor=extractor)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        if isinstance(exc, QualityError):
-            raise
+    except QualityError:
+        raise
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as exc:
         raise QualityError(f"cannot read {path} as an .npz file: {str(exc).splitlines()[0] if str(exc) else exc}") \
             from None
     raise QualityError(f"{path} holds neither 'images' (N, H, W, C) uint8 nor statistics 'mu' and 'sigma' "
                        f"(it has: {', '.join(sorted(keys)) or 'nothing'})")
+
+
+def _scalar(z: Any, key: str, kind: type, path: Path) -> Any:
+    a = z[key]
+    ok = a.ndim == 0 and (a.dtype.kind in "US" if kind is str else a.dtype.kind in "iu")
+    if not ok:
+        raise QualityError(f"{path}: '{key}' must be a single {'string' if kind is str else 'integer'}, got "
+                           f"{a.dtype} {a.shape}")
+    return kind(a)
 
 
 def _npz_images(a: NDArray, path: Path) -> NDArray[np.uint8]:
@@ -146,11 +169,15 @@ def check_stats(inp: FidInput, dim: int, identity: str | None) -> Stats:
     return inp.stats
 
 
+def check_npz_name(path: Path) -> None:
+    if path.suffix.lower() != ".npz":
+        raise QualityError(f"--save-stats {path}: statistics are written as an .npz file")
+
+
 def save_stats(path: Path, stats: Stats, identity: str) -> None:
     """``mu``, ``sigma`` (float64; pytorch-fid reads these), ``n`` and ``extractor``, written atomically."""
     from runtime.files import atomic_path
 
-    if path.suffix.lower() != ".npz":
-        raise QualityError(f"--save-stats {path}: statistics are written as an .npz file")
+    check_npz_name(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), extractor=np.str_(identity))

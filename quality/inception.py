@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from quality.errors import QualityError
 from quality.features import FeatureExtractor
 from runtime.extras import install_hint
-from runtime.files import atomic_write_bytes, cache_dir, read_regular, sha256_file
+from runtime.files import atomic_write_bytes, read_regular, sha256_file
 from runtime.hostinfo import check_threads
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,16 @@ ONNX_TOLERANCE = 1e-4  # largest |ONNX Runtime - TorchScript| feature difference
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, once per process
 
 
+RESIZE_OPTIONS: tuple[str, ...] = get_args(Resize)
+
+
 def resize_options() -> tuple[str, ...]:
-    return get_args(Resize)
+    return RESIZE_OPTIONS
+
+
+def identity_of(resize: str) -> str:
+    """What features depend on: the (pinned) weights and the resize filter; statistics files carry it."""
+    return f"inception-{WEIGHTS_SHA256[:16]}-{resize}"
 
 
 def find_weights() -> Path:
@@ -80,11 +88,11 @@ def verify_weights(path: Path) -> str:
         return _verified[key]
     if not path.is_file():
         raise QualityError(f"Inception weights {path} are not a file")
-    digest = sha256_file(path) if st.st_size == WEIGHTS_SIZE else ""
+    digest = sha256_file(path) if st.st_size == WEIGHTS_SIZE else ""  # a wrong size needs no hashing
     if digest != WEIGHTS_SHA256:
-        raise QualityError(f"{path} is not {PACKAGE} 0.1.3's {WEIGHTS_NAME} ({st.st_size} bytes, sha256 "
-                           f"{(digest or sha256_file(path))[:16]}..., expected {WEIGHTS_SIZE} bytes, "
-                           f"{WEIGHTS_SHA256[:16]}...); reinstall: {install_hint('fid')}")
+        got = f"sha256 {digest[:16]}..." if digest else f"{st.st_size} bytes"
+        raise QualityError(f"{path} is not {PACKAGE} 0.1.3's {WEIGHTS_NAME} ({got}; expected {WEIGHTS_SIZE} bytes, "
+                           f"sha256 {WEIGHTS_SHA256[:16]}...); reinstall: {install_hint('fid')}")
     _verified[key] = digest
     return digest
 
@@ -153,6 +161,7 @@ class InceptionFeatures(FeatureExtractor):
     """The standard FID's InceptionV3 pool3 features (see the module docstring)."""
 
     name, score_name = "inception", "FID"
+    num_features = FEATURES
 
     def __init__(self, weights: Path | None = None, device: str = "cpu", threads: int | None = None,
                  resize: Resize = "tf-bilinear", engine: Engine = "auto", batch_size: int = 50,
@@ -169,7 +178,7 @@ class InceptionFeatures(FeatureExtractor):
         self.weights_sha256 = verify_weights(self.weights_path)
         self.resize, self.device, self.batch_size, self.progress = resize, device, batch_size, progress
         self.threads = check_threads(threads)
-        self.identity = f"inception-{self.weights_sha256[:16]}-{resize}"  # what a feature statistic depends on
+        self.identity = identity_of(resize)  # verify_weights made sure the weights are the pinned ones
         self.engine = self._open(engine)
 
     def _open(self, engine: Engine) -> str:
@@ -214,8 +223,22 @@ class InceptionFeatures(FeatureExtractor):
             return self._session.run(None, {"images": x})[0]
         import torch
 
-        with torch.no_grad():
+        # float32 means float32 on CUDA too: no TF32 convolutions or matmuls (the features are cached and
+        # compared with the CPU's).
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _no_tf32_matmul():
             return self._script(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+
+@contextlib.contextmanager
+def _no_tf32_matmul() -> Iterator[None]:
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -237,14 +260,22 @@ def _ort_session(script: Any, weights_sha256: str, threads: int) -> Any:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.log_severity_level = 3
-    folder = cache_dir() / "fid"
-    name = f"inception-{weights_sha256[:16]}-torch{torch.__version__.split('+')[0]}-opset18.onnx"
-    data = _cached_onnx(folder / name)
+    from quality import statscache
+
+    name = (f"inception-{weights_sha256[:16]}-torch{torch.__version__.split('+')[0]}-ort{ort.__version__}"
+            f"-opset18.onnx")
+    try:
+        path: Path | None = statscache.folder() / name if statscache.enabled() else None
+    except (OSError, RuntimeError) as exc:  # no home folder to put the cache in
+        warn_cache_off(Path("~/.cache"), OSError(str(exc)))
+        path = None
+    data = _cached_onnx(path) if path is not None else None
     if data is None:
         data = _export_onnx(script)
         session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         _gate(script, session)  # before it is cached or used
-        _store(folder / name, data)
+        if path is not None:
+            _store(path, data)
         return session
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
@@ -280,7 +311,7 @@ def _cached_onnx(path: Path) -> bytes | None:
     try:
         meta = json.loads(read_regular(record, 64 * 1024))
         data = read_regular(path, int(meta["size"]))
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     import hashlib
 

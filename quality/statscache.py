@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ENTRY = re.compile(r"^(features-[0-9a-f]{32}\.npy|inception-[\w.+-]+\.(onnx|json))$")
+TMP = re.compile(r"^\.(features-[0-9a-f]{32}\.npy|inception-[\w.+-]+\.(onnx|json))\.\w+\.tmp$")
+STALE_TMP_SECONDS = 3600.0  # no write takes an hour: older temp files are a killed writer's
 OFF_VALUES = ("0", "off", "false", "no")
 
 
@@ -54,8 +56,14 @@ def cached_features(ext: "FeatureExtractor", images: NDArray[np.uint8], use_cach
     identity = getattr(ext, "identity", None)
     if not (use_cache and enabled() and identity):
         return ext.features(images)
-    path = folder() / f"features-{images_key(images, identity)}.npy"
-    hit = _load(path, len(images))
+    try:
+        path = folder() / f"features-{images_key(images, identity)}.npy"
+    except RuntimeError as exc:  # no home folder to put the cache in
+        from quality.inception import warn_cache_off
+
+        warn_cache_off(Path("~/.cache"), OSError(str(exc)))
+        return ext.features(images)
+    hit = _load(path, len(images), getattr(ext, "num_features", None))
     if hit is not None:
         log.info("features of %d images from the cache (%s)", len(images), path)
         return hit
@@ -71,13 +79,21 @@ def cached_stats(ext: "FeatureExtractor", images: NDArray[np.uint8], use_cache: 
     return feature_stats(cached_features(ext, images, use_cache))
 
 
-def _load(path: Path, n: int) -> NDArray[np.float64] | None:
-    if not path.is_file():
+def _load(path: Path, n: int, dim: int | None) -> NDArray[np.float64] | None:
+    try:
+        if not path.is_file():
+            return None
+    except OSError as exc:  # a folder we may not search: the same as one we cannot write
+        from quality.inception import warn_cache_off
+
+        warn_cache_off(path.parent, exc)
         return None
     try:
         feats = np.load(path, allow_pickle=False)
-        if feats.dtype != np.float32 or feats.ndim != 2 or len(feats) != n or not np.isfinite(feats).all():
-            raise ValueError(f"{feats.dtype} {feats.shape}, expected float32 ({n}, D)")
+        if (not isinstance(feats, np.ndarray) or feats.dtype != np.float32 or feats.ndim != 2 or len(feats) != n
+                or (dim is not None and feats.shape[1] != dim) or not np.isfinite(feats).all()):
+            raise ValueError(f"{getattr(feats, 'dtype', type(feats))} {getattr(feats, 'shape', '')}, expected "
+                             f"float32 ({n}, {dim or 'D'})")
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file: any reason means "compute again"
         log.warning("dropped cached features %s (%s); computing them again", path, str(exc).splitlines()[0])
         with contextlib.suppress(OSError):
@@ -109,11 +125,15 @@ def max_bytes() -> int:
 def trim(where: Path, keep: Path, limit: int | None = None) -> None:
     """Delete this cache's least recently used files until they total at most ``limit`` bytes; ``keep``
     (and the record beside it) stays whatever its size. Files that are not this cache's are never touched."""
+    import time
+
     limit = max_bytes() if limit is None else limit
     files = []
     for p in where.iterdir():
         with contextlib.suppress(OSError):
-            if ENTRY.match(p.name) and p.is_file() and not p.is_symlink():
+            if TMP.match(p.name) and p.is_file() and time.time() - p.stat().st_mtime > STALE_TMP_SECONDS:
+                p.unlink()
+            elif ENTRY.match(p.name) and p.is_file() and not p.is_symlink():
                 files.append((p.stat().st_mtime, p.stat().st_size, p))
     total = sum(size for _, size, _ in files)
     protected = {keep, keep.with_suffix(".json")}

@@ -120,7 +120,8 @@ def test_fid_is_the_default_score_with_fd_classifier_beside_it(tmp_path, fashion
 
     monkeypatch.setenv("DDIM_DEPLOY_CACHE", str(tmp_path / "cache"))
     calls = []
-    monkeypatch.setattr(bf, "frechet_distance", lambda a, b: calls.append(len(a.mu)) or float(np.abs(a.mu - b.mu).sum()))
+    monkeypatch.setattr(bf, "frechet_distance",
+                        lambda a, b: calls.append(len(a.mu)) or float(np.abs(a.mu - b.mu).sum()))
     run = tmp_path / "run"
     fit(tiny_config(steps=2), run, fashion_dir, progress=False)
     split = {s: load_fashion_mnist(fashion_dir, s) for s in ("train", "test")}
@@ -145,7 +146,19 @@ def test_fid_is_the_default_score_with_fd_classifier_beside_it(tmp_path, fashion
     assert "classifier_fd_vs_eager" in ort and "fd_vs_eager" not in ort  # FID vs eager only with --fid-vs-eager
     assert 2048 in calls and 128 in calls
     md = report.with_suffix(".md").read_text()
-    assert "| FD-classifier vs data | FD-classifier vs eager |" in md and "| FID | onnxruntime cpu fp32 | ddim | 2 | 4 |" in md
+    assert "| FD-classifier vs data | FD-classifier vs eager |" in md
+    assert "| FID | onnxruntime cpu fp32 | ddim | 2 | 4 |" in md
+
+
+def test_inception_speed_quick_writes_its_report(tmp_path):
+    proc = script("inception_speed.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = tmp_path.glob("inception-speed-*.json")
+    data = json.loads(report.read_text())
+    assert [r["engine"] for r in data["results"]] == ["onnxruntime", "torchscript"]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 8 for r in data["results"])
+    assert data["environment"]["matmul_peak_gflop_s"] > 0
+    assert "| torchscript | 8 |" in report.with_suffix(".md").read_text()
 
 
 def test_fid_bad_model_is_one_line_error(tmp_path):

@@ -205,6 +205,17 @@ def test_statistics_files_are_written_and_read_on_either_side(tmp_path, cache, f
               "already holds statistics; --save-stats takes images", code=2)
 
 
+def test_opaque_alpha_and_palette_images_are_read_as_rgb(tmp_path):
+    from quality.fid import read_folder
+
+    rgb = blobs(2, 5, channels=3)
+    for i, im in enumerate(rgb):
+        Image.fromarray(np.dstack([im, np.full(im.shape[:2], 255, np.uint8)])).save(tmp_path / f"{i}.png")
+    Image.fromarray(rgb[0]).convert("P").save(tmp_path / "2.png")
+    got = read_folder(tmp_path)
+    assert got.shape == (3, 28, 28, 3) and np.array_equal(got[:2], rgb)
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, cache, fast_fd):
     good = tmp_path / "good.npz"
     np.savez(good, images=blobs(3, 0))
@@ -223,18 +234,24 @@ def test_bad_inputs_are_one_line_errors(tmp_path, cache, fast_fd):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 not really")
     (tmp_path / "pic.txt").write_text("x")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    np.savez(tmp_path / "bad-n.npz", mu=np.zeros(2048), sigma=np.eye(2048), n=np.arange(3))
     cases = [
         ((str(tmp_path / "empty"), str(good)), r"empty holds no images \(\.bmp"),
         ((str(mixed_size), str(good)), r"images in .*sizes differ: 000\.png is 28x28 grey, z\.png is 30x28 grey"),
         ((str(mixed_ch), str(good)), r"000\.png is 28x28 grey, z\.png is 28x28 RGB"),
-        ((str(alpha), str(good)), r"is a RGBA image; FID takes 8-bit grey or RGB images \(no alpha channel\)"),
+        ((str(alpha), str(good)), r"0\.png has transparent pixels; FID takes opaque grey or RGB images"),
         ((str(tmp_path / "float.npz"), str(good)), r"'images' are float32; FID takes uint8 images"),
         ((str(tmp_path / "one.npz"), str(good)), r"holds 1 image; statistics need at least 2"),
-        ((str(tmp_path / "small-stats.npz"), str(good)), r"statistics of 64 features; the Inception features have 2048"),
+        ((str(tmp_path / "small-stats.npz"), str(good)),
+         r"statistics of 64 features; the Inception features have 2048"),
         ((str(tmp_path / "other.npz"), str(good)), r"holds neither 'images' .* \(it has: x\)"),
         ((str(tmp_path / "torn.npz"), str(good)), r"cannot read .*torn\.npz as an \.npz file"),
         ((str(tmp_path / "missing"), str(good)), r"missing does not exist"),
         ((str(tmp_path / "pic.txt"), str(good)), r"is neither an image folder nor an \.npz file"),
+        ((str(tmp_path / "array.npz"), str(good)), r"is a single \.npy array, not an \.npz file"),
+        ((str(tmp_path / "bad-n.npz"), str(good)), r"'n' must be a single integer, got int64 \(3,\)"),
     ]
     for args, pattern in cases:
         one_error(fid_cmd(*args), pattern)
