@@ -1,7 +1,7 @@
 """Images/s of the standard FID's InceptionV3 on each engine, against the machine's matmul peak.
 
     python benchmarks/inception_speed.py                  # ONNX Runtime vs TorchScript, batch 50, 2 timed batches
-    python benchmarks/inception_speed.py --quick          # batch 8, 1 timed batch
+    python benchmarks/inception_speed.py --quick          # smoke test: batch 2, 1 timed batch
 
 The network costs 5.71 G multiply-adds (11.4 GFLOP) an image at 299x299 (its convolutions, counted from the ONNX
 graph); the preprocessing (resize, scaling) is timed with it, as ``python -m quality fid`` runs it. Engines run in
@@ -83,7 +83,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="[default: one per physical core]")
-@click.option("--quick", is_flag=True, help="Batch 8, one timed batch.")
+@click.option("--quick", is_flag=True, help="Smoke test: batch 2, one timed batch.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
 def main(batch: int, repeats: int, threads: int | None, quick: bool, out: Path) -> None:
@@ -92,7 +92,7 @@ def main(batch: int, repeats: int, threads: int | None, quick: bool, out: Path) 
 
     threads = check_threads(threads)
     if quick:
-        batch, repeats = 8, 1
+        batch, repeats = 2, 1
     env = {"cpu": cpu_name(), "threads": threads, "matmul_peak_gflop_s": matmul_peak(threads)}
     rows = []
     for engine in ("onnxruntime", "torchscript"):

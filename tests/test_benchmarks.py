@@ -156,9 +156,9 @@ def test_inception_speed_quick_writes_its_report(tmp_path):
     (report,) = tmp_path.glob("inception-speed-*.json")
     data = json.loads(report.read_text())
     assert [r["engine"] for r in data["results"]] == ["onnxruntime", "torchscript"]
-    assert all(r["images_per_s"] > 0 and r["batch"] == 8 for r in data["results"])
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in data["results"])
     assert data["environment"]["matmul_peak_gflop_s"] > 0
-    assert "| torchscript | 8 |" in report.with_suffix(".md").read_text()
+    assert "| torchscript | 2 |" in report.with_suffix(".md").read_text()
 
 
 def test_fid_bad_model_is_one_line_error(tmp_path):

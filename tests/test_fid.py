@@ -156,7 +156,7 @@ def test_preprocess_range_grey_to_rgb_and_bicubic():
 
 
 def test_features_equal_a_direct_use_of_the_torchscript(cache):
-    grey, rgb = blobs(4, 1), blobs(3, 2, size=40, channels=3)
+    grey, rgb = blobs(2, 1), blobs(2, 2, size=40, channels=3)
     ext = qi.InceptionFeatures()
     assert ext.engine == "onnxruntime" and (cache / "").is_dir()
     for images in (grey, rgb):
