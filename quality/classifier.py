@@ -29,9 +29,9 @@ from numpy.typing import NDArray
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from quality.errors import QualityError
+from runtime.common.progress import progress_bar
 from runtime.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped, replace_dir
 from runtime.shipped import SHIPPED_CLASSIFIER
 from trainer.errors import CheckpointError
@@ -131,7 +131,7 @@ def train_classifier(train: tuple[NDArray[np.uint8], NDArray[np.integer]],
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="classifier", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=steps, desc="classifier", disable=not progress, dynamic_ncols=True)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(x_all), generator=gen)

@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from quality.errors import QualityError
 from quality.features import FeatureExtractor
+from runtime.common.progress import progress_bar
 from runtime.extras import install_hint
 from runtime.files import atomic_write_bytes, read_regular, sha256_file
 from runtime.hostinfo import check_threads
@@ -243,9 +244,7 @@ def _no_tf32_matmul() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _bar(total: int, enabled: bool) -> Iterator[Any]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="inception", unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=total, desc="inception", unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
     try:
         yield bar
     finally:

@@ -10,7 +10,7 @@ machine without them. The module calls TensorRT only through a handful of C entr
 this script compiles stand-in libraries that export those names (each returns NULL), loads the real
 module against them, and records what the module itself declares: every class with its methods
 (pybind11 signatures), properties (read-only or writable) and class attributes, every enum with its
-values, and the module's functions and values. ``tests/tensorrt_double.py`` builds a strict fake
+values, and the module's functions and values. ``tests/doubles/tensorrt.py`` builds a strict fake
 ``tensorrt`` from that JSON, so a name a version lacks fails CPU tests just as it fails on a GPU.
 
 Needs gcc, readelf and network access to the package index (or local ``.whl`` files).

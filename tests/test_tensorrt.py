@@ -1,5 +1,5 @@
 """The TensorRT build, the engine runner and the TensorRT backend, on CPU, through a strict double of the
-real TensorRT 10.x and 11.x Python APIs (tests/tensorrt_double.py) and a CuPy double (tests/cupy_double.py).
+real TensorRT 10.x and 11.x Python APIs (tests/doubles/tensorrt.py) and a CuPy double (tests/doubles/cupy.py).
 
 A name that a TensorRT version lacks, a wrong argument name or type, or a read-only property that is
 set fails here just as it fails on a GPU. The ``-m gpu`` tests in test_export.py / test_runtime.py run
@@ -19,8 +19,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import cupy_double
 from conftest import tiny_config
+from doubles import cupy as cupy_double
+from doubles.tensorrt import VERSIONS, TensorRTDouble
 from export.io_spec import BatchProfile
 from export.parity import gate_inputs
 from export.pipeline import ExportOptions, export_run
@@ -29,7 +30,6 @@ from runtime.api import load
 from runtime.backends import BackendError
 from runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 from runtime.config import ModelSpec
-from tensorrt_double import VERSIONS, TensorRTDouble
 from test_export import _fashion, randomise_weights
 from trainer.train import fit
 

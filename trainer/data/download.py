@@ -9,8 +9,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
+from runtime.common.progress import progress_bar
 from runtime.files import atomic_path
 from trainer.errors import DownloadError
 
@@ -64,7 +64,7 @@ def _download(url: str, dest: Path, remote: RemoteFile, progress: bool) -> None:
     digest, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     with urllib.request.urlopen(url, timeout=60) as response, atomic_path(dest) as tmp:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with open(tmp, "wb") as out, tqdm(
+        with open(tmp, "wb") as out, progress_bar(
             total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
         ) as bar:
             while chunk := response.read(CHUNK):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
+from runtime.common.progress import progress_bar
 from trainer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def load_folder(files: list[Path], size: int, channels: int, progress: bool = Tr
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
         results = pool.map(lambda p: load_image(p, size, channels), files)
-        for i, arr in enumerate(tqdm(results, total=len(files), desc="loading images", unit="img",
-                                     disable=not progress, leave=False)):
+        for i, arr in enumerate(progress_bar(results, total=len(files), desc="loading images", unit="img",
+                                             disable=not progress, leave=False)):
             out[i] = arr
     return out

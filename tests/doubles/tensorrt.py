@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-import cupy_double
+from doubles import cupy as cupy_double
 
-SURFACES = Path(__file__).resolve().parent / "tensorrt_api"
+SURFACES = Path(__file__).resolve().parents[1] / "tensorrt_api"
 VERSIONS = tuple(sorted(p.stem.removeprefix("tensorrt-") for p in SURFACES.glob("tensorrt-*.json")))
 PLAN_MAGIC = b"ddim-deploy fake plan\n"
 STRICT_CLASSES = {"Builder", "Runtime", "OnnxParser", "Logger"}  # besides the I* interfaces

@@ -1,0 +1,1 @@
+"""Helpers shared by the toolkit's commands (files, command lines, outputs, host facts)."""

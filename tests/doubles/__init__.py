@@ -1,0 +1,1 @@
+"""Test doubles of optional GPU libraries (TensorRT, CuPy) that run on CPU."""
