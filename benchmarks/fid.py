@@ -52,6 +52,7 @@ from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
 from runtime.extras import install_hint  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
+from runtime.settings import SamplingSettings  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.config import RunConfig, Split  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
@@ -128,14 +129,14 @@ class Scorer:
 class Sweep:
     """What is sampled: (solver, steps) pairs, N images per pair from one seed, in batches."""
 
-    pairs: tuple[tuple[str, int], ...]
+    pairs: tuple[tuple[Solver, int], ...]
     n: int
     batch_size: int
     seed: int
     grid_steps: int
 
 
-def default_pairs(solvers: tuple[str, ...], steps: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+def default_pairs(solvers: tuple[Solver, ...], steps: tuple[int, ...]) -> tuple[tuple[Solver, int], ...]:
     """Every (solver, steps) given; by default DDIM at 10, 20, 50 and DPM-Solver++(2M) at 10, 20."""
     if not solvers and not steps:
         return (("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp-2m", 10), ("dpmpp-2m", 20))
@@ -179,9 +180,22 @@ def score_row(scorers: list[Scorer], images: NDArray[np.uint8], eager: dict[str,
     return {**row, "_feats": {**feats, "images": images}}
 
 
-def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[str, ...], sweep: Sweep,
-        scorers: list[Scorer], ref_split: Split, data_path: Path | None, device: str,
-        classifier: Path | None = None) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
+@dataclass(frozen=True)
+class Subject:
+    """What is scored: a model (run directory), its export (made here when None) and the backends to run."""
+
+    model_dir: Path
+    spec: ModelSpec
+    export_dir: Path | None
+    names: tuple[str, ...]
+    device: str
+    data_path: Path | None = None
+    classifier: Path | None = None
+
+
+def run(subject: Subject, sweep: Sweep, scorers: list[Scorer],
+        ref_split: Split) -> tuple[list[dict[str, Any]], dict[int, dict[str, NDArray[np.uint8]]]]:
+    model_dir, spec, names, data_path = subject.model_dir, subject.spec, subject.names, subject.data_path
     held_out = reference_images(spec, "train" if ref_split == "val" else "val", data_path)
     pick = np.random.default_rng(sweep.seed).choice(len(held_out), min(sweep.n, len(held_out)), replace=False)
     base = {"model": str(model_dir), "extractor": scorers[0].ext.score_name,
@@ -195,15 +209,15 @@ def run(model_dir: Path, spec: ModelSpec, export_dir: Path | None, names: tuple[
                f"other split vs {base['reference_n']} reference images)", err=True)
     grids: dict[int, dict[str, NDArray[np.uint8]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export_dir = export_dir or make_export(model_dir, Path(tmp), names, data_path, classifier)
-        samplers = open_backends(names, model_dir, export_dir, device)
+        export_dir = subject.export_dir or make_export(model_dir, Path(tmp), names, data_path, subject.classifier)
+        samplers = open_backends(names, model_dir, export_dir, subject.device)
         solvers = {s for s, _ in sweep.pairs}
         for solver, steps in sweep.pairs:
             eager: dict[str, NDArray] | None = None
             eager_score: float | None = None
             for label, sampler in samplers.items():
-                result = sampler.sample(sweep.n, steps=steps, seed=sweep.seed, batch_size=sweep.batch_size,
-                                        solver=solver)
+                result = sampler.sample(sweep.n, SamplingSettings(steps, solver=solver), seed=sweep.seed,
+                                        batch_size=sweep.batch_size)
                 row = score_row(scorers, result.images, eager)
                 feats = row.pop("_feats")
                 if label == EAGER:
@@ -413,7 +427,8 @@ def main(model_dir: Path | None, export_dir: Path | None, backends: tuple[str, .
     scorers, _ = make_scorers(extractors, spec, split, data_path, reference_size, seed,
                               {"inception_weights": inception_weights, "classifier": classifier, "device": device,
                                "resize": resize, "fid_vs_eager": fid_vs_eager})
-    rows, grids = run(model_dir, spec, export_dir, names, sweep, scorers, split, data_path, device, classifier)
+    subject = Subject(model_dir, spec, export_dir, names, device, data_path, classifier)
+    rows, grids = run(subject, sweep, scorers, split)
     env = {**environment(device), "resize": resize}
     _, stem = write_report("fid", out, env, rows, ("model", "extractor", "backend", "solver", "steps", "n"), markdown,
                            plot)

@@ -45,6 +45,7 @@ from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
 from runtime.hostinfo import check_threads, physical_cores  # noqa: E402
 from runtime.schedule import build_schedule, noise_variance  # noqa: E402
+from runtime.settings import SamplingSettings  # noqa: E402
 from runtime.shipped import SHIPPED_MODEL  # noqa: E402
 from runtime.metadata import spec_to_metadata  # noqa: E402
 from trainer.rundir import load_model  # noqa: E402
@@ -244,12 +245,29 @@ def forward_inputs(spec: ModelSpec, batch: int, rng: np.random.Generator) -> tup
     return x, inputs[input_names_of(m)[1]]
 
 
-def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[int], steps: int, warmup: int,
-                repeats: int, compile_: bool, peak: float, int8: bool, threads: int | None = None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Bench:
+    """How each model is timed: forward batches, sampling batches and settings, repeats, which engines."""
+
+    device: str
+    batches: tuple[int, ...]
+    sample_batches: tuple[int, ...]
+    settings: SamplingSettings
+    warmup: int
+    repeats: int
+    compile_: bool
+    int8: bool
+    threads: int | None = None
+
+
+def bench_model(m: Model, bench: Bench, peak: float) -> list[dict[str, Any]]:
+    device, warmup, repeats, threads = bench.device, bench.warmup, bench.repeats, bench.threads
+    steps = bench.settings.steps
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runners = forward_runners(m, ort_export(m, Path(tmp), int8, fp16=device == "cuda"), device, compile_, threads)
-        for batch in batches:
+        runners = forward_runners(m, ort_export(m, Path(tmp), bench.int8, fp16=device == "cuda"), device,
+                                  bench.compile_, threads)
+        for batch in bench.batches:
             x, v = forward_inputs(m.spec, batch, np.random.default_rng(0))
             for name, (forward, sampler) in runners.items():
                 if "static-8" in name and batch != 8:
@@ -262,10 +280,11 @@ def bench_model(m: Model, device: str, batches: list[int], sample_batches: list[
                 rows.append(row)
                 click.echo(f"  {m.name:14s} {name:30s} forward  batch {batch:3d}: {stats['median_s'] * 1e3:9.2f} ms",
                            err=True)
-                if sampler is None or batch not in sample_batches:
+                if sampler is None or batch not in bench.sample_batches:
                     continue
                 result: list[Any] = []
-                st = timed(lambda: result.append(sampler.sample(batch, steps, seed=0, batch_size=batch)),  # noqa: B023
+                st = timed(lambda: result.append(sampler.sample(batch, bench.settings, seed=0,  # noqa: B023
+                                                                batch_size=batch)),  # noqa: B023
                            device, 1, max(1, repeats // 5))
                 rows.append({"model": m.name, "backend": name, "kind": f"sample {steps} steps", "batch": batch, **st,
                              "images_per_s": batch / st["median_s"],
@@ -359,11 +378,11 @@ def main(models: tuple[str, ...], batches: tuple[int, ...], sample_batches: tupl
     peak = matmul_peak(device)
     click.echo(f"latency: {', '.join(models)} on {device}, {threads} threads (matmul peak {peak:.0f} GFLOP/s)",
                err=True)
+    bench = Bench(device, tuple(batches or (1, 8, 32, 64)), tuple(sample_batches or (1, 8)),
+                  SamplingSettings(steps), warmup, repeats, compile_, int8, threads)
     rows = []
     for name in models:
-        m = load_subject(name)
-        rows += bench_model(m, device, list(batches or (1, 8, 32, 64)), list(sample_batches or (1, 8)), steps,
-                            warmup, repeats, compile_, peak, int8, threads)
+        rows += bench_model(load_subject(name), bench, peak)
     env = environment(device, peak)
     _, stem = write_report("latency", out, env, rows, ("model", "backend", "kind", "batch"), markdown, plot)
     click.echo(f"wrote {stem}.json, .md and .png")

@@ -125,10 +125,11 @@ def sampler_pairs(fp32_model: Path, spec: ModelSpec, n: int, steps: int, seed: i
     """(x_t, variance, step) the float32 model sees along DDIM trajectories: ``n`` pairs from the whole run."""
     from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
+    from runtime.settings import SamplingSettings
 
     backend = OrtBackend(fp32_model, "cpu")
     sampler = Sampler(backend)
-    by_cond = {s.cond: s for s in sampler.plan(steps)}  # the plan's steps, by what the network is given
+    by_cond = {s.cond: s for s in sampler.plan(SamplingSettings(steps))}  # the plan's steps, by what the network is given
     seen: list[tuple[NDArray[np.float32], float]] = []
     inner = backend.denoise
 
@@ -293,15 +294,15 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec,
     ``progress``: a progress bar on stderr over the sampling steps of both files (a minute or more at the
     default 256 images).
     """
-    from tqdm import tqdm
-
     from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
+    from runtime.common.progress import progress_bar
     from quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats
 
     batches = -(-opts.images // GATE_BATCH)
     samples = []
-    with tqdm(total=2 * batches * opts.steps, desc="INT8 quality gate", unit="step", disable=not progress) as bar:
+    with progress_bar(total=2 * batches * opts.steps, desc="INT8 quality gate", unit="step",
+                      disable=not progress) as bar:
         for label, path in (("float32", fp32_model), ("int8", int8_model)):
             bar.set_postfix_str(label)
             samples.append(Sampler(OrtBackend(path, "cpu")).sample(opts.images, steps=opts.steps, seed=0,

@@ -19,6 +19,7 @@ import json
 import logging
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,8 +91,8 @@ def build_engine(onnx_path: Path, plan_path: Path, spec: ModelSpec, profile: Bat
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cache_file, bytes(cache.serialize()))
     precision = graph_precision(onnx.load(str(onnx_path), load_external_data=False))
-    return manifest(spec, profile, onnx_path, trt.__version__, gpu, capability, seconds, optimization_level,
-                    precision)
+    return manifest(spec, profile, onnx_path,
+                    EngineBuild(trt.__version__, gpu, capability, seconds, optimization_level, precision))
 
 
 def attach_timing_cache(config: Any, path: Path, trt_version: str) -> None:
@@ -108,22 +109,33 @@ def attach_timing_cache(config: Any, path: Path, trt_version: str) -> None:
         log.warning("TensorRT refused an empty timing cache; building without one")
 
 
-def manifest(spec: ModelSpec, profile: BatchProfile, onnx_path: Path, trt_version: str, gpu: str,
-             capability: str, build_seconds: float, optimization_level: int, precision: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EngineBuild:
+    """Where and how an engine was built: what its manifest records beside the model and profile."""
+
+    tensorrt_version: str
+    gpu: str
+    compute_capability: str
+    seconds: float
+    optimization_level: int
+    precision: str
+
+
+def manifest(spec: ModelSpec, profile: BatchProfile, onnx_path: Path, build: EngineBuild) -> dict[str, Any]:
     """The engine's manifest: everything the runtime must match before loading ``model.plan``."""
     return {
         "schema_version": MANIFEST_SCHEMA,
-        "tensorrt_version": trt_version,
-        "gpu": gpu,
-        "compute_capability": capability,
-        "precision": precision,
+        "tensorrt_version": build.tensorrt_version,
+        "gpu": build.gpu,
+        "compute_capability": build.compute_capability,
+        "precision": build.precision,
         "strongly_typed": True,
         "profile": {"min_batch": profile.min, "opt_batch": profile.opt, "max_batch": profile.max,
                     "static": profile.is_static, "shapes": input_profile(spec.model, profile)},
         "onnx_file": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
-        "build_seconds": round(build_seconds, 2),
-        "builder_optimization_level": optimization_level,
+        "build_seconds": round(build.seconds, 2),
+        "builder_optimization_level": build.optimization_level,
         "config": spec.to_dict(),
     }
 

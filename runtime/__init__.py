@@ -19,6 +19,7 @@ from runtime.config import (  # noqa: E402 (the version first: modules below may
 from runtime.api import SampleResult, Sampler, load  # noqa: E402
 from runtime.sampler import NonFiniteError, SamplerHooks, SamplingPlan, ddim_sample  # noqa: E402
 from runtime.schedule import build_schedule, ddim_step, select_steps  # noqa: E402
+from runtime.settings import SamplingSettings, SettingsError  # noqa: E402
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -31,7 +32,9 @@ __all__ = [
     "Sampler",
     "SamplerHooks",
     "SamplingPlan",
+    "SamplingSettings",
     "ScheduleConfig",
+    "SettingsError",
     "__version__",
     "build_schedule",
     "ddim_sample",

@@ -3,11 +3,14 @@
     from runtime.api import load
     sampler = load("exports/fm")                       # backend picked as ddim-run does
     result = sampler.sample(16, steps=50, seed=0)       # result.images: (16, H, W, C) uint8
+    settings = SamplingSettings(steps=10, solver="dpmpp-2m")   # runtime.settings: the same, as one value
+    result = sampler.sample(16, settings, seed=0)
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +20,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from runtime.backends import Backend, BackendName, Device, RunPrecision, open_backend
-from runtime.choices import Solver
 from runtime.images import to_uint8
 from runtime.noise import ImageNoise
 from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample, default_spacing
-from runtime.schedule import Spacing, build_schedule
+from runtime.schedule import build_schedule
+from runtime.settings import SamplingSettings
 
 
 @dataclass
@@ -35,6 +38,7 @@ class SampleResult:
     steps: int = 0
     calls: int = 0  # denoise calls (steps x batches)
     timings: dict[str, float] = field(default_factory=dict)
+    settings: SamplingSettings | None = None  # as used: spacing and clipping resolved for the model
 
     @property
     def overhead_fraction(self) -> float:
@@ -50,30 +54,33 @@ class Sampler:
         self.why = why
         self.spec = backend.spec
         self.schedule = build_schedule(self.spec.schedule)
+        self._plans: dict[SamplingSettings, SamplingPlan] = {}
+        self._plans_lock = threading.Lock()
 
-    def sample(self, num_images: int, steps: int = 50, seed: int = 0, eta: float = 0.0,
-               spacing: Spacing | None = None, clip_x0: bool | None = None, batch_size: int = 16,
-               on_step: Callable[[int], None] | None = None, solver: Solver = "ddim") -> SampleResult:
+    def sample(self, num_images: int, settings: SamplingSettings | None = None, *, seed: int = 0,
+               batch_size: int = 16, on_step: Callable[[int], None] | None = None, **changes: Any) -> SampleResult:
         """Sample ``num_images`` images; image i depends only on (seed, i), not on the batch size.
 
-        ``clip_x0`` None: the model's default (``schedule.clip_sample`` in its config). ``solver``: ``ddim``
-        or ``dpmpp-2m`` (DPM-Solver++(2M), deterministic: eta 0). ``spacing`` None: the solver's default
+        ``settings`` (default :class:`SamplingSettings()`: 50 DDIM steps, eta 0), with any of its fields given as
+        keywords on top: ``sample(16, steps=20, solver="dpmpp-2m")``. ``clip_x0`` unset: the model's default
+        (``schedule.clip_sample`` in its config); ``spacing`` unset: the solver's default
         (:func:`runtime.sampler.default_spacing`)."""
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
-        return self.sample_images([(seed, i) for i in range(num_images)], steps, eta, spacing, clip_x0, batch_size,
-                                  on_step, solver)
+        return self.sample_images([(seed, i) for i in range(num_images)], settings, batch_size=batch_size,
+                                  on_step=on_step, **changes)
 
-    def sample_images(self, images: Sequence[tuple[int, int]], steps: int = 50, eta: float = 0.0,
-                      spacing: Spacing | None = None, clip_x0: bool | None = None, batch_size: int = 16,
-                      on_step: Callable[[int], None] | None = None, solver: Solver = "ddim") -> SampleResult:
+    def sample_images(self, images: Sequence[tuple[int, int]], settings: SamplingSettings | None = None, *,
+                      batch_size: int = 16, on_step: Callable[[int], None] | None = None,
+                      **changes: Any) -> SampleResult:
         """Sample the images named by ``(seed, index)`` pairs, in that order: pair (s, i) is image i of
         ``sample(..., seed=s)`` with the same settings, bit for bit, whatever else shares its batch (this is how
         ``ddim-serve`` merges the images of concurrent requests into one network batch)."""
         for name, value in (("images", len(images)), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        plan = self.plan(steps, eta, spacing, solver)
+        chosen = self.resolve(SamplingSettings.of(settings, **changes))
+        plan = self.plan(chosen)
         b, m = self.backend, self.spec.model
         shape = (m.channels, m.image_size, m.image_size)
         net = [0.0]
@@ -87,26 +94,35 @@ class Sampler:
         start = time.perf_counter()
         # GPU backends make their stream current, so the update's kernels queue behind the network's.
         with getattr(b, "context", contextlib.nullcontext)():
-            bounds = b.clip_bounds(*self.spec.clip_bounds()) if self.clips(clip_x0) else None
+            bounds = b.clip_bounds(*self.spec.clip_bounds()) if chosen.clip_x0 else None
             outs = self._batches(images, batch_size, plan, shape, bounds, timed_denoise, on_step)
         seconds = time.perf_counter() - start
         samples = np.concatenate(outs)
         calls = len(plan) * len(outs)
-        return SampleResult(to_uint8(samples, self.spec.normalization), samples, seconds, net[0], len(plan), calls)
+        return SampleResult(to_uint8(samples, self.spec.normalization), samples, seconds, net[0], len(plan), calls,
+                            settings=chosen)
 
-    def plan(self, steps: int, eta: float = 0.0, spacing: Spacing | None = None,
-             solver: Solver = "ddim") -> SamplingPlan:
-        """The step plan for this model's schedule; ValueError for steps, eta, spacing or solver it cannot take
-        (cheap: callers use it to refuse bad input before sampling)."""
-        return SamplingPlan.build(self.schedule, steps, eta, spacing, self.spec.model.conditioning, solver)
+    def resolve(self, settings: SamplingSettings | None = None) -> SamplingSettings:
+        """``settings`` with what was left to the model filled in: the solver's default spacing on this schedule,
+        and the model's own clipping (``schedule.clip_sample``)."""
+        s = settings if settings is not None else SamplingSettings()
+        return SamplingSettings.of(s, spacing=s.spacing or default_spacing(self.schedule, s.solver),
+                                   clip_x0=self.spec.schedule.clip_sample if s.clip_x0 is None else s.clip_x0)
 
-    def spacing(self, spacing: Spacing | None = None, solver: Solver = "ddim") -> Spacing:
-        """The spacing a plan uses: ``spacing`` when given, else the solver's default for this schedule."""
-        return spacing or default_spacing(self.schedule, solver)
-
-    def clips(self, clip_x0: bool | None = None) -> bool:
-        """Whether sampling clips pred_x0: ``clip_x0`` when given, else the model's default."""
-        return self.spec.schedule.clip_sample if clip_x0 is None else clip_x0
+    def plan(self, settings: SamplingSettings | None = None) -> SamplingPlan:
+        """The step plan of ``settings`` for this model's schedule, built once per settings and kept;
+        :class:`runtime.settings.SettingsError` for what the schedule cannot take (cheap: callers use it to
+        refuse bad input before sampling)."""
+        chosen = self.resolve(settings)
+        with self._plans_lock:  # ddim-serve plans on its event loop while a worker thread samples
+            plan = self._plans.get(chosen)
+        if plan is None:
+            plan = SamplingPlan.build(self.schedule, chosen, self.spec.model.conditioning)
+            with self._plans_lock:
+                if len(self._plans) >= 64:  # a service sees a few settings; bound it anyway
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[chosen] = plan
+        return plan
 
     def _batches(self, images: Sequence[tuple[int, int]], batch_size: int, plan: SamplingPlan,
                  shape: tuple[int, int, int], bounds: Any, denoise: Callable[[Any, float], Any],

@@ -100,6 +100,11 @@ class Optional(click.ParamType):
         self.inner = inner
         self.name = f"{inner.name}|none"
 
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        if isinstance(self.inner, click.Choice):
+            return "[" + "|".join(map(str, self.inner.choices)) + "|none]"
+        return super().get_metavar(param, ctx)
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
             return None
@@ -117,6 +122,8 @@ def param_type(hint: Any) -> click.ParamType | None:
         inner = [a for a in get_args(hint) if a is not type(None)]
         if len(inner) != 1:
             raise TypeError(f"no option type for {hint!r}")
+        if inner[0] is bool:  # --x/--no-x; left out, the field stays unset
+            return None
         wrapped = param_type(inner[0])
         if wrapped is None:
             raise TypeError(f"no option type for {hint!r}")
@@ -235,12 +242,17 @@ def section(ctx: click.Context, name: str) -> dict[str, Any]:
     return {field: value for (sec, field), value in overrides(ctx).items() if sec == name}
 
 
-def with_flag_names(ctx: click.Context, build: Callable[[], Any]) -> Any:
-    """``build()``, a ValueError from it naming the flags typed rather than the fields they set."""
+def with_flag_names(ctx: click.Context, build: Callable[[], Any], every_field_of: str | None = None) -> Any:
+    """``build()``, a ValueError from it naming the flags typed rather than the fields they set (every field of
+    section ``every_field_of``, typed or not, when given: for errors about defaults too)."""
     try:
         return build()
     except ValueError as exc:
-        text = flag_names_in(str(exc), ctx, overrides(ctx))
+        given = set(overrides(ctx))
+        if every_field_of is not None:
+            given |= {(p.section, p.field) for p in ctx.command.params
+                      if isinstance(p, ConfigOption) and p.section == every_field_of}
+        text = flag_names_in(str(exc), ctx, given)
         try:
             renamed = type(exc)(text)
         except TypeError:  # an exception type with another constructor

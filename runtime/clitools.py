@@ -62,3 +62,24 @@ def size_limits(ctx: click.Context) -> Any:
     from runtime.limits import SizeLimits
 
     return with_flag_names(ctx, lambda: SizeLimits(**section(ctx, "limits")))
+
+
+def sampling_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The sampling flags (``--steps``, ``--eta``, ``--solver``, ``--spacing``, ``--clip-x0``): the fields of
+    :class:`runtime.settings.SamplingSettings` (generated from it, so a new setting is a new flag). The command
+    reads them with :func:`sampling_settings`; the rules are the dataclass's."""
+    from runtime.cliconfig import add_options, config_options
+    from runtime.settings import SamplingSettings
+
+    defaults = type("Defaults", (), {"sampling": SamplingSettings()})()
+    options = config_options(SamplingSettings, "sampling", "Sampling", lambda ctx: ("", defaults))
+    return add_options(options)(fn)
+
+
+def sampling_settings(ctx: click.Context) -> Any:
+    """The :class:`runtime.settings.SamplingSettings` of a command with :func:`sampling_options`; a broken rule
+    is one line naming the flag."""
+    from runtime.cliconfig import section, with_flag_names
+    from runtime.settings import SamplingSettings
+
+    return with_flag_names(ctx, lambda: SamplingSettings(**section(ctx, "sampling")), every_field_of="sampling")

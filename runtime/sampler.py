@@ -16,9 +16,10 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.choices import Solver, values
+from runtime.choices import Solver
 from runtime.config import Conditioning
 from runtime.dpm_solver import MultistepCoefficients, dpmpp_2m_step, multistep_coefficients
+from runtime.settings import SamplingSettings
 from runtime.schedule import Schedule, Spacing, StepCoefficients, ddim_step, select_steps, step_coefficients
 
 A = TypeVar("A")
@@ -49,18 +50,15 @@ class SamplingPlan:
     solver: Solver = "ddim"
 
     @classmethod
-    def build(cls, schedule: Schedule, num_steps: int, eta: float = 0.0, spacing: Spacing | None = None,
-              conditioning: Conditioning = "noise_variance", solver: Solver = "ddim") -> "SamplingPlan":
-        """The plan for ``num_steps`` steps; ValueError before anything is allocated when the schedule cannot
-        take that many (more than T for a discrete schedule, see ``runtime.schedule.check_num_steps``)."""
-        if solver not in values(Solver):
-            raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(values(Solver))}")
-        if solver == "dpmpp-2m" and eta != 0:
-            raise ValueError(f"--solver dpmpp-2m is deterministic: eta must be 0, got {eta} (use --solver ddim "
-                             "for eta > 0)")
+    def build(cls, schedule: Schedule, settings: SamplingSettings,
+              conditioning: Conditioning = "noise_variance") -> "SamplingPlan":
+        """The plan of ``settings`` on ``schedule``; :class:`runtime.settings.SettingsError` before anything is
+        allocated when the schedule cannot take them (more steps than T on a discrete schedule, see
+        ``runtime.schedule.check_num_steps``; a spacing a continuous schedule has no use for)."""
         if conditioning == "timestep" and not schedule.discrete:
             raise ValueError(f"a timestep-conditioned model needs a discrete schedule, not {schedule.name!r}")
-        ts = select_steps(schedule, num_steps, spacing or default_spacing(schedule, solver))  # checks num_steps first
+        solver, eta = settings.solver, settings.eta
+        ts = select_steps(schedule, settings.steps, settings.spacing or default_spacing(schedule, solver))
         a = schedule.alpha_bar(ts)  # float64, decreasing in noise -> increasing along the plan
         a_prev = np.append(a[1:], 1.0)  # after the final step: the clean image, alpha_bar = 1
         cond = ts if conditioning == "timestep" else 1.0 - a

@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 
 from runtime.choices import Spacing
 from runtime.config import ScheduleConfig
+from runtime.settings import SettingsError
 
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 # Spacings defined only over the integer steps of a discrete schedule (diffusers' DDIMScheduler).
@@ -169,7 +170,7 @@ def select_steps(schedule: Schedule, num_steps: int, spacing: Spacing = "uniform
     ((S - i)/S)^2.
     """
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+        raise SettingsError("spacing", f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
     check_num_steps(schedule, num_steps)
     if not schedule.discrete:
         return _continuous_steps(num_steps, spacing)
@@ -183,21 +184,19 @@ def check_num_steps(schedule: Schedule, num_steps: int) -> None:
     Discrete schedules have T distinct steps: more would repeat steps, so they are refused. The
     continuous schedule takes at most :data:`MAX_CONTINUOUS_STEPS`.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"number of sampling steps must be an integer >= 1, got {num_steps!r}")
     total = schedule.num_timesteps if schedule.discrete else None
     if total is not None and num_steps > total:
-        raise ValueError(f"--steps {num_steps} is more than the {schedule.name!r} schedule's T={total} timesteps; "
-                         f"use at most {total}")
+        raise SettingsError("steps", f"steps {num_steps} is more than the {schedule.name!r} schedule's "
+                                     f"T={total} timesteps; use at most {total}")
     if total is None and num_steps > MAX_CONTINUOUS_STEPS:
-        raise ValueError(f"--steps {num_steps} is more than {MAX_CONTINUOUS_STEPS:,}, the most the continuous "
-                         f"{schedule.name!r} schedule takes")
+        raise SettingsError("steps", f"steps {num_steps} is more than {MAX_CONTINUOUS_STEPS:,}, the most the "
+                                     f"continuous {schedule.name!r} schedule takes")
 
 
 def _continuous_steps(num_steps: int, spacing: Spacing) -> F64:
     if spacing in DISCRETE_ONLY_SPACINGS:
-        raise ValueError(
-            f"spacing {spacing!r} needs a discrete schedule; continuous schedules allow: uniform, quadratic"
+        raise SettingsError(
+            "spacing", f"spacing {spacing!r} needs a discrete schedule; continuous schedules allow: uniform, quadratic"
         )
     frac = (num_steps - np.arange(num_steps, dtype=np.float64)) / num_steps  # 1, ..., 1/S
     return frac**2 if spacing == "quadratic" else frac
@@ -233,8 +232,6 @@ class StepCoefficients:
 
 def step_coefficients(a_t: float, a_prev: float, eta: float) -> StepCoefficients:
     """sigma of Eq. 16 and the direction scale of Eq. 12 for one step."""
-    if eta < 0 or not math.isfinite(eta):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if not (0.0 < a_t < 1.0 and a_t <= a_prev <= 1.0):
         raise ValueError(f"need 0 < a_t < 1 and a_t <= a_prev <= 1, got a_t={a_t}, a_prev={a_prev}")
     # Eq. 16: sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)

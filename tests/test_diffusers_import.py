@@ -264,7 +264,7 @@ def test_sample_and_v_predictions_match_the_pipeline(prediction, tmp_path, monke
         folder = save_pipeline(tmp_path / schedule, tiny_unet(), beta_schedule=schedule, prediction_type=prediction)
         source = read_folder(folder)
         sampler = Sampler(TorchBackend(model=load_denoiser(source), spec=source.spec, threads=1))
-        got = sampler.sample(IMAGES, STEPS, SEED, eta, spacing, clip).samples
+        got = sampler.sample(IMAGES, steps=STEPS, seed=SEED, eta=eta, spacing=spacing, clip_x0=clip).samples
         ref, _ = theirs(folder, spacing, eta, clip, monkeypatch, float64_scalars=True)
         diff = difference(got, ref)
         print(f"{prediction} {schedule} {spacing} eta={eta:g} {'clip' if clip else 'noclip'}: {diff:.3g}")

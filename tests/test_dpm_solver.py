@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from runtime.config import ScheduleConfig
 from runtime.dpm_solver import multistep_coefficients
+from runtime.settings import SamplingSettings
 from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample
 from runtime.schedule import build_schedule
 
@@ -22,7 +23,7 @@ def analytic_eps(x: np.ndarray, a: float) -> np.ndarray:
 
 
 def ours(name: str, steps: int, x_T: np.ndarray, spacing: str = "trailing") -> np.ndarray:
-    plan = SamplingPlan.build(build_schedule(ScheduleConfig(name=name)), steps, spacing=spacing, solver="dpmpp-2m")
+    plan = SamplingPlan.build(build_schedule(ScheduleConfig(name=name)), SamplingSettings(steps, spacing=spacing, solver="dpmpp-2m"))
     return ddim_sample(x_T.copy(), plan, SamplerHooks(denoise=lambda x, v: analytic_eps(x, 1.0 - v)))
 
 
@@ -48,7 +49,7 @@ def test_matches_diffusers_dpm_solver_multistep(name, beta_schedule, steps):
     ref.alphas_cumprod, ref.alpha_t, ref.sigma_t = acp, acp.sqrt(), (1 - acp).sqrt()
     ref.lambda_t = torch.log(ref.alpha_t) - torch.log(ref.sigma_t)
     ref.set_timesteps(steps)
-    plan = SamplingPlan.build(schedule, steps, spacing="trailing", solver="dpmpp-2m")
+    plan = SamplingPlan.build(schedule, SamplingSettings(steps, spacing="trailing", solver="dpmpp-2m"))
     assert [int(t) for t in ref.timesteps] == [int(s.t) for s in plan]
     x = torch.from_numpy(x_T.copy())
     for t in ref.timesteps:
@@ -60,7 +61,7 @@ def test_matches_diffusers_dpm_solver_multistep(name, beta_schedule, steps):
 
 
 def test_first_and_last_steps_are_first_order_and_the_last_returns_pred_x0():
-    plan = SamplingPlan.build(build_schedule(ScheduleConfig(name="linear")), 6, solver="dpmpp-2m")
+    plan = SamplingPlan.build(build_schedule(ScheduleConfig(name="linear")), SamplingSettings(6, solver="dpmpp-2m"))
     orders = [s.multistep.order for s in plan]
     assert orders == [1, 2, 2, 2, 2, 1]
     last = plan.steps[-1].multistep
@@ -80,7 +81,7 @@ def test_oracle_denoiser_lands_on_x0_and_the_ode_target_is_reached():
         return (x - np.sqrt(1 - v) * x0) / np.sqrt(v)
 
     for name in ("cosine-angle", "linear"):
-        plan = SamplingPlan.build(build_schedule(ScheduleConfig(name=name)), 7, solver="dpmpp-2m")
+        plan = SamplingPlan.build(build_schedule(ScheduleConfig(name=name)), SamplingSettings(7, solver="dpmpp-2m"))
         np.testing.assert_allclose(ddim_sample(rng.standard_normal(x0.shape), plan, SamplerHooks(denoise=oracle)),
                                    x0, atol=1e-10)
 
@@ -96,9 +97,8 @@ def test_second_order_gets_closer_to_the_ode_solution(name):
     x_T = np.random.default_rng(0).standard_normal((4, 1, 8, 8))
     schedule = build_schedule(ScheduleConfig(name=name))
     hooks = SamplerHooks(denoise=lambda x, v: analytic_eps(x, 1.0 - v))
-    exact = ddim_sample(x_T.copy(), SamplingPlan.build(schedule, 1000, solver="dpmpp-2m"), hooks)
-    err = {(solver, n): float(np.abs(ddim_sample(x_T.copy(), SamplingPlan.build(
-        schedule, n, spacing="trailing", solver=solver), hooks) - exact).max())
+    exact = ddim_sample(x_T.copy(), SamplingPlan.build(schedule, SamplingSettings(1000, solver="dpmpp-2m")), hooks)
+    err = {(solver, n): float(np.abs(ddim_sample(x_T.copy(), SamplingPlan.build(schedule, SamplingSettings(n, spacing="trailing", solver=solver)), hooks) - exact).max())
         for solver in ("ddim", "dpmpp-2m") for n in (20, 50)}
     print(name, {k: f"{v:.2e}" for k, v in err.items()})
     assert err["dpmpp-2m", 20] < 0.5 * err["ddim", 20]
@@ -119,11 +119,11 @@ def test_finite_deterministic_and_batch_independent(name, steps, spacing, seed):
 
 def test_numpy_and_torch_run_the_same_update_and_eta_is_refused():
     x_T = np.random.default_rng(2).standard_normal((2, 1, 4, 4)).astype(np.float32)
-    plan = SamplingPlan.build(build_schedule(ScheduleConfig()), 12, solver="dpmpp-2m")
+    plan = SamplingPlan.build(build_schedule(ScheduleConfig()), SamplingSettings(12, solver="dpmpp-2m"))
     out_np = ddim_sample(x_T, plan, SamplerHooks(denoise=lambda x, v: 0.3 * x * v))
     out_t = ddim_sample(torch.from_numpy(x_T), plan, SamplerHooks(denoise=lambda x, v: 0.3 * x * v))
     np.testing.assert_allclose(out_np, out_t.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="dpmpp-2m is deterministic: eta must be 0"):
-        SamplingPlan.build(build_schedule(ScheduleConfig()), 12, eta=1.0, solver="dpmpp-2m")
+        SamplingPlan.build(build_schedule(ScheduleConfig()), SamplingSettings(12, eta=1.0, solver="dpmpp-2m"))
     with pytest.raises(ValueError, match="unknown solver 'euler'; allowed: ddim, dpmpp-2m"):
-        SamplingPlan.build(build_schedule(ScheduleConfig()), 12, solver="euler")  # type: ignore[arg-type]
+        SamplingPlan.build(build_schedule(ScheduleConfig()), SamplingSettings(12, solver="euler"))  # type: ignore[arg-type]

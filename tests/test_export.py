@@ -20,7 +20,7 @@ from conftest import tiny_config, write_idx
 from export import parity
 from export.io_spec import BatchProfile, input_profile
 from export.pipeline import ExportOptions, ParityError, export_run
-from export.tensorrt_build import manifest, sha256_file, unavailable_reason
+from export.tensorrt_build import EngineBuild, manifest, sha256_file, unavailable_reason
 from runtime.config import DDPMUNetConfig, ModelSpec, ScheduleConfig
 from runtime.metadata import spec_from_metadata
 from trainer.train import fit
@@ -173,7 +173,7 @@ def test_profile_and_manifest(run_dir, tmp_path):
         BatchProfile(4, 2, 8)
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"graph")
-    m = manifest(spec, BatchProfile.static(8), onnx_file, "10.9.0", "NVIDIA H100", "9.0", 12.5, 3, "fp16")
+    m = manifest(spec, BatchProfile.static(8), onnx_file, EngineBuild("10.9.0", "NVIDIA H100", "9.0", 12.5, 3, "fp16"))
     assert m["profile"]["static"] and m["onnx_sha256"] == sha256_file(onnx_file)
     assert ModelSpec.from_dict(m["config"]).model == spec.model
 
@@ -287,7 +287,7 @@ def test_engine_branch_wiring_with_stand_ins(run_dir, tmp_path, monkeypatch):
     def fake_build(onnx_path, plan_path, spec, profile, cache, level):
         built.append(onnx_path.name)
         plan_path.write_bytes(onnx_path.read_bytes())
-        return manifest(spec, profile, onnx_path, "stand-in", "no GPU", "0.0", 0.1, level, "fp16")
+        return manifest(spec, profile, onnx_path, EngineBuild("stand-in", "no GPU", "0.0", 0.1, level, "fp16"))
 
     def fake_runner(plan_path, spec=None, scale=1.0):
         session = ort.InferenceSession(str(plan_path))

@@ -307,7 +307,7 @@ def test_timestep_conditioned_model_samples_as_eager_and_clips_as_its_config_say
     randomise_weights(tmp_path / "run")
     export_run(tmp_path / "run", tmp_path / "export", ExportOptions())
     ort_sampler, torch_sampler = load(tmp_path / "export", **CPU), load(tmp_path / "run", backend="torch")
-    assert ort_sampler.backend.inputs == ("noisy_images", "timesteps") and ort_sampler.clips()
+    assert ort_sampler.backend.inputs == ("noisy_images", "timesteps") and ort_sampler.resolve().clip_x0
     for eta in (0.0, 1.0):
         ours = ort_sampler.sample(3, steps=10, seed=1, eta=eta, spacing="trailing")
         eager = torch_sampler.sample(3, steps=10, seed=1, eta=eta, spacing="trailing")
@@ -331,4 +331,4 @@ def test_ddim_run_solver_option(model_dirs, tmp_path):
     assert not np.array_equal(api.samples, load(export, **CPU).sample(3, steps=8).samples)
     bad = run_cli(str(export), "--solver", "dpmpp-2m", "--eta", "1", "--out", str(tmp_path / "b.png"))
     assert bad.returncode != 0 and not (tmp_path / "b.png").exists()
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: --solver dpmpp-2m is deterministic: eta must be 0")
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --solver dpmpp-2m is deterministic: --eta must be 0")

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from runtime.settings import SamplingSettings
 from runtime.config import ModelSpec
 from trainer import diffusion
 from trainer.errors import CheckpointError, RunDirError, TrainingDivergedError
@@ -129,13 +130,14 @@ def test_eager_sampling_is_seeded_and_batch_independent(tmp_path, fashion_dir):
     fit(tiny_config(steps=2), run, fashion_dir, progress=False)
     model, spec = load_model(run)
     torch.nn.init.normal_(model.conv_out.weight, std=0.05)  # make the untrained head do something
-    a = diffusion.sample_images(model, spec, 5, steps=4, seed=3, batch_size=5)
-    b = diffusion.sample_images(model, spec, 5, steps=4, seed=3, batch_size=2)
-    c = diffusion.sample_images(model, spec, 5, steps=4, seed=4, batch_size=5)
+    four = SamplingSettings(steps=4)
+    a = diffusion.sample_images(model, spec, 5, four, seed=3, batch_size=5)
+    b = diffusion.sample_images(model, spec, 5, four, seed=3, batch_size=2)
+    c = diffusion.sample_images(model, spec, 5, four, seed=4, batch_size=5)
     assert a.shape == (5, 32, 32, 1) and a.dtype == np.uint8
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # conv batching may differ in the last bit
     assert not np.array_equal(a, c)
-    eta = diffusion.sample_images(model, spec, 2, steps=4, seed=3, eta=1.0, clip_x0=True)
+    eta = diffusion.sample_images(model, spec, 2, SamplingSettings(4, eta=1.0, clip_x0=True), seed=3)
     assert eta.shape == (2, 32, 32, 1)
 
 

@@ -14,7 +14,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from runtime.config import Conditioning, ModelSpec
-from runtime.schedule import Schedule, Spacing
+from runtime.schedule import Schedule
+from runtime.settings import SamplingSettings
 
 
 def sample_training_steps(schedule: Schedule, n: int, gen: torch.Generator) -> NDArray:
@@ -53,21 +54,11 @@ def conditioning_input(conditioning: Conditioning, steps: NDArray, a: torch.Tens
     return 1.0 - a
 
 
-def sample_images(
-    model: nn.Module,
-    spec: ModelSpec,
-    num_images: int,
-    steps: int,
-    seed: int = 0,
-    eta: float = 0.0,
-    spacing: Spacing = "uniform",
-    batch_size: int = 64,
-    clip_x0: bool | None = None,
-    device: torch.device | str = "cpu",
-) -> NDArray[np.uint8]:
-    """Eager PyTorch DDIM sampling through the runtime's sampler; ``(N, H, W, C)`` uint8 images."""
+def sample_images(model: nn.Module, spec: ModelSpec, num_images: int, settings: SamplingSettings, seed: int = 0,
+                  batch_size: int = 64, device: torch.device | str = "cpu") -> NDArray[np.uint8]:
+    """Eager PyTorch sampling through the runtime's sampler; ``(N, H, W, C)`` uint8 images."""
     from runtime.api import Sampler
     from trainer.torch_backend import TorchBackend
 
     backend = TorchBackend(model=model, spec=spec, device=str(device))
-    return Sampler(backend).sample(num_images, steps, seed, eta, spacing, clip_x0, batch_size).images
+    return Sampler(backend).sample(num_images, settings, seed=seed, batch_size=batch_size).images

@@ -14,11 +14,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from runtime.common.progress import progress_bar
 from runtime.config import ModelSpec
 from runtime.images import grid_scale, save_grid
 from runtime.schedule import build_schedule
+from runtime.settings import SamplingSettings
 from trainer import diffusion
 from trainer.batches import Batches, to_model_space
 from runtime.files import LockHeld, PathLock
@@ -243,8 +244,8 @@ class _Loop:
         self.losses.truncate_after(start)
         step, saved, seen, t0 = start, start, 0, time.perf_counter()
         interrupted = False
-        with stop_requests() as stop, tqdm(total=total, initial=start, desc="training", unit="step",
-                                           disable=not self.progress, dynamic_ncols=True) as bar:
+        with stop_requests() as stop, progress_bar(total=total, initial=start, desc="training", unit="step",
+                                                   disable=not self.progress, dynamic_ncols=True) as bar:
             while step < total and not interrupted:
                 loss, interrupted = self.train_step(step, stop[0])
                 step += 1
@@ -295,8 +296,8 @@ class _Loop:
 
     def sample(self, step: int) -> None:
         t = self.cfg.train
-        images = diffusion.sample_images(self.t.ema.model, self.spec, t.num_samples, t.sample_steps, seed=t.seed,
-                                         device=self.dev)
+        images = diffusion.sample_images(self.t.ema.model, self.spec, t.num_samples,
+                                         SamplingSettings(steps=t.sample_steps), seed=t.seed, device=self.dev)
         scale = grid_scale(self.cfg.model.image_size, t.num_samples)
         (self.run_dir / "samples").mkdir(exist_ok=True)
         path = save_grid(self.run_dir / "samples" / f"step-{step:07d}.png", images, scale=scale)

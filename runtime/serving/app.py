@@ -6,7 +6,7 @@
     GET  /docs, /openapi.json   the OpenAPI schema (FastAPI)
 
 Batching: a request becomes one job per image; the replica's :class:`runtime.serving.core.Batcher` merges the
-jobs of concurrent requests with the same (steps, eta, solver) into network batches of up to ``--max-batch``,
+jobs of concurrent requests with the same sampling settings into network batches of up to ``--max-batch``,
 taken whenever the replica is free (waiting at most ``--batch-wait-ms`` for a batch to fill), and samples them in
 a worker thread (the event loop keeps taking requests meanwhile).
 

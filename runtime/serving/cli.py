@@ -96,7 +96,7 @@ def quiet_ray_logs() -> None:
                    "none) [default: 1 when the model runs on CUDA here, else 0].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most images per network batch, merged across concurrent requests with the same "
-                   "(steps, eta, solver).")
+                   "sampling settings (steps, eta, solver).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="How long a batch waits for more images before it runs.")
 @click.option("--backend", type=click.Choice(SERVE_BACKENDS), default="auto", show_default=True)

@@ -7,7 +7,7 @@ Ray (so it is tested and reused on its own). :mod:`runtime.serving.app` wraps it
 A request for ``num_images`` images with seed ``s`` is the images ``(s, 0) .. (s, num_images - 1)``: exactly
 ``ddim-run --seed s``'s images, because the runtime draws every image's noise from its own ``(seed, index)``
 stream (:class:`runtime.noise.ImageNoise`). So the images of concurrent requests with the same
-(steps, eta, solver) can share one network batch and each still equals its own ``ddim-run``.
+sampling settings can share one network batch and each still equals its own ``ddim-run``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from runtime import __version__
 from runtime.choices import BackendName, Device, RunPrecision, Solver, values
 from runtime.clitools import one_line
 from runtime.files import sha256_file
+from runtime.settings import SamplingSettings, SettingsError
 
 MAX_BODY_BYTES = 64 * 1024  # a request body is a few fields of JSON: anything larger is refused unread
 Format = Literal["grid", "png", "npz"]
@@ -45,10 +46,12 @@ class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_images: int = Field(1, ge=1, description="Images to sample: (seed, 0) .. (seed, num_images - 1).")
-    steps: int = Field(50, ge=1, description="Sampling steps.")
+    steps: int = Field(50, description="Sampling steps (at least 1).")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed, as ddim-run --seed.")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="0 = deterministic DDIM, 1 = DDPM-like (ddim only).")
+    eta: float = Field(0.0, le=1.0, description="0 = deterministic DDIM, 1 = DDPM-like (ddim only).")
     solver: Solver = Field("ddim", description="ddim, or dpmpp-2m (DPM-Solver++(2M), eta 0).")
+    # The rules of steps, eta and solver are SamplingSettings' (checked in ModelService.check, 422 naming the
+    # field); what is left here is the service's own bound on eta.
     format: Format = Field("grid", description="grid: one PNG grid; png: a zip of one PNG per image; "
                                                "npz: numpy arrays images (N, H, W, C) uint8, seeds, indices.")
 
@@ -92,13 +95,11 @@ class ImageJob:
 
     seed: int
     index: int
-    steps: int
-    eta: float
-    solver: str
+    settings: SamplingSettings
 
     @property
-    def key(self) -> tuple[int, float, str]:
-        return self.steps, self.eta, self.solver
+    def key(self) -> SamplingSettings:
+        return self.settings
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Batcher:
 
     ``submit(job)`` queues one image and waits for its result. One worker task runs batches one at a time (the
     network uses every core): when free, it takes the oldest queued job and every queued job with the same
-    (steps, eta, solver), oldest first, up to ``max_batch``; if fewer than ``max_batch`` are queued it first waits
+    sampling settings, oldest first, up to ``max_batch``; if fewer than ``max_batch`` are queued it first waits
     for more, until ``wait_s`` after the oldest job arrived or after the previous batch finished, whichever is
     later. So jobs that arrive while a batch runs all join the next one, and clients that answer a finished batch
     with their next request (closed loop) get ``wait_s`` to do so instead of being split into a small batch.
@@ -224,24 +225,24 @@ class ModelService:
         if req.steps > o.max_steps:
             raise RequestError(413, f"steps: {req.steps} is over this service's limit of {o.max_steps}")
         try:
-            self.sampler.plan(req.steps, req.eta, None, req.solver)
-        except ValueError as exc:
-            field_name = "eta" if "eta" in str(exc) else "steps"
-            raise RequestError(422, f"{field_name}: {one_line(exc)}") from None
-        return [ImageJob(req.seed, i, req.steps, req.eta, req.solver) for i in range(req.num_images)]
+            settings = self.sampler.resolve(SamplingSettings(steps=req.steps, eta=req.eta, solver=req.solver))
+            self.sampler.plan(settings)
+        except SettingsError as exc:
+            raise RequestError(422, f"{exc.field}: {one_line(exc)}") from None
+        return [ImageJob(req.seed, i, settings) for i in range(req.num_images)]
 
     def run_batch(self, jobs: Sequence[ImageJob]) -> list[ImageResult]:
-        """Sample jobs (from any requests): one network batch per (steps, eta, solver) group, in job order.
+        """Sample jobs (from any requests): one network batch per settings, in job order.
         A failing group (a NaN, a backend error) fails its own jobs only, each with a one-line message."""
         out: list[ImageResult | None] = [None] * len(jobs)
-        groups: dict[tuple[int, float, str], list[int]] = {}
+        groups: dict[SamplingSettings, list[int]] = {}
         for k, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(k)
-        for (steps, eta, solver), ks in groups.items():
+        for settings, ks in groups.items():
             start = time.perf_counter()
             try:
-                result = self.sampler.sample_images([(jobs[k].seed, jobs[k].index) for k in ks], steps=steps,
-                                                    eta=eta, batch_size=len(ks), solver=solver)  # type: ignore[arg-type]
+                result = self.sampler.sample_images([(jobs[k].seed, jobs[k].index) for k in ks], settings,
+                                                    batch_size=len(ks))
             except Exception as exc:  # noqa: BLE001 (a replica answers every error; it must not die)
                 for k in ks:
                     out[k] = ImageResult(None, len(ks), time.perf_counter() - start, one_line(exc))
