@@ -34,6 +34,8 @@ ENTRY = re.compile(r"^(features-[0-9a-f]{32}\.npy|inception-[\w.+-]+\.(onnx|json
 TMP = re.compile(r"^\.(features-[0-9a-f]{32}\.npy|inception-[\w.+-]+\.(onnx|json))\.\w+\.tmp$")
 STALE_TMP_SECONDS = 3600.0  # no write takes an hour: older temp files are a killed writer's
 OFF_VALUES = ("0", "off", "false", "no")
+DEFAULT_MAX_MB = 1024.0
+_WARNED_MAX_MB: set[str] = set()  # values of DDIM_DEPLOY_CACHE_MAX_MB warned about in this process
 
 
 def folder() -> Path:
@@ -117,9 +119,22 @@ def _save(path: Path, feats: NDArray[np.float64]) -> None:
 
 
 def max_bytes() -> int:
-    from runtime.backends.ort_cache import max_bytes as bound  # the one reading of DDIM_DEPLOY_CACHE_MAX_MB
-
-    return bound()
+    """The folder's size bound from ``DDIM_DEPLOY_CACHE_MAX_MB`` (default :data:`DEFAULT_MAX_MB`); a value that
+    is not a size in MB is warned about once and the default used."""
+    raw = os.environ.get("DDIM_DEPLOY_CACHE_MAX_MB", "")
+    if not raw.strip():
+        return int(DEFAULT_MAX_MB * (1 << 20))
+    try:
+        mb = float(raw)
+        if not mb >= 0 or mb == float("inf"):
+            raise ValueError
+    except ValueError:
+        if raw not in _WARNED_MAX_MB:
+            _WARNED_MAX_MB.add(raw)
+            log.warning("DDIM_DEPLOY_CACHE_MAX_MB=%r is not a size in MB (a number >= 0); using %.0f", raw,
+                        DEFAULT_MAX_MB)
+        mb = DEFAULT_MAX_MB
+    return int(mb * (1 << 20))
 
 
 def trim(where: Path, keep: Path, limit: int | None = None) -> None:

@@ -288,6 +288,21 @@ def test_features_are_cached_by_content_and_a_bad_entry_is_rebuilt(tmp_path, cac
     assert len(list(cache.glob("features-*.npy"))) == 1 and not list(cache.glob("inception-*"))
 
 
+def test_the_cache_bound_is_read_from_the_environment(monkeypatch, caplog):
+    from quality import statscache
+
+    monkeypatch.setattr(statscache, "_WARNED_MAX_MB", set())
+    monkeypatch.delenv("DDIM_DEPLOY_CACHE_MAX_MB", raising=False)
+    assert statscache.max_bytes() == 1024 * 2**20
+    for raw, mb in (("9", 9), ("0.5", 0.5), ("0", 0)):
+        monkeypatch.setenv("DDIM_DEPLOY_CACHE_MAX_MB", raw)
+        assert statscache.max_bytes() == int(mb * 2**20)
+    for raw in ("lots", "-1", "inf", "nan"):  # not a size: the default, with one warning per value
+        monkeypatch.setenv("DDIM_DEPLOY_CACHE_MAX_MB", raw)
+        assert statscache.max_bytes() == statscache.max_bytes() == 1024 * 2**20
+    assert caplog.text.count("is not a size in MB") == 4
+
+
 def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch, caplog, fast_fd):
     blocker = tmp_path / "a-file"
     blocker.write_text("the cache folder cannot be made under a file, not even by root")

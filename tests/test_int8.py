@@ -19,7 +19,7 @@ from export.int8 import (KEEP_FLOAT, GateOptions, Int8Options, calibration_batch
 from export.io_spec import input_names_of
 from export.onnx_graph import embedding_nodes
 from runtime.api import load
-from runtime.backends import ort_cache, precision
+from runtime.backends import precision
 from runtime.config import ScheduleConfig
 from runtime.schedule import build_schedule, noise_variance
 from trainer.data import model_split_images
@@ -183,9 +183,9 @@ def test_export_records_int8_timing_and_says_it_in_one_line(int8_export):
 def timings(tmp_path, monkeypatch) -> list[Any]:
     """A private, empty cache; the process's cache state clean; every timing of both files recorded."""
     monkeypatch.setenv("DDIM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("DDIM_DEPLOY_ORT_CACHE", raising=False)
-    monkeypatch.setattr(ort_cache, "_disabled", {})
-    monkeypatch.setattr(ort_cache, "_warned", set())
+    for name in precision.VERDICT_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(precision, "_unwritable", set())
     calls: list[Any] = []
     real = precision.time_forwards
 
@@ -243,17 +243,22 @@ def test_auto_measures_on_another_host_and_caches_the_verdict(int8_export, tmp_p
     second = cpu(folder)
     assert len(timings) == 1 and second.backend.model_path.name == want
     assert "measured earlier on this CPU" in second.why
-    (verdict,) = (tmp_path / "cache" / "onnxruntime").glob("int8-verdict-*.json")
+    (verdict,) = (tmp_path / "cache").rglob("*.json")  # the only file written
+    assert verdict.parent == tmp_path / "cache" / "int8-verdicts" and re.fullmatch(r"[0-9a-f]{32}\.json", verdict.name)
+    assert not list(verdict.parent.glob(".*.tmp"))  # written by atomic rename: no temporary file left
     body = json.loads(verdict.read_text())
-    for broken in ("{torn", json.dumps({**body, "timing": {**body["timing"], "speedup": 1 / measured}})):
-        verdict.write_text(broken)  # torn, or edited (its checksum no longer matches): timed again, rewritten
+    foreign = {k: v for k, v in body.items() if k != "checksum"} | {"host": {**host, "cpu": "a third CPU"}}
+    foreign["checksum"] = precision._checksum(foreign)  # whole and self-consistent, for another host
+    for broken in ("{torn", json.dumps({**body, "timing": {**body["timing"], "speedup": 1 / measured}}),
+                   json.dumps(foreign)):
+        verdict.write_text(broken)  # torn, edited (its checksum no longer matches) or foreign: timed again, rewritten
         with caplog.at_level(logging.WARNING):
             again = cpu(folder)
         assert "measured now" in again.why and again.backend.model_path.name == (
             "model.int8.onnx" if timings[-1]["speedup"] > 1 else "model.onnx")
         assert "cannot be used" in caplog.text
         caplog.clear()
-    assert len(timings) == 3 and "measured earlier" in cpu(folder).why and len(timings) == 3
+    assert len(timings) == 4 and "measured earlier" in cpu(folder).why and len(timings) == 4
 
 
 @pytest.mark.parametrize("edit, why", [
@@ -303,11 +308,16 @@ def test_explicit_precision_wins(int8_export, tmp_path, timings):
 
 def test_verdicts_follow_the_cache_switches(int8_export, tmp_path, timings, monkeypatch, caplog):
     folder = copy_export(int8_export[0], tmp_path / "x", lambda r: r["int8"].pop("timing"))  # an older export
-    monkeypatch.setenv("DDIM_DEPLOY_ORT_CACHE", "0")
+    monkeypatch.setenv("DDIM_DEPLOY_INT8_CACHE", "0")
     cpu(folder)
     cpu(folder)
     assert len(timings) == 2 and not (tmp_path / "cache").exists()
-    monkeypatch.delenv("DDIM_DEPLOY_ORT_CACHE")
+    monkeypatch.delenv("DDIM_DEPLOY_INT8_CACHE")
+    for name in ("DDIM_DEPLOY_INT8_CACHE", "DDIM_DEPLOY_ORT_CACHE"):  # the older name still turns verdicts off
+        for value, on in (("off", False), (" No ", False), ("1", True), ("", True)):
+            monkeypatch.setenv(name, value)
+            assert precision.verdicts_enabled() is on, (name, value)
+        monkeypatch.delenv(name)
 
     def read_only(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied")
@@ -318,5 +328,5 @@ def test_verdicts_follow_the_cache_switches(int8_export, tmp_path, timings, monk
             assert "measured now" in cpu(folder).why
     assert len(timings) == 4
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert re.match(r"ONNX Runtime cache off for this process: cannot write to .*onnxruntime \(Permission denied\)",
-                    line), line
+    assert re.match(r"INT8 timing verdicts not cached for this process: cannot write to .*int8-verdicts "
+                    r"\(Permission denied\)", line), line

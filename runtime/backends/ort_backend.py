@@ -1,4 +1,7 @@
-"""ONNX Runtime backend: CPU (and CUDA with onnxruntime-gpu), sessions tuned and cached on disk.
+"""ONNX Runtime backend: CPU (and CUDA with onnxruntime-gpu), sessions tuned and built in memory.
+
+Sessions optimise their graph at every start and write nothing to disk: an on-disk cache of optimised graphs
+was measured to save nothing on ``ddim-run``'s cold start (docs/sampling.md) and was removed.
 
 On CUDA, float32 means float32: ONNX Runtime's CUDA provider runs convolutions and matmuls in TF32
 by default on Ampere and newer GPUs (10-bit mantissas), so fp32 sessions set ``use_tf32=0``; the
@@ -17,7 +20,6 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
-from runtime.backends import ort_cache
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
 from runtime.extras import install_hint
@@ -96,8 +98,7 @@ def model_file(path: Path, precision: str) -> Path:
     return path
 
 
-def session_options(optimized_path: Path | None, model_dir: Path | None = None,
-                    threads: int | None = None) -> ort.SessionOptions:
+def session_options(model_dir: Path | None = None, threads: int | None = None) -> ort.SessionOptions:
     """Full graph optimisation, ``threads`` threads (default: one per physical core), spinning between the
     loop's back-to-back runs.
 
@@ -113,16 +114,14 @@ def session_options(optimized_path: Path | None, model_dir: Path | None = None,
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    so.log_severity_level = 3  # ORT warns that optimised graphs are host-specific: the cache key says so too
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
+    so.log_severity_level = 3  # errors only: what goes wrong reaches the user as a BackendError
     return so
 
 
-def cached_session(model_path: Path, providers: list[Any], threads: int | None = None) -> ort.InferenceSession:
-    """A session on the optimised graph, cached on disk (see :mod:`runtime.backends.ort_cache`)."""
-    folder = model_path.resolve().parent
-    return ort_cache.cached_session(model_path, providers, lambda tmp: session_options(tmp, folder, threads))
+def make_session(model_path: Path, providers: list[Any], threads: int | None = None) -> ort.InferenceSession:
+    """A session on ``model_path``'s bytes, its graph optimised in memory (nothing is written to disk)."""
+    options = session_options(model_path.resolve().parent, threads)
+    return ort.InferenceSession(model_path.read_bytes(), options, providers=providers)
 
 
 def graph_dims(args: list[Any], name: str) -> list[int | str | None]:
@@ -169,7 +168,7 @@ class OrtBackend:
         if device == "cuda":
             preload_cuda_libraries()
         try:
-            self.session = cached_session(self.model_path, providers_for(device, precision), self.threads)
+            self.session = make_session(self.model_path, providers_for(device, precision), self.threads)
         except Exception as exc:  # ORT raises its own exception types for corrupt or invalid files
             raise BackendError(f"cannot load {self.model_path}: {str(exc).strip().splitlines()[0]}") from None
         check_provider(self.session, CUDA if device == "cuda" else CPU, str(self.model_path))

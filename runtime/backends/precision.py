@@ -6,15 +6,16 @@ instead of ``model.onnx`` only where it passed its quality gate and is faster on
   a gate not recorded as passed, or files changed since mean ``model.onnx``, whatever the speed.
 - **Faster**: float32 against INT8 forwards at batch :data:`SPEEDUP_BATCH` (the default sampling batch),
   runs interleaved, median of each. The export's own timing counts where its host fingerprint
-  (:func:`host_fingerprint`) is this machine's; otherwise both files are timed now (about a second) and
+  (:func:`host_fingerprint`) is this machine's; otherwise both files are timed now (1.5 s on a 2-core CPU) and
   the verdict is cached.
 
-Verdicts live beside ONNX Runtime's optimised graphs (:mod:`runtime.backends.ort_cache`), as
-``int8-verdict-KEY.json``, KEY a hash of both files' sha256 and the host fingerprint. Each is written
-atomically and names the files and host it was measured for, with a checksum of its content: one that
-does not match (torn, edited, foreign) is measured again and rewritten, with one warning. The cache's
-switches hold: ``DDIM_DEPLOY_ORT_CACHE=0`` turns verdicts off too (every load times both files), and a
-folder that cannot be written turns the cache off for the process with one warning.
+A verdict timed at load is cached (timing costs about three times a cold ``ddim-run``'s start, see
+docs/export.md): one small JSON file in ``cache_dir()/int8-verdicts``, named by a hash of both files'
+sha256 and the host fingerprint, written by atomic rename. It names the files and host it was measured
+for and carries a checksum of its content: one that does not match (torn, edited, foreign) is measured
+again and rewritten, with one warning. ``DDIM_DEPLOY_INT8_CACHE=0`` (or ``off``/``false``/``no``; the older
+``DDIM_DEPLOY_ORT_CACHE=0`` too) turns it off: every such load times both files. A folder that cannot be
+written costs the timing only: verdicts are not written for the rest of the process, with one warning.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends import ort_cache
 from runtime.choices import Precision
-from runtime.files import atomic_write_text, read_capped, sha256_file
+from runtime.files import atomic_write_text, cache_dir, read_capped, sha256_file
 from runtime.hostinfo import check_threads, cpu_fingerprint, cpu_name
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,20 @@ EXPORT_BUDGET_S = 3.0  # timing at export, both batches
 RUNTIME_BUDGET_S = 1.0  # timing at load, where the export's does not apply
 VERDICT_SCHEMA = 1
 MAX_VERDICT_BYTES = 64 * 1024
+VERDICT_SWITCHES = ("DDIM_DEPLOY_INT8_CACHE", "DDIM_DEPLOY_ORT_CACHE")  # either set to OFF_VALUES: no verdict cache
+OFF_VALUES = ("0", "off", "false", "no")
+
+_unwritable: set[str] = set()  # verdict folders that could not be written in this process (warned once each)
+
+
+def verdict_folder() -> Path:
+    """Where timings made at load are cached."""
+    return cache_dir() / "int8-verdicts"
+
+
+def verdicts_enabled() -> bool:
+    """False when ``DDIM_DEPLOY_INT8_CACHE`` (or the older ``DDIM_DEPLOY_ORT_CACHE``) turns the cache off."""
+    return all(os.environ.get(name, "1").strip().lower() not in OFF_VALUES for name in VERDICT_SWITCHES)
 
 
 def host_fingerprint(threads: int | None = None) -> dict[str, Any]:
@@ -159,15 +173,15 @@ def _speedup(timing: Any) -> float | None:
 def _cached_or_measured(folder: Path, shas: dict[str, str], host: dict[str, Any],
                         threads: int | None = None) -> tuple[float, str]:
     key = hashlib.sha256(json.dumps({"files": shas, "host": host}, sort_keys=True).encode()).hexdigest()[:32]
-    path = ort_cache.cache_folder() / f"int8-verdict-{key}.json"
-    caching = not ort_cache.is_off()
+    path = verdict_folder() / f"{key}.json"
+    caching = verdicts_enabled()
     if caching:
         speedup = _read_verdict(path, shas, host)
         if speedup is not None:
             return speedup, "measured earlier on this CPU"
     log.debug("timing %s against %s on this CPU (no timing recorded for it)", *(folder / f for f in FILES))
     timing = time_forwards(folder, threads=threads)
-    if caching and not ort_cache.is_off():  # timing opened sessions: the cache may have turned off meanwhile
+    if caching and str(path.parent) not in _unwritable:
         _write_verdict(path, {"schema_version": VERDICT_SCHEMA, "files": shas, "host": host, "timing": timing})
     return timing["speedup"], "measured now"
 
@@ -200,5 +214,8 @@ def _write_verdict(path: Path, body: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({**body, "checksum": _checksum(body)}, sort_keys=True) + "\n")
-    except OSError as exc:
-        ort_cache.turn_off(f"cannot write to {path.parent} ({exc.strerror or exc})")
+    except OSError as exc:  # read-only, not ours, full: the next load times again, never fails
+        _unwritable.add(str(path.parent))
+        log.warning("INT8 timing verdicts not cached for this process: cannot write to %s (%s); loads on this CPU "
+                    "time both files again; point DDIM_DEPLOY_CACHE at a writable folder, or set "
+                    "DDIM_DEPLOY_INT8_CACHE=0", path.parent, exc.strerror or exc)

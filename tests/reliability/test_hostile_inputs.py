@@ -169,7 +169,7 @@ def test_onnx_external_data_inside_the_folder_resolves_there_not_in_the_working_
     entry.key, entry.value = "location", "weights.bin"
     onnx.save(model, str(exp / "model.onnx"))
     args = ("--steps", "3", "--num-images", "2", "--no-progress", "--npz")
-    env = {"DDIM_DEPLOY_CACHE": str(tmp_path / "cache"), "DDIM_DEPLOY_ORT_CACHE": "0"}
+    env = {"DDIM_DEPLOY_CACHE": str(tmp_path / "cache")}
     got = run_here("runtime.cli", str(exp), *args, str(tmp_path / "a.npz"), "--out", str(tmp_path / "a.png"),
               cwd=tmp_path, env=env)
     assert got.returncode == 0, got.stderr
