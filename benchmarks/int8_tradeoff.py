@@ -34,6 +34,7 @@ from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from quality import (  # noqa: E402
     ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats,
 )
+from runtime.exportdir import FP32_ONNX, INT8_ONNX  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
@@ -71,7 +72,7 @@ RENAMED = {
 def forward_speedup(folder: Path, opts: Int8Options, batch: int, repeats: int) -> tuple[float, float]:
     """(float32 ms, INT8 ms) of one forward at ``batch`` for the model in ``folder``/model.onnx."""
     spec = OrtBackend(folder, "cpu").spec
-    quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", spec, lambda: None,  # type: ignore[arg-type]
+    quantize_int8(folder / FP32_ONNX, folder / INT8_ONNX, spec, lambda: None,  # type: ignore[arg-type]
                   dataclasses.replace(opts, calibration="sampler", calibration_size=128))
     x, cond = forward_inputs(spec, batch, np.random.default_rng(0))
     feed = dict(zip(input_names_of(spec.model), (x, cond)))
@@ -117,7 +118,7 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
         for name in names:
             opts = OPTIONS[name]
             start = time.perf_counter()
-            quantize_int8(fm_dir / "model.onnx", fm_dir / "model.int8.onnx", subject.spec, lambda: images, opts)
+            quantize_int8(fm_dir / FP32_ONNX, fm_dir / INT8_ONNX, subject.spec, lambda: images, opts)
             seconds = time.perf_counter() - start
             got = Sampler(OrtBackend(fm_dir, "cpu", "int8")).sample(n, steps=steps, seed=0, batch_size=50).images
             fd = frechet_distance(feature_stats(ext.features(got)), ref)

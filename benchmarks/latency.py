@@ -38,6 +38,7 @@ from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_repo
 from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from export.io_spec import feed, input_names_of  # noqa: E402
 from export.onnx_graph import write_deployed_onnx, write_fp16_onnx  # noqa: E402
+from runtime.exportdir import ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Device, values  # noqa: E402
 from runtime.clitools import version_option  # noqa: E402
@@ -110,12 +111,12 @@ def ort_export(m: Model, folder: Path, int8: bool, fp16: bool = False) -> Path:
     ``model.fp16.onnx`` (GPU rows) and ``model.int8.onnx`` quantized the exporter's way (calibrated on the
     model's own sampling trajectories: latency does not depend on the calibration values, and presets
     have no training data here)."""
-    graph, _ = write_deployed_onnx(m.module, m.spec, folder / "model.onnx",
+    graph, _ = write_deployed_onnx(m.module, m.spec, folder / FP32_ONNX,
                                    spec_to_metadata(m.spec, {"precision": "fp32"}))
     if fp16:
-        write_fp16_onnx(graph, folder / "model.fp16.onnx", spec_to_metadata(m.spec, {"precision": "fp16"}))
+        write_fp16_onnx(graph, folder / FP16_ONNX, spec_to_metadata(m.spec, {"precision": "fp16"}))
     if int8:
-        quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", m.spec, lambda: None,  # type: ignore[arg-type]
+        quantize_int8(folder / FP32_ONNX, folder / INT8_ONNX, m.spec, lambda: None,  # type: ignore[arg-type]
                       Int8Options(calibration="sampler", calibration_size=128))
     return folder
 
@@ -147,7 +148,7 @@ def forward_runners(m: Model, export_dir: Path, device: str, compile_: bool,
     if compile_:
         out[f"torch.compile ({device})"] = (eager(torch.compile(copy.deepcopy(base))), None)
     for precision in ("fp32", "int8"):
-        if precision == "int8" and not (export_dir / "model.int8.onnx").is_file():
+        if precision == "int8" and not (export_dir / INT8_ONNX).is_file():
             continue
         ort_b = OrtBackend(export_dir, "cpu", precision, threads)
         out[f"onnxruntime cpu {precision}"] = (
@@ -211,9 +212,9 @@ def gpu_onnx_runners(m: Model, export_dir: Path) -> dict[str, tuple[Forward, Any
                                                                       BatchProfile.static(8))):
         folder = export_dir / label.replace(" ", "_")
         folder.mkdir()
-        (folder / "model.fp16.onnx").write_bytes((export_dir / "model.fp16.onnx").read_bytes())
-        manifest = build_engine(folder / "model.fp16.onnx", folder / "model.plan", m.spec, profile)
-        write_manifest(folder / "manifest.json", manifest)
+        (folder / FP16_ONNX).write_bytes((export_dir / FP16_ONNX).read_bytes())
+        manifest = build_engine(folder / FP16_ONNX, folder / ENGINE, m.spec, profile)
+        write_manifest(folder / MANIFEST, manifest)
         b = TensorRTBackend(folder, "cuda")
         out[label] = (device_forward(b), Sampler(b))
     return out

@@ -16,17 +16,10 @@ from runtime.cliconfig import (
     GroupedCommand, GroupedOption, add_options, config_options, flag_of, overrides, section, with_flag_names,
 )
 from runtime.clitools import friendly_errors, size_limit_options, size_limits
+from runtime.exportdir import REPORT, RUN_CONFIG, latest_run
 from runtime.shipped import pick
 
 log = logging.getLogger("export")
-
-
-def latest_run(root: Path = Path("runs")) -> Path | None:
-    """The most recently written run directory under ``root`` (by its config.json), if any."""
-    # Hidden names are staging or lock files, never a run.
-    configs = [p for p in root.glob("*/config.json") if p.is_file() and not p.parent.name.startswith(".")] \
-        if root.is_dir() else []
-    return max(configs, key=lambda p: p.stat().st_mtime).parent if configs else None
 
 
 def _options() -> list[click.Option]:
@@ -84,7 +77,7 @@ def main(ctx: click.Context, run_dir: Path | None, out: Path | None, diffusers_o
     under runs/, else the shipped Fashion-MNIST model."""
     from export.int8 import GateOptions, Int8Options
     from export.io_spec import BatchProfile
-    from export.pipeline import REPORT, ExportOptions, export_run
+    from export.pipeline import ExportOptions, export_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if diffusers_out is not None:
@@ -100,7 +93,7 @@ def main(ctx: click.Context, run_dir: Path | None, out: Path | None, diffusers_o
         int8_options=Int8Options(**section(ctx, "int8")), int8_gate=GateOptions(**section(ctx, "gate"))))
     if opts.int8_gate.classifier is not None and not Path(opts.int8_gate.classifier).is_dir():
         raise click.BadParameter(f"{opts.int8_gate.classifier} is not a folder", param_hint="'--int8-classifier'")
-    run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
+    run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, RUN_CONFIG,
                         "train one with python -m trainer fit")
     from export.from_diffusers import diffusers_layout
 
@@ -146,7 +139,7 @@ def _diffusers(ctx: click.Context, run_dir: Path | None, out: Path, onnx_out: Pa
         from runtime.extras import install_hint
 
         raise click.ClickException(f"--diffusers needs diffusers ({install_hint('diffusers')})") from None
-    run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, "config.json",
+    run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, RUN_CONFIG,
                         "train one with python -m trainer fit")
     settings = section(ctx, "export")
     log.info("ddim-export: %s%s -> %s (a diffusers DDIMPipeline folder)", run_dir, why, out)

@@ -45,6 +45,7 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
                                    write_manifest)
 from runtime import __version__
 from runtime.backends import BackendError, precision
+from runtime.exportdir import ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST, REPORT, is_export, is_run_dir
 from runtime.files import PathLock, fsync_dir, replace_dir, sha256_file
 from runtime.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
@@ -107,14 +108,12 @@ class ExportReport:
     source: dict[str, Any] = field(default_factory=dict)  # what was exported: our run, or a diffusers folder
 
 
-REPORT = "export_report.json"
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
 
 
 def is_our_export(folder: Path) -> bool:
-    """A folder ``ddim-export`` wrote: it holds our report and is not a training run directory."""
-    return (folder.is_dir() and not folder.is_symlink() and (folder / REPORT).is_file()
-            and not (folder / CONFIG).is_file() and not (folder / "checkpoints").exists())
+    """A folder ``ddim-export`` wrote (:func:`runtime.exportdir.is_export`) and may replace: not through a link."""
+    return not folder.is_symlink() and is_export(folder)
 
 
 def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
@@ -124,7 +123,7 @@ def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
                               f"pick another {flag}")
     if not out.exists() or not any(out.iterdir()):
         return
-    if (out / CONFIG).is_file() or (out / "checkpoints").is_dir():
+    if is_run_dir(out):
         raise FileExistsError(f"{flag} {out} is a training run directory; it is never replaced (even with --force): "
                               f"pick another {flag}")
     if not is_our_export(out):
@@ -237,7 +236,7 @@ def _export(run_dir: Path, folder: DiffusersFolder | None, out: Path, opts: Expo
             _write_int8(spec, staging, info, opts, report, has_data=folder is None)
         if opts.fp16:
             _write_fp16(model, spec, fp32, staging, info, report)
-            report.tensorrt_commands = equivalent_commands("model.fp16.onnx", spec, opts.profile,
+            report.tensorrt_commands = equivalent_commands(FP16_ONNX, spec, opts.profile,
                                                            opts.optimization_level, FP16_TOLERANCE)
             _write_engine(model, spec, staging, opts, report)
         (staging / REPORT).write_text(json.dumps(_summary(report), indent=2) + "\n")  # last: marks it complete
@@ -251,26 +250,26 @@ def _export(run_dir: Path, folder: DiffusersFolder | None, out: Path, opts: Expo
 def _write_onnx(model: Any, spec: Any, staging: Path, info: dict, opts: ExportOptions,
                 report: ExportReport) -> onnx.ModelProto:
     start = time.perf_counter()
-    graph, folded = write_deployed_onnx(model, spec, staging / "model.onnx",
+    graph, folded = write_deployed_onnx(model, spec, staging / FP32_ONNX,
                                         spec_to_metadata(spec, {**info, "precision": "fp32"}), opts.opset)
     if folded:
         report.notes.append(f"folded {folded} BatchNorm layers into the following convolutions (exact)")
-    report.seconds["model.onnx"] = time.perf_counter() - start
+    report.seconds[FP32_ONNX] = time.perf_counter() - start
     # The gate compares the folded graph with the original eager model.
-    _gate(model, spec, staging / "model.onnx", FP32_TOLERANCE, report)
+    _gate(model, spec, staging / FP32_ONNX, FP32_TOLERANCE, report)
     return graph
 
 
 def _write_fp16(model: Any, spec: Any, fp32: onnx.ModelProto, staging: Path, info: dict,
                 report: ExportReport) -> None:
     start = time.perf_counter()
-    write_fp16_onnx(fp32, staging / "model.fp16.onnx", spec_to_metadata(spec, {**info, "precision": "fp16"}))
-    report.seconds["model.fp16.onnx"] = time.perf_counter() - start
+    write_fp16_onnx(fp32, staging / FP16_ONNX, spec_to_metadata(spec, {**info, "precision": "fp16"}))
+    report.seconds[FP16_ONNX] = time.perf_counter() - start
     embed = set(embedding_nodes(fp32.graph))
     kept = float32_nodes(fp32)
     report.float32_in_fp16 = [f"embedding path ({', '.join(sorted({n.op_type for n in kept if n.name in embed}))})"]
     report.float32_in_fp16 += sorted({n.op_type for n in kept if n.name not in embed})
-    _gate(model, spec, staging / "model.fp16.onnx", FP16_TOLERANCE, report)
+    _gate(model, spec, staging / FP16_ONNX, FP16_TOLERANCE, report)
 
 
 def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, report: ExportReport,
@@ -281,14 +280,14 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
         int8_options = dataclasses.replace(int8_options, calibration="sampler")
         report.notes.append("INT8 calibrated on the model's own DDIM samples (--int8-calibration sampler): a "
                             "diffusers folder names no training data")
-    path = staging / "model.int8.onnx"
-    q = quantize_int8(staging / "model.onnx", path, spec, images, int8_options)
+    path = staging / INT8_ONNX
+    q = quantize_int8(staging / FP32_ONNX, path, spec, images, int8_options)
     save_checked(onnx.load(str(path)), path, spec_to_metadata(spec, {**info, "precision": "int8"}))
-    report.seconds["model.int8.onnx"] = q.seconds
+    report.seconds[INT8_ONNX] = q.seconds
     log.info("INT8: calibrated on %s; integer ops: %s", q.calibration,
              ", ".join(f"{k} x{v}" for k, v in sorted(q.quantized_ops.items())))
     start = time.perf_counter()
-    gate = quality_gate(staging / "model.onnx", path, spec, images, opts.int8_gate, opts.progress)
+    gate = quality_gate(staging / FP32_ONNX, path, spec, images, opts.int8_gate, opts.progress)
     report.seconds["int8 quality gate"] = time.perf_counter() - start
     report.int8 = {"calibration": q.calibration, "kept_float32": q.kept_float32, "quantized_ops": q.quantized_ops,
                    "gate": {**dataclasses.asdict(gate), "passed": gate.passed, "fd_ratio": gate.fd_ratio},
@@ -341,14 +340,14 @@ def _write_engine(model: Any, spec: Any, staging: Path, opts: ExportOptions, rep
         return
     # Strongly typed: the engine takes its precision from the FP16 graph (float32 I/O, embedding and
     # normalisation kept float32), never from builder flags.
-    manifest = build_engine(staging / "model.fp16.onnx", staging / "model.plan", spec, opts.profile,
+    manifest = build_engine(staging / FP16_ONNX, staging / ENGINE, spec, opts.profile,
                             opts.timing_cache, opts.optimization_level)
-    report.seconds["model.plan"] = manifest["build_seconds"]
+    report.seconds[ENGINE] = manifest["build_seconds"]
     batches = tuple(sorted({opts.profile.min, opts.profile.opt, opts.profile.max}))
-    result = compare(model, engine_runner(staging / "model.plan", spec), "model.plan", spec, "TensorRT", FP16_TOLERANCE,
+    result = compare(model, engine_runner(staging / ENGINE, spec), ENGINE, spec, "TensorRT", FP16_TOLERANCE,
                      batches)
     _record(result, report)
-    write_manifest(staging / "manifest.json", manifest)
+    write_manifest(staging / MANIFEST, manifest)
 
 
 def _summary(report: ExportReport) -> dict[str, Any]:

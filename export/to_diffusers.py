@@ -39,7 +39,8 @@ import torch
 from export.diffusers_card import model_card
 from export.diffusers_unet import to_unet2d, unet2d_mismatch
 from export.parity import FP32_TOLERANCE
-from export.pipeline import REPORT, ParityError, export_folder
+from export.pipeline import ParityError, export_folder
+from runtime.exportdir import REPORT
 from runtime import __version__
 from runtime.config import ModelSpec
 from runtime.files import replace_dir, sha256_file

@@ -14,31 +14,13 @@ import numpy as np
 from runtime.choices import BackendName, Device, RunPrecision, values
 from runtime.cliconfig import with_flag_names
 from runtime.clitools import friendly_errors, sampling_options, sampling_settings
+from runtime.exportdir import FP32_ONNX, latest_export
 from runtime.hostinfo import physical_cores
 from runtime.outputs import StagedOutputs, check_file, check_folder
 from runtime.settings import SamplingSettings
 from runtime.shipped import pick
 
 log = logging.getLogger("runtime")
-
-
-def latest_export(root: Path = Path("exports")) -> Path | None:
-    """The most recently completed export folder under ``root``, if any.
-
-    Only folders of ours that ``ddim-export`` finished count: ``export_report.json`` is written last,
-    inside a staging folder renamed into place. Hidden names are skipped: a killed export leaves its
-    ``.NAME.partial-PID`` staging folder (an ungated model) or ``.NAME.old-PID`` (the replaced one).
-    """
-    found: list[tuple[float, Path]] = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        report = folder / "export_report.json"
-        if folder.name.startswith(".") or not (report.is_file() and (folder / "model.onnx").is_file()):
-            continue
-        try:
-            found.append((report.stat().st_mtime, folder))
-        except OSError:  # removed meanwhile
-            continue
-    return max(found)[1] if found else None
 
 
 def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
@@ -106,7 +88,7 @@ def _run(ctx: click.Context, model: Path | None, settings: SamplingSettings, o: 
     from runtime.common.progress import progress_bar
     from runtime.images import grid_bytes, grid_scale, image_format, png_bytes
 
-    model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
+    model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
     log.info("ddim-run: %s%s", model, why)
     check_outputs(o.out, o.out_dir, o.npz)
     sampler = load(model, o.backend, o.device, o.precision, o.threads)

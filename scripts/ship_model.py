@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.pipeline import ExportOptions, export_run  # noqa: E402
+from runtime.exportdir import FP32_ONNX
 from runtime.api import load  # noqa: E402
 from runtime.clitools import friendly_errors  # noqa: E402
 from runtime.files import replace_dir  # noqa: E402
@@ -78,8 +79,8 @@ def build(run_dir: Path, out: Path, stage: Path) -> None:
     export = stage.parent / "export"
     report = export_run(stage, export, ExportOptions())
     click.echo(f"  {report.parity[0].line()}", err=True)
-    os.replace(export / "model.onnx", stage / "model.onnx")
-    result = load(stage / "model.onnx", "onnxruntime", "cpu").sample(64, steps=50, seed=0)
+    os.replace(export / FP32_ONNX, stage / FP32_ONNX)
+    result = load(stage / FP32_ONNX, "onnxruntime", "cpu").sample(64, steps=50, seed=0)
     save_grid(stage / "samples.png", result.images, scale=grid_scale(result.images.shape[1], 64))
 
 

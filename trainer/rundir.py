@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from runtime.exportdir import RUN_CHECKPOINTS, RUN_CONFIG as CONFIG, RUN_WEIGHTS as WEIGHTS  # the layout readers share
 from runtime import __version__
 from runtime.config import ModelSpec
 from runtime.files import atomic_path, atomic_write_text, fsync_dir, sha256_file
@@ -48,8 +49,6 @@ from trainer.models import build_model
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 STATE_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -80,7 +79,7 @@ def read_spec(run_dir: Path) -> ModelSpec:
 
 def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoint folders, oldest first."""
-    root = run_dir / "checkpoints"
+    root = run_dir / RUN_CHECKPOINTS
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
@@ -89,7 +88,7 @@ def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, ema: nn.Module, state: TrainState, keep: int) -> Path:
     """Write checkpoint ``step-N`` atomically, point the top-level files at it, prune to ``keep``."""
-    root = run_dir / "checkpoints"
+    root = run_dir / RUN_CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"step-{state.step:07d}"
     tmp = root / f".tmp-{final.name}"
@@ -148,7 +147,7 @@ def recover_run_dir(run_dir: Path) -> list[str]:
     between the two links. Returns what it did, one phrase each, for the log.
     """
     done: list[str] = []
-    root = run_dir / "checkpoints"
+    root = run_dir / RUN_CHECKPOINTS
     complete = {p for _, p in step_dirs(run_dir)}
     if root.is_dir():
         for p in sorted(root.iterdir()):

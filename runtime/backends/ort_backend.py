@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from runtime.exportdir import ONNX_FILES
 from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
@@ -28,7 +29,7 @@ from runtime.metadata import spec_from_metadata
 from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
-MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+MODEL_FILES = ONNX_FILES  # by precision (runtime.exportdir)
 # A graph with symbolic image sizes cannot confirm what its metadata claims: cap what that may allocate
 # (the largest preset samples 64x64; runtime.limits uses the same default for configs).
 MAX_SYMBOLIC_IMAGE_SIZE = 1024

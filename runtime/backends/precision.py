@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from runtime.exportdir import FP32_ONNX, INT8_ONNX, REPORT, read_report
 from runtime.choices import Precision
 from runtime.files import atomic_write_text, cache_dir, read_capped, sha256_file
 from runtime.hostinfo import check_threads, cpu_fingerprint, cpu_name
 
 log = logging.getLogger(__name__)
 
-REPORT = "export_report.json"  # written last by ddim-export (export.pipeline.REPORT)
-FILES = ("model.onnx", "model.int8.onnx")  # float32, INT8 (ort_backend.MODEL_FILES)
+FILES = (FP32_ONNX, INT8_ONNX)  # float32, INT8
 SPEEDUP_BATCH = 16  # the default batch of ddim-run and Sampler.sample: the speed that decides
 EXPORT_BATCHES = (1, SPEEDUP_BATCH)
 EXPORT_BUDGET_S = 3.0  # timing at export, both batches
@@ -146,8 +146,7 @@ def choose(folder: Path, threads: int | None = None) -> tuple[Precision, str]:
 def _gated_files(folder: Path) -> tuple[dict[str, Any], str]:
     """The report's INT8 section with the files' sha256 added, or why INT8 cannot be taken as gated."""
     try:
-        report = json.loads(read_capped(folder / REPORT, what="export report"))
-        section = report["int8"]
+        section = read_report(folder)["int8"]
         passed = section["gate"]["passed"]
     except FileNotFoundError:
         return {}, f"no {REPORT} beside it to confirm its quality gate"

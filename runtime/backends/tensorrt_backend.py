@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from runtime.exportdir import ENGINE, FP32_ONNX, MANIFEST
 from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
@@ -44,7 +45,7 @@ def import_tensorrt() -> Any:
 
 def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[str, Any]:
     """The engine's manifest, if it matches the installed TensorRT, this GPU and the ONNX beside it."""
-    plan, path = export_dir / "model.plan", export_dir / "manifest.json"
+    plan, path = export_dir / ENGINE, export_dir / MANIFEST
     if not plan.is_file():
         raise BackendError(f"{export_dir} holds no model.plan; build one with ddim-export --fp16 on a GPU machine")
     try:
@@ -60,7 +61,7 @@ def check_manifest(export_dir: Path, trt_version: str, capability: str) -> dict[
         ("TensorRT version", manifest.get("tensorrt_version"), trt_version),
         ("GPU compute capability", manifest.get("compute_capability"), capability),
     ]
-    onnx_file = export_dir / str(manifest.get("onnx_file", "model.onnx"))
+    onnx_file = export_dir / str(manifest.get("onnx_file", FP32_ONNX))
     if onnx_file.is_file():
         checks.append(("ONNX sha256", manifest.get("onnx_sha256"), sha256_file(onnx_file)))
     for what, built, here in checks:
@@ -92,7 +93,7 @@ class Engine:
         from runtime.backends.ort_backend import check_image_dims  # ONNX Runtime comes with TensorRT's extra
 
         for name in (self.inputs[0], OUTPUT_NAMES[0]):
-            check_image_dims(self.dims(name), spec, name, source, what="engine", told="manifest.json")
+            check_image_dims(self.dims(name), spec, name, source, what="engine", told=MANIFEST)
 
     def dims(self, name: str) -> list[int]:
         """``name``'s dims, -1 where set at run time, unless the first profile pins an input's size."""
@@ -150,7 +151,7 @@ class TensorRTBackend(OnDevice):
             self.spec = ModelSpec.from_dict(manifest["config"])
         except ConfigError as exc:
             raise BackendError(f"manifest.json: {exc}") from None
-        self.model_path = export_dir / "model.plan"
+        self.model_path = export_dir / ENGINE
         self.engine = Engine(self.model_path, self.arrays, trt, self.spec)
         self.conditioning = self.spec.model.conditioning
         self.engine.check_dims(self.spec, str(self.model_path))

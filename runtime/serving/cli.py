@@ -120,12 +120,12 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
          address: str | None, max_images_per_request: int, max_steps: int, ready_timeout: float) -> None:
     """Serve MODEL (an export directory or ONNX file; default: the latest export under exports/, else the shipped
     Fashion-MNIST model) over HTTP: POST /v1/samples, GET /v1/model, GET /healthz, docs at /docs."""
-    from runtime.cli import latest_export
+    from runtime.exportdir import FP32_ONNX, latest_export
     from runtime.serving.core import ModelService, ServeOptions
     from runtime.shipped import pick
 
     started = time.monotonic()
-    model, why = pick(model, "MODEL", "export", "exports", latest_export, "model.onnx", "make one with ddim-export")
+    model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
     options = ServeOptions(str(model.resolve()), backend, device, None if precision == "auto" else precision,  # type: ignore[arg-type]
                            threads, max_batch, batch_wait_ms, max_images_per_request, max_steps)
     # Load it here first: a wrong path, a corrupt file or a missing backend fails in one line before Ray starts.

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime import __version__
 from runtime.choices import BackendName, Device, RunPrecision, Solver, values
 from runtime.clitools import one_line
+from runtime.exportdir import is_export, read_report
 from runtime.files import sha256_file
 from runtime.settings import SamplingSettings, SettingsError
 
@@ -257,12 +258,10 @@ class ModelService:
     def info(self) -> dict[str, Any]:
         """``GET /v1/model``: the model's config and export report, what runs it, the service's limits."""
         spec = self.sampler.spec
-        folder = self.model_file.parent
-        report = folder / "export_report.json"
         export_info: Any = None
-        if report.is_file():
+        if is_export(self.model_file.parent):
             try:
-                export_info = json.loads(report.read_text())
+                export_info = read_report(self.model_file.parent)
             except (OSError, ValueError):
                 export_info = None
         o = self.options

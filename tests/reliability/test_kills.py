@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from export.pipeline import ExportOptions, export_run, is_our_export
 from faults import ROOT, tiny_data
-from runtime.cli import latest_export
+from runtime.exportdir import latest_export
 from trainer.rundir import load_checkpoint, step_dirs
 from trainer.models import build_model
 from trainer.train import fit

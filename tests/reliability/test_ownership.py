@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from export.cli import latest_run
-from export.pipeline import REPORT, ExportOptions, export_run, is_our_export
+from runtime.exportdir import latest_run
+from export.pipeline import ExportOptions, export_run, is_our_export
+from runtime.exportdir import REPORT
 from faults import assert_kept, one_error_line, run_here, snapshot, tiny_data, tiny_run
 
 
