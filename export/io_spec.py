@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.backends import OUTPUT_NAMES, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, cond_shape, input_names
 from runtime.config import ModelConfig
 
 __all__ = ["BATCH_AXIS", "OUTPUT_NAMES", "DTYPE", "BatchProfile", "input_names_of", "tensor_shapes", "dynamic_axes",

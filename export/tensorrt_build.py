@@ -28,7 +28,7 @@ import onnx
 
 from export.io_spec import BatchProfile, input_names_of, input_profile
 from export.onnx_graph import graph_precision
-from runtime.backends import BackendError
+from runtime.backends.base import BackendError
 from runtime.backends.cuda_arrays import CupyArrays, device_info, import_cupy
 from runtime.backends.tensorrt_backend import MANIFEST_SCHEMA, Engine, import_tensorrt
 from runtime.config import ModelSpec

@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.backends import Backend, BackendName, Device, RunPrecision, open_backend
+from runtime.backends.base import Backend
+from runtime.backends.registry import open_backend
+from runtime.choices import Device, RunPrecision
 from runtime.images import to_uint8
 from runtime.noise import ImageNoise
 from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample, default_spacing
@@ -140,7 +142,7 @@ class Sampler:
         return outs
 
 
-def load(path: str | Path, backend: BackendName = "auto", device: Device | None = None,
+def load(path: str | Path, backend: str = "auto", device: Device | None = None,
          precision: RunPrecision | None = None, threads: int | None = None) -> Sampler:
     """A sampler for an export directory, an ONNX file, or (torch backend) a trainer run directory.
 

@@ -11,9 +11,9 @@ from typing import Any
 import click
 import numpy as np
 
-from runtime.choices import BackendName, Device, RunPrecision, values
+from runtime.choices import Device, RunPrecision, values
 from runtime.cliconfig import with_flag_names
-from runtime.clitools import friendly_errors, sampling_options, sampling_settings
+from runtime.clitools import BackendChoice, friendly_errors, sampling_options, sampling_settings
 from runtime.exportdir import FP32_ONNX, latest_export
 from runtime.hostinfo import physical_cores
 from runtime.outputs import StagedOutputs, check_file, check_folder
@@ -42,7 +42,7 @@ class RunOptions:
     num_images: int
     batch_size: int
     seed: int
-    backend: BackendName
+    backend: str
     device: Device | None
     precision: RunPrecision
     threads: int | None
@@ -59,7 +59,7 @@ class RunOptions:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Noise seed (numpy seeds are non-negative).")
-@click.option("--backend", type=click.Choice(values(BackendName)), default="auto",
+@click.option("--backend", type=BackendChoice(), default="auto",
               show_default=True, help="torch takes a trainer run directory: the eager reference.")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]")
 @click.option("--precision", type=click.Choice(values(RunPrecision)), default="auto", show_default=True,

@@ -83,3 +83,27 @@ def sampling_settings(ctx: click.Context) -> Any:
     from runtime.settings import SamplingSettings
 
     return with_flag_names(ctx, lambda: SamplingSettings(**section(ctx, "sampling")), every_field_of="sampling")
+
+
+class BackendChoice(click.ParamType):
+    """``--backend``: ``auto`` or a row of the backend table (:mod:`runtime.backends.registry`), looked up when the
+    value is given, so backends registered or installed as plugins are accepted too."""
+
+    name = "backend"
+
+    def __init__(self, serve: bool = False) -> None:
+        self.serve = serve
+
+    def _names(self) -> tuple[str, ...]:
+        from runtime.backends.registry import names
+
+        return names(serve=self.serve)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        return "[" + "|".join(self._names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        known = self._names()
+        if value not in known:
+            self.fail(f"{value!r} is not one of {', '.join(known)}", param, ctx)
+        return str(value)

@@ -18,6 +18,7 @@ from PIL import Image
 from runtime.api import load
 from runtime.images import grid_bytes, grid_scale
 from runtime.serving.core import ImageJob, ModelService, RequestError, SampleRequest, ServeOptions, encode
+from runtime.settings import SamplingSettings
 from runtime.shipped import SHIPPED_MODEL
 from test_distributed import free_port
 
@@ -225,7 +226,7 @@ def test_core_limits_groups_and_error_isolation():
     assert exc.value.status == 413
     with pytest.raises(RequestError, match="steps: 11 is over"):
         svc.check(SampleRequest(steps=11))
-    jobs = svc.check(SampleRequest(num_images=2, steps=3, seed=4)) + [ImageJob(9, 0, 2, 0.0, "ddim")]
+    jobs = svc.check(SampleRequest(num_images=2, steps=3, seed=4)) + [ImageJob(9, 0, SamplingSettings(2))]
     results = svc.run_batch(jobs)
     assert [r.batch for r in results] == [2, 2, 1] and all(r.error is None for r in results)
     np.testing.assert_array_equal(np.stack([r.image for r in results[:2]]), reference(2, 4, 3))
@@ -258,15 +259,15 @@ def test_batcher_merges_queued_jobs_when_free_and_keeps_keys_apart():
     batches: list[list[tuple[int, int]]] = []
 
     def run(jobs):
-        batches.append([(j.seed, j.steps) for j in jobs])
+        batches.append([(j.seed, j.settings.steps) for j in jobs])
         time.sleep(0.05)  # the network is busy: everything that arrives meanwhile queues
         return [ImageResult(None, len(jobs), 0.05) for _ in jobs]
 
     async def scenario():
         batcher = Batcher(run, max_batch=4, wait_s=0.01)
-        first = asyncio.ensure_future(batcher.submit(ImageJob(0, 0, 5, 0.0, "ddim")))
+        first = asyncio.ensure_future(batcher.submit(ImageJob(0, 0, SamplingSettings(5))))
         await asyncio.sleep(0.02)  # the first batch (one job) is running now
-        rest = [asyncio.ensure_future(batcher.submit(ImageJob(s, 0, 5 if s % 2 else 7, 0.0, "ddim")))
+        rest = [asyncio.ensure_future(batcher.submit(ImageJob(s, 0, SamplingSettings(5 if s % 2 else 7))))
                 for s in range(1, 10)]
         results = await asyncio.gather(first, *rest)
         return [r.batch for r in results]
@@ -280,9 +281,9 @@ def test_batcher_merges_queued_jobs_when_free_and_keeps_keys_apart():
     async def waits_to_fill():
         batches.clear()
         batcher = Batcher(run, max_batch=3, wait_s=0.3)
-        a = asyncio.ensure_future(batcher.submit(ImageJob(0, 0, 5, 0.0, "ddim")))
+        a = asyncio.ensure_future(batcher.submit(ImageJob(0, 0, SamplingSettings(5))))
         await asyncio.sleep(0.05)
-        b = [asyncio.ensure_future(batcher.submit(ImageJob(s, 0, 5, 0.0, "ddim"))) for s in (1, 2)]
+        b = [asyncio.ensure_future(batcher.submit(ImageJob(s, 0, SamplingSettings(5)))) for s in (1, 2)]
         await asyncio.gather(a, *b)
 
     asyncio.run(waits_to_fill())

@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from runtime.backends import cond_shape
+from runtime.backends.base import cond_shape
 from runtime.config import ModelSpec
 from runtime.hostinfo import check_threads, threads_label
 from trainer.rundir import load_model

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.backends import BackendError
+from runtime.backends.base import BackendError
 from runtime.extras import install_hint
 
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from runtime.exportdir import ONNX_FILES
-from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
 from runtime.extras import install_hint

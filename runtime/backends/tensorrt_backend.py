@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.exportdir import ENGINE, FP32_ONNX, MANIFEST
-from runtime.backends import OUTPUT_NAMES, BackendError, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
 from runtime.extras import install_hint

@@ -18,11 +18,10 @@ from typing import Any
 import click
 
 from runtime.choices import Device, RunPrecision, values
-from runtime.clitools import friendly_errors, one_line
+from runtime.clitools import BackendChoice, friendly_errors, one_line
 from runtime.extras import install_hint
 from runtime.hostinfo import physical_cores
 
-SERVE_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # the lean runtime's: replicas never import torch
 APP_NAME = "ddim"
 SHUTDOWN_TIMEOUT_S = 60
 
@@ -99,7 +98,8 @@ def quiet_ray_logs() -> None:
                    "sampling settings (steps, eta, solver).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="How long a batch waits for more images before it runs.")
-@click.option("--backend", type=click.Choice(SERVE_BACKENDS), default="auto", show_default=True)
+@click.option("--backend", type=BackendChoice(serve=True), default="auto", show_default=True,
+              help="The backends ddim-serve may run: the lean runtime's (replicas never import torch).")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]")
 @click.option("--precision", type=click.Choice(values(RunPrecision)), default="auto", show_default=True,
               help="As ddim-run --precision.")

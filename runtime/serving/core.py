@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import __version__
-from runtime.choices import BackendName, Device, RunPrecision, Solver, values
+from runtime.choices import Device, RunPrecision, Solver, values
 from runtime.clitools import one_line
 from runtime.exportdir import is_export, read_report
 from runtime.files import sha256_file
@@ -70,7 +70,7 @@ class ServeOptions:
     """How a replica loads its model and what it accepts (``ddim-serve``'s options)."""
 
     model: str  # export folder or ONNX file, resolved on the machine that starts the service
-    backend: BackendName = "auto"
+    backend: str = "auto"  # a row of runtime.backends.registry that may serve
     device: Device | None = None
     precision: RunPrecision | None = None
     threads: int | None = None
@@ -80,9 +80,11 @@ class ServeOptions:
     max_steps: int = 1000
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "onnxruntime", "tensorrt"):
-            raise ValueError(f"--backend {self.backend}: ddim-serve runs the lean runtime (auto, onnxruntime, "
-                             "tensorrt); export a trainer run with ddim-export first")
+        from runtime.backends.registry import names
+
+        if self.backend not in names(serve=True):
+            raise ValueError(f"--backend {self.backend}: ddim-serve runs the lean runtime "
+                             f"({', '.join(names(serve=True))}); export a trainer run with ddim-export first")
         for name in ("max_batch", "max_images_per_request", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

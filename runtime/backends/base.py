@@ -1,0 +1,51 @@
+"""The backend protocol: what the sampler needs from an inference engine, the denoiser's I/O names, the error.
+
+Every backend works on its own arrays (numpy on the host, CuPy or torch on a device) and supplies the few array
+operations the shared DDIM loop needs, so buffers stay where the backend keeps them. Backend modules import this
+module only; choosing among them is :mod:`runtime.backends.registry`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from runtime.config import Conditioning, ModelSpec
+
+# The denoiser's I/O names, as every exported file declares them (export.io_spec builds on these): the images,
+# then the conditioning input its config names, then the predicted noise.
+IMAGE_INPUT = "noisy_images"
+COND_INPUTS: dict[str, str] = {"noise_variance": "noise_variances", "timestep": "timesteps"}
+OUTPUT_NAMES = ("pred_noises",)
+
+
+def input_names(conditioning: Conditioning) -> tuple[str, str]:
+    """The denoiser's inputs: ``noisy_images`` (N, C, H, W) and ``noise_variances`` (N, 1, 1, 1) or
+    ``timesteps`` (N,), all float32."""
+    return IMAGE_INPUT, COND_INPUTS[conditioning]
+
+
+def cond_shape(conditioning: Conditioning, batch: Any) -> tuple[Any, ...]:
+    """Shape of the conditioning input at ``batch`` (an int or a symbolic axis name)."""
+    return (batch,) if conditioning == "timestep" else (batch, 1, 1, 1)
+
+
+class BackendError(ValueError):
+    """A backend that cannot run the given model here, with the reason."""
+
+
+class Backend(Protocol):
+    """What the sampler needs from an inference engine."""
+
+    name: str
+    device: str
+    precision: str
+    spec: ModelSpec
+
+    def denoise(self, x: Any, cond: float) -> Any: ...  # (N, C, H, W), the step's cond -> predicted noise
+    def from_host(self, x: NDArray[np.float32]) -> Any: ...
+    def to_host(self, x: Any) -> NDArray[np.float32]: ...
+    def is_finite(self, x: Any) -> bool: ...
+    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]: ...
