@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime.hostinfo import cpu_name  # noqa: F401 (the scripts take it from here)
+from runtime.common.hostinfo import cpu_name  # noqa: F401 (the scripts take it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -33,7 +33,7 @@ from quality import feature_stats, frechet_distance, make_extractor  # noqa: E40
 from quality.statscache import cached_features  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Solver, values  # noqa: E402
-from runtime.clitools import friendly_errors  # noqa: E402
+from runtime.common.clitools import friendly_errors  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.rundir import WEIGHTS, load_state_dicts, load_weights, read_spec, step_dirs  # noqa: E402

@@ -48,12 +48,12 @@ from quality import (  # noqa: E402
 )
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Device, Solver, values  # noqa: E402
-from runtime.clitools import friendly_errors  # noqa: E402
+from runtime.common.clitools import friendly_errors  # noqa: E402
 from runtime.config import ModelSpec  # noqa: E402
-from runtime.extras import install_hint  # noqa: E402
+from runtime.common.extras import install_hint  # noqa: E402
 from runtime.images import make_grid  # noqa: E402
 from runtime.settings import SamplingSettings  # noqa: E402
-from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from runtime.common.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.config import RunConfig, Split  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
 from trainer.rundir import load_model, read_spec  # noqa: E402

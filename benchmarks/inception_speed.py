@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
-from runtime.clitools import friendly_errors  # noqa: E402
+from runtime.common.clitools import friendly_errors  # noqa: E402
 
 GFLOP_PER_IMAGE = 2 * 5.711168  # multiply-adds of its convolutions, x2
 
@@ -88,7 +88,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @friendly_errors
 def main(batch: int, repeats: int, threads: int | None, quick: bool, out: Path) -> None:
     """Time the FID's InceptionV3 on ONNX Runtime and on TorchScript."""
-    from runtime.hostinfo import check_threads
+    from runtime.common.hostinfo import check_threads
 
     threads = check_threads(threads)
     if quick:

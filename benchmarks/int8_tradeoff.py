@@ -37,8 +37,8 @@ from quality import (  # noqa: E402
 from runtime.exportdir import FP32_ONNX, INT8_ONNX  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
-from runtime.clitools import friendly_errors  # noqa: E402
-from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from runtime.common.clitools import friendly_errors  # noqa: E402
+from runtime.common.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.data import model_split_images  # noqa: E402
 
 _8BIT = Int8Options(reduce_range=False)

@@ -41,13 +41,13 @@ from export.onnx_graph import write_deployed_onnx, write_fp16_onnx  # noqa: E402
 from runtime.exportdir import ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Device, values  # noqa: E402
-from runtime.clitools import version_option  # noqa: E402
+from runtime.common.clitools import version_option  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
 from runtime.config import ModelSpec, NormalizationConfig  # noqa: E402
-from runtime.hostinfo import check_threads, physical_cores  # noqa: E402
+from runtime.common.hostinfo import check_threads, physical_cores  # noqa: E402
 from runtime.schedule import build_schedule, noise_variance  # noqa: E402
 from runtime.settings import SamplingSettings  # noqa: E402
-from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from runtime.common.shipped import SHIPPED_MODEL  # noqa: E402
 from runtime.metadata import spec_to_metadata  # noqa: E402
 from trainer.rundir import load_model  # noqa: E402
 from trainer.models import build_model, forward_gflops  # noqa: E402

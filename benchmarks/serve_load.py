@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, cpu_name, pyplot, save_figure, write_report  # noqa: E402
-from runtime.clitools import friendly_errors  # noqa: E402
-from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from runtime.common.clitools import friendly_errors  # noqa: E402
+from runtime.common.shipped import SHIPPED_MODEL  # noqa: E402
 
 
 def free_port() -> int:
@@ -223,7 +223,7 @@ def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, client
     """Start ddim-serve per --max-batch setting, load it, and write JSON, Markdown and a plot."""
     import ray
 
-    from runtime.hostinfo import physical_cores
+    from runtime.common.hostinfo import physical_cores
 
     body = {"num_images": num_images, "steps": steps, "solver": solver, "format": "png"}
     extra = ("--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32",

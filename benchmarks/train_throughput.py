@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_name, report_stem, write_json  # noqa: E402
 from runtime.choices import Device, values  # noqa: E402
-from runtime.clitools import version_option  # noqa: E402
+from runtime.common.clitools import version_option  # noqa: E402
 from runtime.schedule import build_schedule  # noqa: E402
 from trainer.models import build_model, count_parameters, forward_gflops  # noqa: E402
 from trainer.config import Precision as TrainPrecision  # noqa: E402

@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 
-from runtime.cliconfig import (
+from runtime.common.cliconfig import (
     GroupedCommand, GroupedOption, add_options, config_options, flag_of, overrides, section, with_flag_names,
 )
-from runtime.clitools import friendly_errors, size_limit_options, size_limits
+from runtime.common.clitools import friendly_errors, size_limit_options, size_limits
 from runtime.exportdir import REPORT, RUN_CONFIG, latest_run
-from runtime.shipped import pick
+from runtime.common.shipped import pick
 
 log = logging.getLogger("export")
 
@@ -136,7 +136,7 @@ def _diffusers(ctx: click.Context, run_dir: Path | None, out: Path, onnx_out: Pa
     except ModuleNotFoundError as exc:
         if exc.name != "diffusers":
             raise
-        from runtime.extras import install_hint
+        from runtime.common.extras import install_hint
 
         raise click.ClickException(f"--diffusers needs diffusers ({install_hint('diffusers')})") from None
     run_dir, why = pick(run_dir, "RUN_DIR", "run", "runs", latest_run, RUN_CONFIG,

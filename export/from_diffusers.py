@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from runtime.config import ConfigError, DiffusersUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig
-from runtime.files import read_capped, read_regular
-from runtime.limits import MAX_BLOCKS, MAX_WIDTH, SizeLimitError, SizeLimits
+from runtime.common.files import read_capped, read_regular
+from runtime.common.limits import MAX_BLOCKS, MAX_WIDTH, SizeLimitError, SizeLimits
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _check_unet(cfg: Mapping[str, Any], where: Path, limits: SizeLimits) -> tupl
 
 def _check_structure(cfg: Mapping[str, Any], where: Path) -> None:
     """Bound the module diffusers would build before the weights are read (a config claiming 10**6 layers must
-    not take an hour to build): the limits of runtime.limits, as for our U-Nets."""
+    not take an hour to build): the limits of runtime.common.limits, as for our U-Nets."""
     widths, depth = cfg.get("block_out_channels", [224, 448, 672, 896]), cfg.get("layers_per_block", 2)
     depths = depth if isinstance(depth, list) else [depth]
     if not (isinstance(widths, list) and widths and all(_positive_int(w) for w in widths + depths)):
@@ -289,7 +289,7 @@ def load_denoiser(folder: DiffusersFolder) -> "DiffusersDenoiser":
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        from runtime.extras import install_hint
+        from runtime.common.extras import install_hint
 
         hint = install_hint("diffusers")
         raise DiffusersFolderError(f"reading a diffusers folder needs diffusers: {hint}") from None
@@ -340,7 +340,7 @@ class DiffusersDenoiser(torch.nn.Module):
 
 def source_info(folder: DiffusersFolder) -> dict[str, Any]:
     """What export_report.json and the ONNX metadata record of where the model came from."""
-    from runtime.files import sha256_file
+    from runtime.common.files import sha256_file
 
     return {"kind": "diffusers", "folder": str(folder.path.resolve()), "diffusers_version": folder.diffusers_version,
             "unet_sha256": sha256_file(folder.weights), "scheduler_config": str(folder.scheduler_file.resolve()),

@@ -46,8 +46,8 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
 from runtime import __version__
 from runtime.backends import BackendError, precision
 from runtime.exportdir import ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST, REPORT, is_export, is_run_dir
-from runtime.files import PathLock, fsync_dir, replace_dir, sha256_file
-from runtime.limits import SizeLimits
+from runtime.common.files import PathLock, fsync_dir, replace_dir, sha256_file
+from runtime.common.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
 from trainer.rundir import CONFIG, WEIGHTS, load_model
 from trainer.data import model_split_images

@@ -32,7 +32,7 @@ from runtime.backends.base import BackendError
 from runtime.backends.cuda_arrays import CupyArrays, device_info, import_cupy
 from runtime.backends.tensorrt_backend import MANIFEST_SCHEMA, Engine, import_tensorrt
 from runtime.config import ModelSpec
-from runtime.files import atomic_write_bytes, atomic_write_text, cache_dir, sha256_file
+from runtime.common.files import atomic_write_bytes, atomic_write_text, cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 

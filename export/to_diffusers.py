@@ -43,8 +43,8 @@ from export.pipeline import ParityError, export_folder
 from runtime.exportdir import REPORT
 from runtime import __version__
 from runtime.config import ModelSpec
-from runtime.files import replace_dir, sha256_file
-from runtime.limits import SizeLimits
+from runtime.common.files import replace_dir, sha256_file
+from runtime.common.limits import SizeLimits
 from trainer.diffusers_model import (
     CONTINUOUS_GRID, DDIMDeployUNet, DiffusersExportError, folds, grid_alpha_bar, grid_size, pixel_affine,
 )

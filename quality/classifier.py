@@ -32,8 +32,8 @@ from torch.nn import functional as F
 
 from quality.errors import QualityError
 from runtime.common.progress import progress_bar
-from runtime.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped, replace_dir
-from runtime.shipped import SHIPPED_CLASSIFIER
+from runtime.common.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped, replace_dir
+from runtime.common.shipped import SHIPPED_CLASSIFIER
 from trainer.errors import CheckpointError
 from trainer.rundir import load_weights
 

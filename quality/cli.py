@@ -18,8 +18,8 @@ import click
 from quality.errors import QualityError
 from quality.inception import RESIZE_OPTIONS
 from runtime.choices import Device, values
-from runtime.clitools import friendly_errors, version_option
-from runtime.hostinfo import physical_cores
+from runtime.common.clitools import friendly_errors, version_option
+from runtime.common.hostinfo import physical_cores
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

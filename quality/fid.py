@@ -176,7 +176,7 @@ def check_npz_name(path: Path) -> None:
 
 def save_stats(path: Path, stats: Stats, identity: str) -> None:
     """``mu``, ``sigma`` (float64; pytorch-fid reads these), ``n`` and ``extractor``, written atomically."""
-    from runtime.files import atomic_path
+    from runtime.common.files import atomic_path
 
     check_npz_name(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:

@@ -38,9 +38,9 @@ from numpy.typing import NDArray
 from quality.errors import QualityError
 from quality.features import FeatureExtractor
 from runtime.common.progress import progress_bar
-from runtime.extras import install_hint
-from runtime.files import atomic_write_bytes, read_regular, sha256_file
-from runtime.hostinfo import check_threads
+from runtime.common.extras import install_hint
+from runtime.common.files import atomic_write_bytes, read_regular, sha256_file
+from runtime.common.hostinfo import check_threads
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.files import atomic_path, cache_dir
+from runtime.common.files import atomic_path, cache_dir
 
 if TYPE_CHECKING:
     from quality.features import FeatureExtractor

@@ -12,13 +12,13 @@ import click
 import numpy as np
 
 from runtime.choices import Device, RunPrecision, values
-from runtime.cliconfig import with_flag_names
-from runtime.clitools import BackendChoice, friendly_errors, sampling_options, sampling_settings
+from runtime.common.cliconfig import with_flag_names
+from runtime.common.clitools import BackendChoice, friendly_errors, sampling_options, sampling_settings
 from runtime.exportdir import FP32_ONNX, latest_export
-from runtime.hostinfo import physical_cores
-from runtime.outputs import StagedOutputs, check_file, check_folder
+from runtime.common.hostinfo import physical_cores
+from runtime.common.outputs import StagedOutputs, check_file, check_folder
 from runtime.settings import SamplingSettings
-from runtime.shipped import pick
+from runtime.common.shipped import pick
 
 log = logging.getLogger("runtime")
 

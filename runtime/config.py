@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
-from runtime.files import read_capped
+from runtime.common.files import read_capped
 
 # 2 added model.conditioning, the schedule "scaled-linear", schedule.clip_sample(_range) and the imported
 # "diffusers" architecture; a version-1 config reads as noise-variance conditioning without clipping.

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.choices import Precision
-from runtime.files import read_capped
+from runtime.common.files import read_capped
 
 ONNX_FILES: dict[Precision, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 FP32_ONNX, FP16_ONNX, INT8_ONNX = ONNX_FILES["fp32"], ONNX_FILES["fp16"], ONNX_FILES["int8"]

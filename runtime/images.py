@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from runtime.config import NormalizationConfig
-from runtime.files import atomic_write_bytes
+from runtime.common.files import atomic_write_bytes
 
 
 def to_uint8(x: NDArray[np.floating], norm: NormalizationConfig) -> NDArray[np.uint8]:

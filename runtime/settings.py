@@ -25,7 +25,7 @@ from runtime.choices import Solver, Spacing, values
 
 class SettingsError(ValueError):
     """A sampling setting that cannot be used; ``field`` names it (``steps``, ``eta``, ...). The message names the
-    field by its name, which command lines rewrite into the flag typed (``runtime.cliconfig.with_flag_names``)."""
+    field by its name, which command lines rewrite into the flag typed (``runtime.common.cliconfig.with_flag_names``)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)

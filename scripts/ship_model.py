@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 from export.pipeline import ExportOptions, export_run  # noqa: E402
 from runtime.exportdir import FP32_ONNX
 from runtime.api import load  # noqa: E402
-from runtime.clitools import friendly_errors  # noqa: E402
-from runtime.files import replace_dir  # noqa: E402
+from runtime.common.clitools import friendly_errors  # noqa: E402
+from runtime.common.files import replace_dir  # noqa: E402
 from runtime.images import grid_scale, save_grid  # noqa: E402
-from runtime.shipped import SHIPPED_MODEL  # noqa: E402
+from runtime.common.shipped import SHIPPED_MODEL  # noqa: E402
 from trainer.rundir import CONFIG, WEIGHTS, load_weights  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from runtime.api import load
 from runtime.backends.registry import BackendEntry, OpenRequest, Skip, names, open_backend, register, unregister
-from runtime.shipped import SHIPPED_MODEL
+from runtime.common.shipped import SHIPPED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -231,8 +231,8 @@ def test_every_export_option_field_has_a_generated_flag():
     from export.int8 import GateOptions, Int8Options
     from export.io_spec import BatchProfile
     from export.pipeline import ExportOptions
-    from runtime.cliconfig import ConfigOption
-    from runtime.limits import SizeLimits
+    from runtime.common.cliconfig import ConfigOption
+    from runtime.common.limits import SizeLimits
 
     generated = {(p.section, p.field) for p in main.params if isinstance(p, ConfigOption)}
     wanted = {("export", f.name) for f in dc.fields(ExportOptions)} - {("export", n) for n in SUB_OPTIONS | {"opset"}}

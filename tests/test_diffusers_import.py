@@ -220,7 +220,7 @@ def test_export_records_the_source_and_keeps_the_timestep_embedding_in_float32(e
     import onnx
 
     from export.onnx_graph import embedding_nodes
-    from runtime.files import sha256_file
+    from runtime.common.files import sha256_file
 
     report = json.loads((exported.out / "export_report.json").read_text())
     source = report["source"]

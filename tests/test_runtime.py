@@ -254,14 +254,14 @@ def test_install_hints_name_installable_packages():
     import re
     import tomllib
 
-    from runtime.extras import install_hint
+    from runtime.common.extras import install_hint
 
     root = Path(__file__).resolve().parents[1]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert install_hint("gpu", "cupy-cuda13x") == \
         f"pip install '{next(r for r in extras['gpu'] if r.startswith('cupy'))}' (in a ddim-deploy clone: pip install -e '.[gpu]')"
     assert all(r in install_hint("gpu") for r in extras["gpu"])
-    from runtime.extras import _FALLBACK  # used without installed metadata, or with an install older than an extra
+    from runtime.common.extras import _FALLBACK  # used without installed metadata, or with an install older than an extra
 
     assert all(tuple(extras[name]) == reqs for name, reqs in _FALLBACK.items()), "the fallback drifted from pyproject"
     # The FID's wheel is installed without its dependencies, by the hint and by scripts/setup alike, same pin.
@@ -279,8 +279,8 @@ def test_threads_reach_onnx_runtime_and_torch():
     import torch
 
     from runtime.api import load
-    from runtime.hostinfo import physical_cores
-    from runtime.shipped import SHIPPED_MODEL
+    from runtime.common.hostinfo import physical_cores
+    from runtime.common.shipped import SHIPPED_MODEL
 
     one = load(SHIPPED_MODEL, "onnxruntime", "cpu", threads=1)
     assert one.backend.session.get_session_options().intra_op_num_threads == 1 and "model.onnx, 1 thread (" in one.why

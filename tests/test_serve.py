@@ -19,7 +19,7 @@ from runtime.api import load
 from runtime.images import grid_bytes, grid_scale
 from runtime.serving.core import ImageJob, ModelService, RequestError, SampleRequest, ServeOptions, encode
 from runtime.settings import SamplingSettings
-from runtime.shipped import SHIPPED_MODEL
+from runtime.common.shipped import SHIPPED_MODEL
 from test_distributed import free_port
 
 MODEL = SHIPPED_MODEL / "model.onnx"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.shipped import SHIPPED_MODEL
+from runtime.common.shipped import SHIPPED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 

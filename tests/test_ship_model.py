@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from runtime.files import sha256_file
+from runtime.common.files import sha256_file
 from runtime.metadata import METADATA_KEY
 from tests.conftest import tiny_config
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from export.parity import FP32_TOLERANCE, check_file
-from runtime.files import sha256_file
+from runtime.common.files import sha256_file
 from runtime.metadata import METADATA_KEY
-from runtime.shipped import SHIPPED_CLASSIFIER, SHIPPED_MODEL
+from runtime.common.shipped import SHIPPED_CLASSIFIER, SHIPPED_MODEL
 from trainer.rundir import load_model
 from trainer.models import count_parameters
 

@@ -36,7 +36,7 @@ def test_shipped_model_quality_holds():
     import numpy as np
 
     from runtime.api import load
-    from runtime.shipped import SHIPPED_MODEL
+    from runtime.common.shipped import SHIPPED_MODEL
     from trainer.data import fit_idx_images
     from trainer.data.fashion_mnist import load_fashion_mnist
     from quality import ClassifierFeatures, feature_stats, frechet_distance

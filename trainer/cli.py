@@ -1,6 +1,6 @@
 """``python -m trainer``: train a denoiser (``fit``) or describe a preset (``info``).
 
-``fit``'s options are generated from the run config's dataclasses (runtime/cliconfig.py); an option
+``fit``'s options are generated from the run config's dataclasses (runtime/common/cliconfig.py); an option
 left out keeps the preset's value. Errors print one line on stderr and exit non-zero (``--debug`` for tracebacks).
 """
 
@@ -19,11 +19,11 @@ import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runtime.choices import Device, values
-from runtime.cliconfig import (
+from runtime.common.cliconfig import (
     ConfigOption, GroupedCommand, GroupedOption, add_options, allow_empty, config_options, flag_names_in, flag_of,
     overrides,
 )
-from runtime.clitools import friendly_errors, size_limit_options, size_limits, version_option
+from runtime.common.clitools import friendly_errors, size_limit_options, size_limits, version_option
 from runtime.config import MODEL_CONFIGS, ConfigError, DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
 from trainer.config import SECTIONS, DataConfig, RunConfig, TrainConfig
 from trainer.presets import DEFAULT_PRESET, PRESETS, get_preset

@@ -7,7 +7,7 @@ import io
 import logging
 from pathlib import Path
 
-from runtime.files import atomic_path, atomic_write_text
+from runtime.common.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 FIELDS = ("step", "loss", "images_per_s", "lr")

@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from runtime.config import DDPMUNetConfig, KerasUNetConfig, ModelConfig
-from runtime.limits import SizeLimitError, SizeLimits, activation_bytes, check_structure
+from runtime.common.limits import SizeLimitError, SizeLimits, check_structure
+from trainer.memory import activation_bytes
 from trainer.unet_ddpm import DDPMUNet
 from trainer.unet_keras import KerasUNet
 
@@ -60,7 +61,7 @@ def count_parameters_of(cfg: ModelConfig) -> int:
 
 def check_size(cfg: ModelConfig, limits: SizeLimits = SizeLimits(), batch: int = 0) -> tuple[int, int]:
     """Refuse a model (and a training batch of ``batch`` images) beyond ``limits``; returns the
-    parameter count and the estimated activation bytes per image (:func:`runtime.limits.activation_bytes`)."""
+    parameter count and the estimated activation bytes per image (:func:`trainer.memory.activation_bytes`)."""
     check_structure(cfg, limits)
     params, per_image = count_parameters_of(cfg), activation_bytes(cfg)
     if params > limits.parameters:

@@ -41,8 +41,8 @@ from torch import nn
 from runtime.exportdir import RUN_CHECKPOINTS, RUN_CONFIG as CONFIG, RUN_WEIGHTS as WEIGHTS  # the layout readers share
 from runtime import __version__
 from runtime.config import ModelSpec
-from runtime.files import atomic_path, atomic_write_text, fsync_dir, sha256_file
-from runtime.limits import SizeLimits
+from runtime.common.files import atomic_path, atomic_write_text, fsync_dir, sha256_file
+from runtime.common.limits import SizeLimits
 from trainer.config import RESUMABLE_FIELDS, RunConfig
 from trainer.errors import CheckpointError, RunDirError
 from trainer.models import build_model

@@ -16,7 +16,7 @@ from torch import nn
 
 from runtime.backends.base import cond_shape
 from runtime.config import ModelSpec
-from runtime.hostinfo import check_threads, threads_label
+from runtime.common.hostinfo import check_threads, threads_label
 from trainer.rundir import load_model
 
 

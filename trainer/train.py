@@ -22,8 +22,8 @@ from runtime.schedule import build_schedule
 from runtime.settings import SamplingSettings
 from trainer import diffusion
 from trainer.batches import Batches, to_model_space
-from runtime.files import LockHeld, PathLock
-from runtime.limits import SizeLimits
+from runtime.common.files import LockHeld, PathLock
+from runtime.common.limits import SizeLimits
 from trainer.rundir import (CONFIG, TrainState, check_run_dir, create_run_dir, load_checkpoint, recover_run_dir,
                             save_checkpoint, set_aside, step_dirs, write_config)
 from trainer.config import RunConfig
@@ -116,7 +116,7 @@ def fit(cfg: RunConfig, run_dir: Path, data_path: Path | None = None, resume: bo
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """The run directory's OS lock (see :class:`runtime.files.PathLock`), as a RunDirError when taken."""
+    """The run directory's OS lock (see :class:`runtime.common.files.PathLock`), as a RunDirError when taken."""
     try:
         lock = PathLock(run_dir, "run directory").__enter__()
     except LockHeld as exc:

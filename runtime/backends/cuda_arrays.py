@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from runtime.backends.base import BackendError
-from runtime.extras import install_hint
+from runtime.common.extras import install_hint
 
 
 def import_cupy() -> Any:

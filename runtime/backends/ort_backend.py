@@ -23,15 +23,15 @@ from runtime.exportdir import ONNX_FILES
 from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
-from runtime.extras import install_hint
-from runtime.hostinfo import check_threads
+from runtime.common.extras import install_hint
+from runtime.common.hostinfo import check_threads
 from runtime.metadata import spec_from_metadata
 from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ONNX_FILES  # by precision (runtime.exportdir)
 # A graph with symbolic image sizes cannot confirm what its metadata claims: cap what that may allocate
-# (the largest preset samples 64x64; runtime.limits uses the same default for configs).
+# (the largest preset samples 64x64; runtime.common.limits uses the same default for configs).
 MAX_SYMBOLIC_IMAGE_SIZE = 1024
 
 

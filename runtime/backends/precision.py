@@ -34,8 +34,8 @@ import onnxruntime as ort
 
 from runtime.exportdir import FP32_ONNX, INT8_ONNX, REPORT, read_report
 from runtime.choices import Precision
-from runtime.files import atomic_write_text, cache_dir, read_capped, sha256_file
-from runtime.hostinfo import check_threads, cpu_fingerprint, cpu_name
+from runtime.common.files import atomic_write_text, cache_dir, read_capped, sha256_file
+from runtime.common.hostinfo import check_threads, cpu_fingerprint, cpu_name
 
 log = logging.getLogger(__name__)
 

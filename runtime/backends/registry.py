@@ -25,7 +25,7 @@ from typing import Any, Callable
 from runtime.backends.base import Backend, BackendError
 from runtime.choices import Device, Precision, RunPrecision
 from runtime.exportdir import ENGINE, FP32_ONNX, RUN_WEIGHTS
-from runtime.extras import install_hint
+from runtime.common.extras import install_hint
 
 PLUGIN_GROUP = "ddim_deploy.backends"
 
@@ -148,7 +148,7 @@ def _open_onnxruntime(r: OpenRequest) -> tuple[Backend, str]:
 
 
 def _ort_line(b: Any, asked: bool, skipped: list[str]) -> str:
-    from runtime.hostinfo import threads_label
+    from runtime.common.hostinfo import threads_label
 
     threads = f", {threads_label(b.threads)}" if b.device == "cpu" else ""
     return f"onnxruntime {b.provider} {b.model_path.name}{threads} ({'; '.join((['asked for'] if asked else []) + skipped)})"

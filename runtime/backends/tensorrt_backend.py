@@ -18,8 +18,8 @@ from runtime.exportdir import ENGINE, FP32_ONNX, MANIFEST
 from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
-from runtime.extras import install_hint
-from runtime.files import read_capped, sha256_file
+from runtime.common.extras import install_hint
+from runtime.common.files import read_capped, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = 1

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from runtime import __version__
-from runtime.clitools import one_line
+from runtime.common.clitools import one_line
 from runtime.serving.core import (
     MAX_BODY_BYTES, MEDIA_TYPES, Batcher, ModelService, RequestError, SampleRequest, ServeOptions,
     encode,

@@ -18,9 +18,9 @@ from typing import Any
 import click
 
 from runtime.choices import Device, RunPrecision, values
-from runtime.clitools import BackendChoice, friendly_errors, one_line
-from runtime.extras import install_hint
-from runtime.hostinfo import physical_cores
+from runtime.common.clitools import BackendChoice, friendly_errors, one_line
+from runtime.common.extras import install_hint
+from runtime.common.hostinfo import physical_cores
 
 APP_NAME = "ddim"
 SHUTDOWN_TIMEOUT_S = 60
@@ -122,7 +122,7 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     Fashion-MNIST model) over HTTP: POST /v1/samples, GET /v1/model, GET /healthz, docs at /docs."""
     from runtime.exportdir import FP32_ONNX, latest_export
     from runtime.serving.core import ModelService, ServeOptions
-    from runtime.shipped import pick
+    from runtime.common.shipped import pick
 
     started = time.monotonic()
     model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")

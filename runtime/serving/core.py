@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import __version__
 from runtime.choices import Device, RunPrecision, Solver, values
-from runtime.clitools import one_line
+from runtime.common.clitools import one_line
 from runtime.exportdir import is_export, read_report
-from runtime.files import sha256_file
+from runtime.common.files import sha256_file
 from runtime.settings import SamplingSettings, SettingsError
 
 MAX_BODY_BYTES = 64 * 1024  # a request body is a few fields of JSON: anything larger is refused unread

@@ -121,7 +121,7 @@ def test_limits_can_be_raised_by_flag(run_dir, tmp_path):
     edit_config(run, lambda c: c["model"].update(image_size=2048))
     assert "--max-image-size" in export_error(run, tmp_path)
     from runtime.config import ModelSpec
-    from runtime.limits import SizeLimits
+    from runtime.common.limits import SizeLimits
     from trainer.models import check_size
 
     check_size(ModelSpec.load(run / "config.json").model, SizeLimits(image_size=4096))  # raised: accepted
@@ -193,7 +193,7 @@ def test_non_onnx_bytes(tmp_path):
 def test_the_activation_estimate_bounds_what_autograd_keeps(arch):
     """The memory limit's estimate against the tensors a real training forward saves (tiny models)."""
     from runtime.config import DDPMUNetConfig, KerasUNetConfig
-    from runtime.limits import activation_bytes
+    from trainer.memory import activation_bytes
     from trainer.models import build_model
 
     cfg = (KerasUNetConfig(image_size=32, channels=3, widths=(16, 32, 48), block_depth=2) if arch == "keras" else

@@ -150,7 +150,7 @@ def test_a_foreign_folder_with_a_config_is_never_recovered(data, tmp_path):
 
 
 def test_one_lock_per_folder_whatever_its_name(tmp_path):
-    from runtime.files import LockHeld, PathLock
+    from runtime.common.files import LockHeld, PathLock
 
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "alias").symlink_to(tmp_path / "runs" / "x")

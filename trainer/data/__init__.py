@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from runtime.config import ModelConfig, ModelSpec, NormalizationConfig
-from runtime.files import cache_dir
+from runtime.common.files import cache_dir
 from trainer.config import DataConfig, RunConfig, Split
 from trainer.data.cifar10 import load_cifar10
 from trainer.data.fashion_mnist import load_fashion_mnist

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.files import cache_dir
+from runtime.common.files import cache_dir
 from trainer.data.download import RemoteFile, fetch
 from trainer.errors import DatasetError
 

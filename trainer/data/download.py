@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from runtime.common.progress import progress_bar
-from runtime.files import atomic_path
+from runtime.common.files import atomic_path
 from trainer.errors import DownloadError
 
 log = logging.getLogger(__name__)

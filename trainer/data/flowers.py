@@ -11,7 +11,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from runtime.files import cache_dir
+from runtime.common.files import cache_dir
 from trainer.data.download import RemoteFile, fetch
 from trainer.errors import DatasetError
 

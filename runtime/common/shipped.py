@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED_MODEL = MODELS / "fashion-mnist"
 SHIPPED_CLASSIFIER = MODELS / "fashion-mnist-classifier"
 

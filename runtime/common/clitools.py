@@ -46,10 +46,10 @@ def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
 
 def size_limit_options(fn: Callable[..., None]) -> Callable[..., None]:
     """``--max-image-size``, ``--max-parameters``, ``--max-memory-gib``: the fields of
-    :class:`runtime.limits.SizeLimits` (generated from it), checked before a model is built. The command
+    :class:`runtime.common.limits.SizeLimits` (generated from it), checked before a model is built. The command
     reads them with :func:`size_limits`."""
-    from runtime.cliconfig import add_options, config_options
-    from runtime.limits import SizeLimits
+    from runtime.common.cliconfig import add_options, config_options
+    from runtime.common.limits import SizeLimits
 
     defaults = type("Defaults", (), {"limits": SizeLimits()})()
     options = config_options(SizeLimits, "limits", "Size limits", lambda ctx: ("", defaults), prefix="max_")
@@ -57,9 +57,9 @@ def size_limit_options(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def size_limits(ctx: click.Context) -> Any:
-    """The :class:`runtime.limits.SizeLimits` of a command with :func:`size_limit_options`."""
-    from runtime.cliconfig import section, with_flag_names
-    from runtime.limits import SizeLimits
+    """The :class:`runtime.common.limits.SizeLimits` of a command with :func:`size_limit_options`."""
+    from runtime.common.cliconfig import section, with_flag_names
+    from runtime.common.limits import SizeLimits
 
     return with_flag_names(ctx, lambda: SizeLimits(**section(ctx, "limits")))
 
@@ -68,7 +68,7 @@ def sampling_options(fn: Callable[..., None]) -> Callable[..., None]:
     """The sampling flags (``--steps``, ``--eta``, ``--solver``, ``--spacing``, ``--clip-x0``): the fields of
     :class:`runtime.settings.SamplingSettings` (generated from it, so a new setting is a new flag). The command
     reads them with :func:`sampling_settings`; the rules are the dataclass's."""
-    from runtime.cliconfig import add_options, config_options
+    from runtime.common.cliconfig import add_options, config_options
     from runtime.settings import SamplingSettings
 
     defaults = type("Defaults", (), {"sampling": SamplingSettings()})()
@@ -79,7 +79,7 @@ def sampling_options(fn: Callable[..., None]) -> Callable[..., None]:
 def sampling_settings(ctx: click.Context) -> Any:
     """The :class:`runtime.settings.SamplingSettings` of a command with :func:`sampling_options`; a broken rule
     is one line naming the flag."""
-    from runtime.cliconfig import section, with_flag_names
+    from runtime.common.cliconfig import section, with_flag_names
     from runtime.settings import SamplingSettings
 
     return with_flag_names(ctx, lambda: SamplingSettings(**section(ctx, "sampling")), every_field_of="sampling")

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Callable
 
-from runtime.files import DEFAULT_FILE_MODE, fsync_dir
+from runtime.common.files import DEFAULT_FILE_MODE, fsync_dir
 
 Writer = Callable[[BinaryIO], None]
 
