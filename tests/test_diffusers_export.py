@@ -32,6 +32,7 @@ import trainer.diffusers_model  # DDIMDeployUNet folders load only once it is im
 from export.cli import main as export_main
 from export.diffusers_unet import to_unet2d, unet2d_mismatch
 from export.to_diffusers import export_diffusers, max_difference, scheduler_config
+from runtime.exportdir import REPORT
 from runtime.cli import main as run_main
 from runtime.config import DDPMUNetConfig, KerasUNetConfig, ModelSpec, NormalizationConfig, ScheduleConfig
 from runtime.noise import ImageNoise
@@ -212,7 +213,7 @@ def test_ddpm_run_becomes_a_unet2dmodel_folder_with_ddim_runs_images(ddpm_run: P
     assert report.kind == "UNet2DModel" and report.same_noise_as_ddim_run
     index = json.loads((out / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDIMScheduler"]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export_report.json", "model_index.json",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", REPORT, "model_index.json",
                                                     "scheduler", "unet"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
@@ -331,7 +332,7 @@ def test_folder_ownership(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--force"):
         export_diffusers(run, out)
     export_diffusers(run, out, raw_weights=True, force=True)  # the gate compares with the raw weights then
-    assert json.loads((out / "export_report.json").read_text())["weights"] == "raw"
+    assert json.loads((out / REPORT).read_text())["weights"] == "raw"
 
 
 def test_custom_folder_names_the_module_to_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

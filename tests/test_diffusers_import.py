@@ -43,6 +43,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 
 from export import cli as export_cli  # noqa: E402
 from export.from_diffusers import read_folder  # noqa: E402
+from runtime.exportdir import REPORT
 from runtime import cli as run_cli  # noqa: E402
 from runtime.noise import ImageNoise  # noqa: E402
 
@@ -222,7 +223,7 @@ def test_export_records_the_source_and_keeps_the_timestep_embedding_in_float32(e
     from export.onnx_graph import embedding_nodes
     from runtime.common.files import sha256_file
 
-    report = json.loads((exported.out / "export_report.json").read_text())
+    report = json.loads((exported.out / REPORT).read_text())
     source = report["source"]
     assert source["kind"] == "diffusers" and source["diffusers_version"] == diffusers.__version__
     assert source["unet_sha256"] == sha256_file(exported.folder / "unet" / "diffusion_pytorch_model.safetensors")
@@ -279,7 +280,7 @@ def test_a_v_prediction_export_keeps_its_conversion_in_float32(tmp_path, monkeyp
     folder = save_pipeline(tmp_path / "pipe", tiny_unet(), beta_schedule="linear", prediction_type="v_prediction")
     out = tmp_path / "export"
     assert invoke(export_cli.main, folder, "--out", out, "--fp16").exit_code == 0
-    report = json.loads((out / "export_report.json").read_text())
+    report = json.loads((out / REPORT).read_text())
     assert report["source"]["prediction_type"] == "v_prediction" and all(r["passed"] for r in report["parity"])
     graph = onnx.load(str(out / "model.onnx"))
     kept = {n.name for n in float32_nodes(graph)}

@@ -21,6 +21,7 @@ from export import parity
 from export.io_spec import BatchProfile, input_profile
 from export.pipeline import ExportOptions, ParityError, export_run
 from export.tensorrt_build import EngineBuild, manifest, sha256_file, unavailable_reason
+from runtime.exportdir import REPORT
 from runtime.config import DDPMUNetConfig, ModelSpec, ScheduleConfig
 from runtime.metadata import spec_from_metadata
 from trainer.train import fit
@@ -77,7 +78,7 @@ def exported(run_dir, tmp_path_factory):
 def test_writes_checked_files_that_pass_the_gate(exported):
     out, report = exported
     engine = ["manifest.json", "model.plan"] if unavailable_reason() is None else []  # a TensorRT GPU machine
-    assert sorted(report.files) == sorted(["export_report.json", "model.fp16.onnx", "model.onnx"] + engine)
+    assert sorted(report.files) == sorted([REPORT, "model.fp16.onnx", "model.onnx"] + engine)
     for name in ("model.onnx", "model.fp16.onnx"):
         onnx.checker.check_model(str(out / name), full_check=True)
     cpu = [r for r in report.parity if r.provider == "CPUExecutionProvider"]  # CUDA adds its own where present
@@ -86,7 +87,7 @@ def test_writes_checked_files_that_pass_the_gate(exported):
     assert fp32.passed and fp32.max_rel < 1e-5  # measured ~3e-7
     assert fp16.passed and 1e-6 < fp16.max_rel < parity.FP16_TOLERANCE  # really half precision
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no staging left
-    summary = json.loads((out / "export_report.json").read_text())
+    summary = json.loads((out / REPORT).read_text())
     assert summary["parity"][0]["passed"] is True
 
 
@@ -187,7 +188,7 @@ def test_tensorrt_engine_and_manifest(run_dir, tmp_path):
     assert (out / "model.plan").stat().st_size > 0 and (tmp_path / "tc").is_file()
     assert data["onnx_file"] == "model.fp16.onnx" and data["precision"] == "fp16"
     assert data["onnx_sha256"] == sha256_file(out / "model.fp16.onnx")
-    summary = json.loads((out / "export_report.json").read_text())
+    summary = json.loads((out / REPORT).read_text())
     assert [r["provider"] for r in summary["parity"] if r["file"] == "model.plan"] == ["TensorRT"]
 
 

@@ -18,6 +18,7 @@ from export.int8 import (KEEP_FLOAT, GateOptions, Int8Options, calibration_batch
                          quality_gate, stratified_steps)
 from export.io_spec import input_names_of
 from export.onnx_graph import embedding_nodes
+from runtime.exportdir import REPORT
 from runtime.api import load
 from runtime.backends import precision
 from runtime.config import ScheduleConfig
@@ -54,7 +55,7 @@ def test_int8_file_is_quantized_except_what_is_kept_float(int8_export):
     for name in embedding_nodes(fp32.graph):  # the angles never pass through 8 bits
         assert not any(i in dq_outputs for i in nodes[name].input), name
         assert not any(o in q_inputs for o in nodes[name].output if nodes[name].op_type == "Mul"), name
-    report = json.loads((out / "export_report.json").read_text())["int8"]
+    report = json.loads((out / REPORT).read_text())["int8"]
     assert [k.split(" ")[0] for k in report["kept_float32"]] == ["embedding", "first", "last"]
     assert report["gate"]["passed"] and report["gate"]["n"] == 4
     assert "INT8 quality gate on 4 images x 50 steps" in log and "kept in float32 in the INT8 graph" in log
@@ -163,7 +164,7 @@ def test_gate_shows_progress_unless_told_not_to(int8_export, run_dir, capsys):  
 # ---- precision auto: model.int8.onnx where it passed its gate and is faster on this CPU ----------------------
 def test_export_records_int8_timing_and_says_it_in_one_line(int8_export):
     out, log = int8_export
-    int8 = json.loads((out / "export_report.json").read_text())["int8"]
+    int8 = json.loads((out / REPORT).read_text())["int8"]
     timing = int8["timing"]
     assert sorted(timing["batch"], key=int) == ["1", "16"] and timing["speedup_batch"] == 16
     for row in timing["batch"].values():
@@ -203,9 +204,9 @@ def copy_export(out: Path, dest: Path, edit: Callable[[dict], Any] | None = None
     dest.mkdir()
     for name in files:
         shutil.copy2(out / name, dest / name)
-    report = json.loads((out / "export_report.json").read_text())
+    report = json.loads((out / REPORT).read_text())
     text = edit(report) if edit else None
-    (dest / "export_report.json").write_text(text if isinstance(text, str) else json.dumps(report))
+    (dest / REPORT).write_text(text if isinstance(text, str) else json.dumps(report))
     return dest
 
 

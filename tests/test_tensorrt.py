@@ -26,6 +26,7 @@ from export.io_spec import BatchProfile
 from export.parity import gate_inputs
 from export.pipeline import ExportOptions, export_run
 from export.tensorrt_build import build_engine, engine_runner, timing_cache_path, unavailable_reason
+from runtime.exportdir import REPORT
 from runtime.api import load
 from runtime.backends import BackendError
 from runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
@@ -91,7 +92,7 @@ def test_engine_is_strongly_typed_from_the_fp16_graph(exported, trt):
 
 def test_export_names_the_trtexec_and_polygraphy_commands(exported):
     out, report = exported
-    summary = json.loads((out / "export_report.json").read_text())
+    summary = json.loads((out / REPORT).read_text())
     commands = summary["tensorrt_commands"]
     assert commands == report.tensorrt_commands
     assert commands["trtexec"].startswith("trtexec --onnx=model.fp16.onnx --saveEngine=model.plan --stronglyTyped ")

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import pytest
 
+from runtime.exportdir import REPORT
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "fashion-mnist"
 
@@ -122,7 +124,7 @@ def shipped_export(dest: Path) -> Path:
     """An export folder of ours made from the shipped model's ONNX file (no export needed)."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(SHIPPED / "model.onnx", dest / "model.onnx")
-    (dest / "export_report.json").write_text('{"parity": [], "notes": []}\n')
+    (dest / REPORT).write_text('{"parity": [], "notes": []}\n')
     return dest
 
 

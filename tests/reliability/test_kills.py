@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from export.pipeline import ExportOptions, export_run, is_our_export
 from faults import ROOT, tiny_data
-from runtime.exportdir import latest_export
+from runtime.exportdir import REPORT, latest_export
 from trainer.rundir import load_checkpoint, step_dirs
 from trainer.models import build_model
 from trainer.train import fit
@@ -80,7 +80,7 @@ def kill_export_at(point: int, world: dict[str, Path], tmp: Path) -> None:
     exports = tmp / "exports"
     out = exports / "fm"
     export_run(world["reference"], out, ExportOptions())
-    before = (out / "export_report.json").read_bytes()
+    before = (out / REPORT).read_bytes()
     proc = killed("export", str(world["reference"]), str(out), str(point))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     if out.exists():
