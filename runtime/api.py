@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,20 @@ class SampleResult:
         return max(self.seconds - self.network_seconds, 0.0) / self.seconds if self.seconds else 0.0
 
 
+@dataclass
+class Job:
+    """One run of the loop: which images (their noise streams), the settings and plan, where each batch starts
+    (``start(first, noise)``: x at the plan's first level, host array), and whether the result is images."""
+
+    images: list[tuple[int, int]]
+    settings: SamplingSettings
+    plan: SamplingPlan
+    start: Callable[[int, ImageNoise], NDArray[np.float32]]
+    batch_size: int = 16
+    on_step: Callable[[int], None] | None = None
+    decode: bool = True
+
+
 class Sampler:
     """A backend plus the shared DDIM loop."""
 
@@ -78,13 +93,75 @@ class Sampler:
         """Sample the images named by ``(seed, index)`` pairs, in that order: pair (s, i) is image i of
         ``sample(..., seed=s)`` with the same settings, bit for bit, whatever else shares its batch (this is how
         ``ddim-serve`` merges the images of concurrent requests into one network batch)."""
-        for name, value in (("images", len(images)), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         chosen = self.resolve(SamplingSettings.of(settings, **changes))
-        plan = self.plan(chosen)
-        b, m = self.backend, self.spec.model
-        shape = (m.channels, m.image_size, m.image_size)
+        return self._run(Job(list(images), chosen, self.plan(chosen), lambda first, noise: noise.draw(self._shape()),
+                             batch_size, on_step))
+
+    def decode(self, latents: NDArray[np.floating], settings: SamplingSettings | None = None, *, seed: int = 0,
+               batch_size: int = 16, on_step: Callable[[int], None] | None = None, **changes: Any) -> SampleResult:
+        """Sample from given x_T (``(N, C, H, W)``, model space) instead of drawn ones: decoding the x_T that
+        ``sample(n, seed=s)`` draws gives its images bit for bit. Under eta > 0 image i's per-step noise is the
+        ``(seed, i)`` stream's, after the x_T it would have drawn, so that holds for every eta."""
+        x_T = self._check_batch(latents, "latents")
+        chosen = self.resolve(SamplingSettings.of(settings, **changes))
+
+        def start(first: int, noise: ImageNoise) -> NDArray[np.float32]:
+            noise.draw(self._shape())  # the x_T this stream would have drawn: per-step noise as in sample()
+            return x_T[first:first + noise.count]
+
+        return self._run(Job([(seed, i) for i in range(len(x_T))], chosen, self.plan(chosen), start, batch_size,
+                             on_step))
+
+    def encode(self, images: NDArray[np.floating], settings: SamplingSettings | None = None, *, batch_size: int = 16,
+               on_step: Callable[[int], None] | None = None, **changes: Any) -> SampleResult:
+        """DDIM inversion: the x_T that decodes (``decode`` with the same steps and spacing) back to ``images``
+        (``(N, C, H, W)`` model space, see ``runtime.inputs.to_model_space``). The plan ``sample`` uses for these
+        settings, walked backwards from alpha_bar = 1 (:meth:`runtime.sampler.SamplingPlan.inverse`); deterministic
+        DDIM (eta 0), no clipping. ``result.samples`` are the latents; ``result.images`` is empty."""
+        x0 = self._check_batch(images, "images")
+        chosen = self.resolve(SamplingSettings.of(settings, **changes))
+        chosen = SamplingSettings.of(chosen, clip_x0=False)
+        plan = self.plan(chosen).inverse()
+        return self._run(Job([(0, i) for i in range(len(x0))], chosen, plan,
+                             lambda first, noise: x0[first:first + noise.count], batch_size, on_step, decode=False))
+
+    def image_to_image(self, images: NDArray[np.floating], strength: float, settings: SamplingSettings | None = None,
+                       *, seed: int = 0, batch_size: int = 16, on_step: Callable[[int], None] | None = None,
+                       **changes: Any) -> SampleResult:
+        """SDEdit: noise ``images`` (``(N, C, H, W)`` model space) to the level of the plan's step S - int(S *
+        strength) with image i's ``(seed, i)`` noise (its first draw, where ``sample`` draws x_T), then run the rest
+        of the plan. ``strength`` in (0, 1]: 1 starts from the plan's noisiest level."""
+        x0 = self._check_batch(images, "images")
+        chosen = self.resolve(SamplingSettings.of(settings, **changes))
+        plan = self.plan(chosen).tail(strength)
+        a = plan.steps[0].coef.a_t
+
+        def start(first: int, noise: ImageNoise) -> NDArray[np.float32]:
+            z = noise.draw(self._shape())
+            return (math.sqrt(a) * x0[first:first + noise.count] + math.sqrt(1.0 - a) * z).astype(np.float32)
+
+        return self._run(Job([(seed, i) for i in range(len(x0))], chosen, plan, start, batch_size, on_step))
+
+    def _shape(self) -> tuple[int, int, int]:
+        m = self.spec.model
+        return m.channels, m.image_size, m.image_size
+
+    def _check_batch(self, x: NDArray[np.floating], what: str) -> NDArray[np.float32]:
+        """``x`` as float32 ``(N, C, H, W)`` of this model's shape, finite; ValueError in one line otherwise."""
+        arr = np.asarray(x)
+        if arr.ndim != 4 or arr.shape[1:] != self._shape() or len(arr) == 0:
+            c, h, w = self._shape()
+            raise ValueError(f"{what} of shape {tuple(arr.shape)}: this model takes (N, {c}, {h}, {w}), N >= 1")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{what} must be floating point (model space), got {arr.dtype}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{what} hold NaN or Inf ({int((~np.isfinite(arr)).sum())} values)")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def _run(self, job: Job) -> SampleResult:
+        if len(job.images) < 1 or job.batch_size < 1:
+            raise ValueError(f"need >= 1 images and batch_size >= 1, got {len(job.images)} and {job.batch_size}")
+        b = self.backend
         net = [0.0]
 
         def timed_denoise(x: Any, cond: float) -> Any:
@@ -96,13 +173,13 @@ class Sampler:
         start = time.perf_counter()
         # GPU backends make their stream current, so the update's kernels queue behind the network's.
         with getattr(b, "context", contextlib.nullcontext)():
-            bounds = b.clip_bounds(*self.spec.clip_bounds()) if chosen.clip_x0 else None
-            outs = self._batches(images, batch_size, plan, shape, bounds, timed_denoise, on_step)
+            bounds = b.clip_bounds(*self.spec.clip_bounds()) if job.settings.clip_x0 else None
+            outs = self._batches(job, bounds, timed_denoise)
         seconds = time.perf_counter() - start
         samples = np.concatenate(outs)
-        calls = len(plan) * len(outs)
-        return SampleResult(to_uint8(samples, self.spec.normalization), samples, seconds, net[0], len(plan), calls,
-                            settings=chosen)
+        calls = len(job.plan) * len(outs)
+        images = to_uint8(samples, self.spec.normalization) if job.decode else np.zeros((0,), np.uint8)
+        return SampleResult(images, samples, seconds, net[0], len(job.plan), calls, settings=job.settings)
 
     def resolve(self, settings: SamplingSettings | None = None) -> SamplingSettings:
         """``settings`` with what was left to the model filled in: the solver's default spacing on this schedule,
@@ -126,21 +203,20 @@ class Sampler:
                 self._plans[chosen] = plan
         return plan
 
-    def _batches(self, images: Sequence[tuple[int, int]], batch_size: int, plan: SamplingPlan,
-                 shape: tuple[int, int, int], bounds: Any, denoise: Callable[[Any, float], Any],
-                 on_step: Callable[[int], None] | None) -> list[NDArray[np.float32]]:
-        b, outs = self.backend, []
-        for first in range(0, len(images), batch_size):
-            noise = ImageNoise.of(images[first:first + batch_size])
+    def _batches(self, job: Job, bounds: Any, denoise: Callable[[Any, float], Any]) -> list[NDArray[np.float32]]:
+        b, shape, outs = self.backend, self._shape(), []
+        on_step = job.on_step
+        for first in range(0, len(job.images), job.batch_size):
+            noise = ImageNoise.of(job.images[first:first + job.batch_size])
             hooks = SamplerHooks[Any](
                 denoise=denoise,
                 noise_like=lambda x, i: b.from_host(noise.draw(shape)),  # noqa: B023 (used within the batch)
                 is_finite=b.is_finite,
                 on_step=(lambda s: on_step(s.index)) if on_step else None,
             )
-            outs.append(b.to_host(ddim_sample(b.from_host(noise.draw(shape)), plan, hooks, clip_x0=bounds)))
+            x = b.from_host(job.start(first, noise))
+            outs.append(b.to_host(ddim_sample(x, job.plan, hooks, clip_x0=bounds)))
         return outs
-
 
 def load(path: str | Path, backend: str = "auto", device: Device | None = None,
          precision: RunPrecision | None = None, threads: int | None = None) -> Sampler:

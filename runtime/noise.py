@@ -27,6 +27,11 @@ class ImageNoise:
         noise._rngs = [np.random.default_rng([int(seed), int(i)]) for seed, i in images]
         return noise
 
+    @property
+    def count(self) -> int:
+        """How many images (streams)."""
+        return len(self._rngs)
+
     def draw(self, shape: tuple[int, int, int]) -> NDArray[np.float32]:
         """The next ``(N, C, H, W)`` standard normal draw, one image per stream."""
         return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in self._rngs])

@@ -10,6 +10,7 @@ moves buffers between host and device.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -19,8 +20,9 @@ from numpy.typing import NDArray
 from runtime.choices import Solver
 from runtime.config import Conditioning
 from runtime.dpm_solver import MultistepCoefficients, dpmpp_2m_step, multistep_coefficients
-from runtime.settings import SamplingSettings
-from runtime.schedule import Schedule, Spacing, StepCoefficients, ddim_step, select_steps, step_coefficients
+from runtime.settings import SamplingSettings, SettingsError
+from runtime.schedule import (Schedule, Spacing, StepCoefficients, ddim_step, inverse_coefficients, select_steps,
+                              step_coefficients)
 
 A = TypeVar("A")
 
@@ -70,6 +72,36 @@ class SamplingPlan:
             for i in range(len(ts))
         )
         return cls(planned, float(eta), solver)
+
+    def inverse(self) -> "SamplingPlan":
+        """DDIM inversion (the encoder): this plan's noise levels walked backwards, from alpha_bar = 1 (the clean
+        image) up to the plan's first (noisiest) level. Inverse step j leaves the level sampling step S-1-j lands on
+        and reaches the level it starts from; the network is evaluated on the current sample at that target level
+        (its ``cond``), as diffusers' DDIMInverseScheduler does; eta 0, no clipping. Running it with
+        :func:`ddim_sample` (the same loop and the same update, :func:`runtime.schedule.ddim_step`) gives x_T."""
+        if self.solver != "ddim" or self.eta != 0:
+            raise SettingsError("solver" if self.solver != "ddim" else "eta",
+                                f"inversion is deterministic DDIM: solver ddim and eta 0 (got solver {self.solver}, "
+                                f"eta {self.eta:g})")
+        inverted = tuple(
+            PlannedStep(j, s.t, s.noise_var, inverse_coefficients(s.coef.a_prev, s.coef.a_t), s.cond)
+            for j, s in enumerate(reversed(self.steps))
+        )
+        return SamplingPlan(inverted, 0.0, "ddim")
+
+    def tail(self, strength: float) -> "SamplingPlan":
+        """Image-to-image (SDEdit): the last ``int(S * strength)`` steps (diffusers' img2img rule), renumbered from 0;
+        the images are noised to the first of them's level (:attr:`PlannedStep.coef` ``.a_t``)."""
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
+                or not (0 < strength <= 1):
+            raise SettingsError("strength", f"strength must be in (0, 1], got {strength!r}")
+        k = int(len(self.steps) * float(strength))
+        if k < 1:
+            raise SettingsError("strength", f"strength {strength:g} of {len(self.steps)} steps runs no step: give at "
+                                            f"least {1 / len(self.steps):.3g}, or more steps")
+        kept = self.steps[len(self.steps) - k:]
+        return SamplingPlan(tuple(dataclasses.replace(s, index=i) for i, s in enumerate(kept)), self.eta,
+                            self.solver)
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -241,6 +241,15 @@ def step_coefficients(a_t: float, a_prev: float, eta: float) -> StepCoefficients
     return StepCoefficients(float(a_t), float(a_prev), float(sigma), eps_scale)
 
 
+def inverse_coefficients(a_now: float, a_next: float) -> StepCoefficients:
+    """Scalars of one DDIM inversion step, from a_now up to the noisier a_next (0 < a_next <= a_now <= 1): the
+    deterministic update of Eq. 12 run the other way, so :func:`ddim_step` applies it unchanged
+    (pred_x0 from a_now, then sqrt(a_next) * pred_x0 + sqrt(1 - a_next) * eps)."""
+    if not (0.0 < a_next <= a_now <= 1.0):
+        raise ValueError(f"need 0 < a_next <= a_now <= 1, got a_now={a_now}, a_next={a_next}")
+    return StepCoefficients(float(a_now), float(a_next), 0.0, math.sqrt(1.0 - a_next))
+
+
 A = TypeVar("A")  # numpy arrays or torch tensors: the update uses only arithmetic and .clip
 
 
