@@ -31,6 +31,7 @@ from benchmarks.fid import environment, reference_images  # noqa: E402
 from benchmarks.common import pyplot, save_figure  # noqa: E402
 from quality import feature_stats, frechet_distance, make_extractor  # noqa: E402
 from quality.statscache import cached_features  # noqa: E402
+from runtime.settings import SamplingSettings  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.choices import Solver, values  # noqa: E402
 from runtime.common.clitools import friendly_errors  # noqa: E402
@@ -152,7 +153,7 @@ def main(run_dir: Path, weights: tuple[Path, ...], n: int, steps: int, solver: s
             continue
         load_state_dicts(model, load_weights(file), "ema", file)
         sampler = Sampler(TorchBackend(model=model.eval(), spec=spec, device="cpu"))
-        result = sampler.sample(n, steps=steps, seed=seed, batch_size=batch_size, solver=solver)
+        result = sampler.sample(n, SamplingSettings(steps, solver=solver), seed=seed, batch_size=batch_size)
         fd = frechet_distance(feature_stats(ext.features(result.images)), ref_stats)
         rows.append({"step": step, "epoch": step * cfg.train.batch_size / meta["images_per_epoch"], "fd_data": fd,
                      "weights": str(file), "seconds": result.seconds})

@@ -34,6 +34,7 @@ from export.int8 import Int8Options, quantize_int8  # noqa: E402
 from quality import (  # noqa: E402
     ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats,
 )
+from runtime.settings import SamplingSettings  # noqa: E402
 from runtime.exportdir import FP32_ONNX, INT8_ONNX  # noqa: E402
 from runtime.api import Sampler  # noqa: E402
 from runtime.backends.ort_backend import OrtBackend  # noqa: E402
@@ -112,7 +113,7 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
         for sub in ("fm", "fl"):
             (Path(tmp) / sub).mkdir()
         fm_dir, fl_dir = ort_export(subject, Path(tmp) / "fm", False), ort_export(flowers, Path(tmp) / "fl", False)
-        base = Sampler(OrtBackend(fm_dir, "cpu")).sample(n, steps=steps, seed=0, batch_size=50).images
+        base = Sampler(OrtBackend(fm_dir, "cpu")).sample(n, SamplingSettings(steps), seed=0, batch_size=50).images
         fd_fp32 = frechet_distance(feature_stats(ext.features(base)), ref)
         click.echo(f"  float32: FD-classifier {fd_fp32:.3f}", err=True)
         for name in names:
@@ -120,7 +121,8 @@ def main(model_dir: Path, names: tuple[str, ...], n: int, steps: int, batch: int
             start = time.perf_counter()
             quantize_int8(fm_dir / FP32_ONNX, fm_dir / INT8_ONNX, subject.spec, lambda: images, opts)
             seconds = time.perf_counter() - start
-            got = Sampler(OrtBackend(fm_dir, "cpu", "int8")).sample(n, steps=steps, seed=0, batch_size=50).images
+            got = Sampler(OrtBackend(fm_dir, "cpu", "int8")).sample(n, SamplingSettings(steps), seed=0,
+                                                                batch_size=50).images
             fd = frechet_distance(feature_stats(ext.features(got)), ref)
             fp32_ms, int8_ms = forward_speedup(fl_dir, opts, batch, repeats)
             rows.append({"option": name, "n": n, "steps": steps, "fd_int8": fd, "fd_fp32": fd_fp32,

@@ -138,12 +138,14 @@ def drive(url: str, clients: int, requests: int, time_limit: float, body: dict) 
 def direct(model: Path, batch: int, steps: int, solver: str, threads: int | None, min_seconds: float = 5.0) -> float:
     """images/s of the runtime itself at this network batch size, no server: the ceiling a setting can reach."""
     from runtime.api import load
+    from runtime.settings import SamplingSettings
 
     sampler = load(model, "onnxruntime", "cpu", "fp32", threads)
-    sampler.sample(batch, steps=2, batch_size=batch)  # warm-up
+    sampler.sample(batch, SamplingSettings(2), batch_size=batch)  # warm-up
+    settings = SamplingSettings(steps, solver=solver)  # type: ignore[arg-type]  # a choice of the CLI
     images, seconds = 0, 0.0
     while seconds < min_seconds:
-        result = sampler.sample(batch, steps=steps, seed=images, batch_size=batch, solver=solver)  # type: ignore[arg-type]
+        result = sampler.sample(batch, settings, seed=images, batch_size=batch)
         images, seconds = images + batch, seconds + result.seconds
     return images / seconds
 

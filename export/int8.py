@@ -139,7 +139,7 @@ def sampler_pairs(fp32_model: Path, spec: ModelSpec, n: int, steps: int, seed: i
 
     backend.denoise = recording  # type: ignore[method-assign]
     images = max(1, -(-n // steps))  # enough trajectories for n pairs, one pair per image and step
-    sampler.sample(images, steps=steps, seed=seed + 1, batch_size=min(images, 32))
+    sampler.sample(images, SamplingSettings(steps), seed=seed + 1, batch_size=min(images, 32))
     pairs = [(x[i], by_cond[c].noise_var, by_cond[c].t) for x, c in seen for i in range(len(x))]
     rng = np.random.default_rng(seed + 2)
     for j in rng.permutation(len(pairs))[:n]:
@@ -301,11 +301,13 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec,
 
     batches = -(-opts.images // GATE_BATCH)
     samples = []
+    from runtime.settings import SamplingSettings
+
     with progress_bar(total=2 * batches * opts.steps, desc="INT8 quality gate", unit="step",
                       disable=not progress) as bar:
         for label, path in (("float32", fp32_model), ("int8", int8_model)):
             bar.set_postfix_str(label)
-            samples.append(Sampler(OrtBackend(path, "cpu")).sample(opts.images, steps=opts.steps, seed=0,
+            samples.append(Sampler(OrtBackend(path, "cpu")).sample(opts.images, SamplingSettings(opts.steps), seed=0,
                                                                   batch_size=GATE_BATCH,
                                                                   on_step=lambda i: bar.update(1)).images)
     result = GateResult(opts.images, opts.steps, psnr(samples[1], samples[0]), max_abs_diff(samples[1], samples[0]))

@@ -2,14 +2,13 @@
 
 Each is a ``Literal`` type (for annotations and config validation) whose values :func:`values`
 lists (for ``click.Choice`` and error messages). A command line that offers a backend, device,
-precision or step spacing takes it from here, so adding one is a one-line change.
+precision, step spacing or solver takes it from here (backends: runtime.backends.registry), so adding one is a one-line change.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 Device = Literal["cpu", "cuda"]
 # The exported files: model.onnx, model.fp16.onnx, model.int8.onnx (a TensorRT engine is fp16).
 Precision = Literal["fp32", "fp16", "int8"]

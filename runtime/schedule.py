@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from runtime.choices import Spacing
 from runtime.config import ScheduleConfig
-from runtime.settings import SettingsError
+from runtime.settings import SettingsError, check_eta, check_spacing, check_steps
 
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 # Spacings defined only over the integer steps of a discrete schedule (diffusers' DDIMScheduler).
@@ -169,8 +169,8 @@ def select_steps(schedule: Schedule, num_steps: int, spacing: Spacing = "uniform
     ``uniform`` gives 1, 1 - 1/S, ..., 1/S (the Keras example's reverse diffusion), ``quadratic``
     ((S - i)/S)^2.
     """
-    if spacing not in SPACINGS:
-        raise SettingsError("spacing", f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    spacing = check_spacing(spacing)
+    num_steps = check_steps(num_steps)
     check_num_steps(schedule, num_steps)
     if not schedule.discrete:
         return _continuous_steps(num_steps, spacing)
@@ -232,6 +232,7 @@ class StepCoefficients:
 
 def step_coefficients(a_t: float, a_prev: float, eta: float) -> StepCoefficients:
     """sigma of Eq. 16 and the direction scale of Eq. 12 for one step."""
+    eta = check_eta(eta)
     if not (0.0 < a_t < 1.0 and a_t <= a_prev <= 1.0):
         raise ValueError(f"need 0 < a_t < 1 and a_t <= a_prev <= 1, got a_t={a_t}, a_prev={a_prev}")
     # Eq. 16: sigma_t(eta) = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)

@@ -32,6 +32,32 @@ class SettingsError(ValueError):
         self.field = field
 
 
+def check_steps(steps: Any) -> int:
+    """The rule of ``steps``: an integer >= 1 (how many the schedule takes is the plan's rule)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise SettingsError("steps", f"steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def check_eta(eta: Any) -> float:
+    """The rule of ``eta``: a finite number >= 0."""
+    try:
+        ok = not isinstance(eta, bool) and isinstance(eta, (int, float, np.integer, np.floating)) \
+            and math.isfinite(eta) and eta >= 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise SettingsError("eta", f"eta must be a finite number >= 0, got {eta!r}")
+    return float(eta)
+
+
+def check_spacing(spacing: Any) -> Spacing:
+    """The rule of ``spacing``: one of :data:`runtime.choices.Spacing`."""
+    if not isinstance(spacing, str) or spacing not in values(Spacing):
+        raise SettingsError("spacing", f"unknown spacing {spacing!r}; allowed: {', '.join(values(Spacing))}")
+    return str(spacing)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """The settings of one sampling run; frozen and hashable (``ddim-serve`` batches by it)."""
@@ -49,20 +75,13 @@ class SamplingSettings:
     setting, off for models trained here]."""
 
     def __post_init__(self) -> None:
-        steps = self.steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise SettingsError("steps", f"steps must be an integer >= 1, got {steps!r}")
-        object.__setattr__(self, "steps", int(steps))
-        eta = self.eta
-        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(eta) or eta < 0:
-            raise SettingsError("eta", f"eta must be a finite number >= 0, got {eta!r}")
-        object.__setattr__(self, "eta", float(eta))
-        if self.solver not in values(Solver):
+        object.__setattr__(self, "steps", check_steps(self.steps))
+        object.__setattr__(self, "eta", check_eta(self.eta))
+        if not isinstance(self.solver, str) or self.solver not in values(Solver):
             raise SettingsError("solver", f"unknown solver {self.solver!r}; allowed: {', '.join(values(Solver))}")
-        if self.spacing is not None and self.spacing not in values(Spacing):
-            raise SettingsError("spacing",
-                                f"unknown spacing {self.spacing!r}; allowed: {', '.join(values(Spacing))}")
+        object.__setattr__(self, "solver", str(self.solver))
+        if self.spacing is not None:
+            object.__setattr__(self, "spacing", check_spacing(self.spacing))
         if self.clip_x0 is not None and not isinstance(self.clip_x0, (bool, np.bool_)):
             raise SettingsError("clip_x0", f"clip_x0 must be true, false or unset, got {self.clip_x0!r}")
         if self.clip_x0 is not None:
@@ -75,6 +94,9 @@ class SamplingSettings:
     def of(cls, settings: SamplingSettings | None = None, **changes: Any) -> SamplingSettings:
         """``settings`` (default: the defaults) with ``changes`` applied: ``SamplingSettings.of(steps=20)``.
         An unknown name is a TypeError naming it."""
+        if settings is not None and not isinstance(settings, SamplingSettings):
+            raise TypeError(f"settings must be a SamplingSettings (or None), got {type(settings).__name__}; give "
+                            "steps, eta, ... as keywords: sample(16, steps=20)")
         base = settings if settings is not None else cls()
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

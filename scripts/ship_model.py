@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.pipeline import ExportOptions, export_run  # noqa: E402
+from runtime.settings import SamplingSettings
 from runtime.exportdir import FP32_ONNX
 from runtime.api import load  # noqa: E402
 from runtime.common.clitools import friendly_errors  # noqa: E402
@@ -80,7 +81,7 @@ def build(run_dir: Path, out: Path, stage: Path) -> None:
     report = export_run(stage, export, ExportOptions())
     click.echo(f"  {report.parity[0].line()}", err=True)
     os.replace(export / FP32_ONNX, stage / FP32_ONNX)
-    result = load(stage / FP32_ONNX, "onnxruntime", "cpu").sample(64, steps=50, seed=0)
+    result = load(stage / FP32_ONNX, "onnxruntime", "cpu").sample(64, SamplingSettings(50), seed=0)
     save_grid(stage / "samples.png", result.images, scale=grid_scale(result.images.shape[1], 64))
 
 

@@ -45,7 +45,7 @@ def test_a_registered_row_is_picked_by_name_everywhere(fake_row, tmp_path, caplo
     assert ServeOptions(str(SHIPPED_MODEL), backend="fake").backend == "fake"
     unregister("fake")
     bad = CliRunner().invoke(main, [str(SHIPPED_MODEL), "--backend", "fake"])
-    assert bad.exit_code == 2 and "'fake' is not one of auto" in bad.output
+    assert bad.exit_code == 2 and "'fake' is not one of 'auto', 'tensorrt', 'onnxruntime', 'torch'" in bad.output
 
 
 def test_auto_walks_the_rows_in_order_and_keeps_the_skip_reasons():

@@ -172,7 +172,6 @@ def test_ddim_run_bad_input_is_one_line(model_dirs, tmp_path):
     blocker.write_text("")
     cases = [
         ((str(export), "--steps", "2000"), "T=1000"),
-        ((str(export), "--eta", "nan"), "eta must be"),
         ((str(tmp_path / "nope"),), "does not exist"),
         ((str(export), "--out", str(blocker / "grid.png")), "is not a folder"),
         ((str(export), "--backend", "tensorrt"), "TensorRT is not installed"),
@@ -182,6 +181,8 @@ def test_ddim_run_bad_input_is_one_line(model_dirs, tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and pattern in errors[0], (args, proc.stderr)
+    proc = run_cli(str(export), "--eta", "nan", "--no-progress")  # a settings rule: a usage error naming the flag
+    assert proc.returncode == 2 and "Invalid value for '--eta': --eta must be a finite number >= 0" in proc.stderr
 
 
 def test_ddim_run_defaults_to_the_latest_export(model_dirs, tmp_path):
@@ -331,4 +332,5 @@ def test_ddim_run_solver_option(model_dirs, tmp_path):
     assert not np.array_equal(api.samples, load(export, **CPU).sample(3, steps=8).samples)
     bad = run_cli(str(export), "--solver", "dpmpp-2m", "--eta", "1", "--out", str(tmp_path / "b.png"))
     assert bad.returncode != 0 and not (tmp_path / "b.png").exists()
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: --solver dpmpp-2m is deterministic: --eta must be 0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "Error: Invalid value for '--eta': --solver dpmpp-2m is deterministic: --eta must be 0")

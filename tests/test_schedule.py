@@ -99,6 +99,8 @@ def test_spacings_match_reference_implementations():
 def test_bad_step_requests_are_refused_with_what_is_allowed():
     with pytest.raises(ValueError, match="T=1000"):
         select_steps(SCHEDULES["linear"], 1001)
+    with pytest.raises(ValueError, match=">= 1"):
+        select_steps(SCHEDULES["linear"], 0)
     with pytest.raises(ValueError, match="allowed: uniform"):
         select_steps(SCHEDULES["linear"], 10, "bogus")  # type: ignore[arg-type]
     for spacing in DISCRETE_ONLY_SPACINGS:
@@ -158,6 +160,8 @@ def test_stochastic_step_needs_noise_and_bad_eta_is_refused():
     coef = step_coefficients(0.5, 0.6, eta=1.0)
     with pytest.raises(ValueError, match="noise"):
         ddim_step(np.zeros(3), np.zeros(3), coef)
+    with pytest.raises(ValueError, match="eta"):
+        step_coefficients(0.5, 0.6, eta=-0.1)
 
 
 def test_clipping_bounds_pred_x0_and_keeps_update_consistent():

@@ -71,8 +71,8 @@ def test_ddim_run_flags_are_the_fields(tmp_path):
     assert "Sampling steps: network evaluations per image." in help_text and "[default: 50]" in help_text
     assert "|".join(values(Spacing)) in help_text
     result = CliRunner().invoke(main, [str(tmp_path), "--steps", "3", "--solver", "dpmpp-2m", "--eta", "0.5"])
-    assert result.exit_code == 1
-    assert "--solver dpmpp-2m is deterministic: --eta must be 0, got 0.5" in result.output
+    assert result.exit_code == 2
+    assert "Invalid value for '--eta': --solver dpmpp-2m is deterministic: --eta must be 0, got 0.5" in result.output
 
 
 def test_sampler_takes_settings_or_keywords_and_plans_once(tiny_sampler):

@@ -155,10 +155,10 @@ def _ort_line(b: Any, asked: bool, skipped: list[str]) -> str:
     return f"onnxruntime {b.provider} {b.model_path.name}{threads} ({'; '.join((['asked for'] if asked else []) + skipped)})"
 
 
-BUILTIN = (
-    BackendEntry("torch", _open_torch, serve=False, auto_rank=0),
+BUILTIN = (  # listed in this order; auto tries them by auto_rank
     BackendEntry("tensorrt", _open_tensorrt, serve=True, auto_rank=10, label="TensorRT"),
     BackendEntry("onnxruntime", _open_onnxruntime, serve=True, auto_rank=20, label="ONNX Runtime"),
+    BackendEntry("torch", _open_torch, serve=False, auto_rank=0),
 )
 _registered: dict[str, BackendEntry] = {}
 
@@ -189,9 +189,12 @@ def _plugin_rows() -> dict[str, BackendEntry]:
 
 
 def table() -> dict[str, BackendEntry]:
-    """Every backend this process can name: installed plugins, then the built-in rows, then registered ones
-    (a later source replaces an earlier row of the same name)."""
-    return {**_plugin_rows(), **{e.name: e for e in BUILTIN}, **_registered}
+    """Every backend this process can name, in this order: the built-in rows, rows added with :func:`register`
+    (which replace a built-in row of the same name), then installed plugins (which never replace a row)."""
+    rows = {e.name: e for e in BUILTIN}
+    rows.update(_registered)
+    rows.update({name: row for name, row in _plugin_rows().items() if name not in rows})
+    return rows
 
 
 def names(serve: bool = False) -> tuple[str, ...]:
@@ -237,7 +240,10 @@ def open_backend(path: Path, backend: str = "auto", device: Device | None = None
     if backend != "auto":
         if backend not in rows:
             raise BackendError(f"unknown backend {backend!r}; known here: {', '.join(names())}")
-        return rows[backend].open(OpenRequest(path, device, chosen, threads, asked=True))
+        try:
+            return rows[backend].open(OpenRequest(path, device, chosen, threads, asked=True))
+        except Skip as skip:  # a row that does not apply, asked for by name: say why
+            raise BackendError(f"the {backend} backend cannot run {path}: {skip.reason or 'not applicable'}") from None
     skipped: list[str] = []
     last: BackendError | None = None
     for entry in sorted((e for e in rows.values() if e.auto_rank is not None), key=lambda e: e.auto_rank or 0):

@@ -253,8 +253,8 @@ def with_flag_names(ctx: click.Context, build: Callable[[], Any], every_field_of
             given |= {(p.section, p.field) for p in ctx.command.params
                       if isinstance(p, ConfigOption) and p.section == every_field_of}
         text = flag_names_in(str(exc), ctx, given)
-        try:
-            renamed = type(exc)(text)
+        try:  # an error naming its field (runtime.settings.SettingsError) keeps it
+            renamed = type(exc)(exc.field, text) if hasattr(exc, "field") else type(exc)(text)
         except TypeError:  # an exception type with another constructor
             renamed = ValueError(text)
         raise renamed from None

@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from runtime.choices import Device, RunPrecision, values
-from runtime.common.clitools import BackendChoice, friendly_errors, one_line
+from runtime.common.clitools import friendly_errors, one_line
+from runtime.options import BackendChoice
 from runtime.common.extras import install_hint
 from runtime.common.hostinfo import physical_cores
 

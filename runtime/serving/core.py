@@ -232,6 +232,8 @@ class ModelService:
             self.sampler.plan(settings)
         except SettingsError as exc:
             raise RequestError(422, f"{exc.field}: {one_line(exc)}") from None
+        except ValueError as exc:  # what else the model cannot take
+            raise RequestError(422, one_line(exc)) from None
         return [ImageJob(req.seed, i, settings) for i in range(req.num_images)]
 
     def run_batch(self, jobs: Sequence[ImageJob]) -> list[ImageResult]:
