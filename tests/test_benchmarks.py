@@ -232,3 +232,19 @@ def test_serve_load_end_to_end(tmp_path):
     assert [r["max_batch"] for r in rows] == [1, 4]
     assert all(r["errors"] == 0 and r["ok"] == 12 and r["shutdown_rc"] == 0 for r in rows)
     assert sum(int(k) * v for k, v in rows[1]["batches"].items()) == 12
+
+
+def test_reconstruct_quick_writes_its_report(tmp_path, fashion_dir):
+    proc = script("reconstruct.py", "--backend", "eager", "--backend", "onnxruntime", "--num-images", "3",
+                  "--steps", "2", "--steps", "5", "--batch-size", "2", "--data", str(fashion_dir), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = tmp_path.glob("reconstruct-*.json")
+    rows = json.loads(report.read_text())["results"]
+    assert [(r["backend"], r["steps"]) for r in rows] == [
+        ("eager fp32", 2), ("eager fp32", 5), ("onnxruntime cpu fp32", 2), ("onnxruntime cpu fp32", 5)]
+    assert all(r["n"] == 3 and 0 < r["mse"] < 4 and 0 < r["mae_grey"] < 255 for r in rows)
+    eager, ort = rows[1], rows[3]
+    assert abs(eager["mae_grey"] - ort["mae_grey"]) < 0.5  # the same encoder and decoder on two engines
+    stem = str(report)[:-len(".json")]
+    for suffix in (".md", ".png", "-grid.png", "-interpolation.png"):
+        assert Path(stem + suffix).stat().st_size > 1_000, suffix

@@ -408,3 +408,56 @@ def test_refusals_are_one_line_and_write_nothing(case, good_folder, tmp_path):
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert re.search(pattern, errors[0]), errors[0]
     assert not out_parent.exists()  # not even the lock or the folder --out lies in
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_inversion_matches_diffusers_ddim_inverse_scheduler(exported, spacing, monkeypatch):
+    """ddim-encode's inversion (the export on ONNX Runtime) against diffusers' DDIMInverseScheduler and its loop on
+    the same UNet2DModel, step scalars in float64: latents within 1e-4. Decoding those latents equals DDIMPipeline
+    started from them."""
+    from diffusers import DDIMInverseScheduler
+
+    from runtime.api import load
+
+    sampler = load(exported.out, "onnxruntime", "cpu", "fp32", threads=1)
+    m = sampler.spec.model
+    x0 = np.random.default_rng(3).uniform(-1, 1, (IMAGES, m.channels, m.image_size, m.image_size)).astype(np.float32)
+    got = sampler.encode(x0, steps=STEPS, spacing=spacing).samples
+    config = DDPMScheduler.load_config(str(exported.folder / "scheduler"))
+    inverse = DDIMInverseScheduler.from_config(config, timestep_spacing=spacing, set_alpha_to_one=True,
+                                               clip_sample=False)
+    inverse.alphas_cumprod = inverse.alphas_cumprod.double()
+    inverse.initial_alpha_cumprod = inverse.initial_alpha_cumprod.double()
+    inverse.set_timesteps(STEPS)
+    unet, x = load_unet(exported.folder), torch.from_numpy(x0)
+    assert strides_to_next_listed(spacing)  # its stride T // S lands on the listed steps here (20 of 1000)
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            x = inverse.step(unet(x.float(), t).sample, t, x).prev_sample
+    ref = x.double().numpy()
+    diff = difference(got, ref)
+    print(f"inversion parity {exported.name} {spacing}: {diff:.3g}")
+    assert diff <= TOLERANCE
+    decoded = sampler.decode(got, steps=STEPS, spacing=spacing, clip_x0=False).samples
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(got.copy())
+
+    monkeypatch.setattr(pipeline_ddim, "randn_tensor", randn_tensor)
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing=spacing, set_alpha_to_one=True, clip_sample=False)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.double()
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    last = []
+    real_step = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, **kwargs):
+        out = real_step(model_output, timestep, sample, **kwargs)
+        last[:] = [out.prev_sample]
+        return out
+
+    pipe.scheduler.step = step
+    with torch.no_grad():
+        pipe(batch_size=IMAGES, eta=0.0, num_inference_steps=STEPS, output_type="np")
+    assert difference(decoded, last[0].double().numpy()) <= TOLERANCE
