@@ -159,8 +159,9 @@ class Sampler:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def _run(self, job: Job) -> SampleResult:
-        if len(job.images) < 1 or job.batch_size < 1:
-            raise ValueError(f"need >= 1 images and batch_size >= 1, got {len(job.images)} and {job.batch_size}")
+        for name, value in (("images", len(job.images)), ("batch_size", job.batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         b = self.backend
         net = [0.0]
 

@@ -246,5 +246,6 @@ def test_reconstruct_quick_writes_its_report(tmp_path, fashion_dir):
     eager, ort = rows[1], rows[3]
     assert abs(eager["mae_grey"] - ort["mae_grey"]) < 0.5  # the same encoder and decoder on two engines
     stem = str(report)[:-len(".json")]
-    for suffix in (".md", ".png", "-grid.png", "-interpolation.png"):
+    assert "| onnxruntime cpu fp32 | 5 |" in Path(stem + ".md").read_text()
+    for suffix in (".png", "-grid.png", "-interpolation.png"):
         assert Path(stem + suffix).stat().st_size > 1_000, suffix
