@@ -10,6 +10,9 @@ test), and the ``ddim_deploy.backends`` entry points of installed packages: ``NA
 taken only when asked for (``--backend NAME``), opened as ``Class(path, device, precision, threads)`` (the eager
 torch backend is one: it lives with the trainer and is looked up only when chosen, so the runtime stays torch-free).
 
+Rows added with :func:`register` live in this process only: ddim-serve's replicas (other processes) see the
+built-in rows and installed plugins, so a backend meant for serving is installed as an entry point.
+
 An opener takes an :class:`OpenRequest` and returns ``(backend, why)``. A new backend is a module with its
 Backend class, one row here (or an entry point), and nothing else: the command lines, the API and serving all read
 the table.
