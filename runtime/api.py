@@ -24,6 +24,7 @@ from runtime.backends.base import Backend
 from runtime.backends.registry import open_backend
 from runtime.choices import Device, RunPrecision
 from runtime.images import to_uint8
+from runtime.latents import check_batch
 from runtime.noise import ImageNoise
 from runtime.sampler import SamplerHooks, SamplingPlan, ddim_sample, default_spacing
 from runtime.schedule import build_schedule
@@ -94,19 +95,19 @@ class Sampler:
         ``sample(..., seed=s)`` with the same settings, bit for bit, whatever else shares its batch (this is how
         ``ddim-serve`` merges the images of concurrent requests into one network batch)."""
         chosen = self.resolve(SamplingSettings.of(settings, **changes))
-        return self._run(Job(list(images), chosen, self.plan(chosen), lambda first, noise: noise.draw(self._shape()),
-                             batch_size, on_step))
+        draw = lambda first, noise: noise.draw(self.image_shape)  # noqa: E731 (x_T: each stream's first draw)
+        return self._run(Job(list(images), chosen, self.plan(chosen), draw, batch_size, on_step))
 
     def decode(self, latents: NDArray[np.floating], settings: SamplingSettings | None = None, *, seed: int = 0,
                batch_size: int = 16, on_step: Callable[[int], None] | None = None, **changes: Any) -> SampleResult:
         """Sample from given x_T (``(N, C, H, W)``, model space) instead of drawn ones: decoding the x_T that
         ``sample(n, seed=s)`` draws gives its images bit for bit. Under eta > 0 image i's per-step noise is the
         ``(seed, i)`` stream's, after the x_T it would have drawn, so that holds for every eta."""
-        x_T = self._check_batch(latents, "latents")
+        x_T = check_batch(latents, self.image_shape, "latents")
         chosen = self.resolve(SamplingSettings.of(settings, **changes))
 
         def start(first: int, noise: ImageNoise) -> NDArray[np.float32]:
-            noise.draw(self._shape())  # the x_T this stream would have drawn: per-step noise as in sample()
+            noise.draw(self.image_shape)  # the x_T this stream would have drawn: per-step noise as in sample()
             return x_T[first:first + noise.count]
 
         return self._run(Job([(seed, i) for i in range(len(x_T))], chosen, self.plan(chosen), start, batch_size,
@@ -118,7 +119,7 @@ class Sampler:
         (``(N, C, H, W)`` model space, see ``runtime.inputs.to_model_space``). The plan ``sample`` uses for these
         settings, walked backwards from alpha_bar = 1 (:meth:`runtime.sampler.SamplingPlan.inverse`); deterministic
         DDIM (eta 0), no clipping. ``result.samples`` are the latents; ``result.images`` is empty."""
-        x0 = self._check_batch(images, "images")
+        x0 = check_batch(images, self.image_shape, "images")
         chosen = self.resolve(SamplingSettings.of(settings, **changes))
         chosen = SamplingSettings.of(chosen, clip_x0=False)
         plan = self.plan(chosen).inverse()
@@ -131,32 +132,22 @@ class Sampler:
         """SDEdit: noise ``images`` (``(N, C, H, W)`` model space) to the level of the plan's step S - int(S *
         strength) with image i's ``(seed, i)`` noise (its first draw, where ``sample`` draws x_T), then run the rest
         of the plan. ``strength`` in (0, 1]: 1 starts from the plan's noisiest level."""
-        x0 = self._check_batch(images, "images")
+        x0 = check_batch(images, self.image_shape, "images")
         chosen = self.resolve(SamplingSettings.of(settings, **changes))
         plan = self.plan(chosen).tail(strength)
         a = plan.steps[0].coef.a_t
 
         def start(first: int, noise: ImageNoise) -> NDArray[np.float32]:
-            z = noise.draw(self._shape())
+            z = noise.draw(self.image_shape)
             return (math.sqrt(a) * x0[first:first + noise.count] + math.sqrt(1.0 - a) * z).astype(np.float32)
 
         return self._run(Job([(seed, i) for i in range(len(x0))], chosen, plan, start, batch_size, on_step))
 
-    def _shape(self) -> tuple[int, int, int]:
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image in model space."""
         m = self.spec.model
         return m.channels, m.image_size, m.image_size
-
-    def _check_batch(self, x: NDArray[np.floating], what: str) -> NDArray[np.float32]:
-        """``x`` as float32 ``(N, C, H, W)`` of this model's shape, finite; ValueError in one line otherwise."""
-        arr = np.asarray(x)
-        if arr.ndim != 4 or arr.shape[1:] != self._shape() or len(arr) == 0:
-            c, h, w = self._shape()
-            raise ValueError(f"{what} of shape {tuple(arr.shape)}: this model takes (N, {c}, {h}, {w}), N >= 1")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"{what} must be floating point (model space), got {arr.dtype}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{what} hold NaN or Inf ({int((~np.isfinite(arr)).sum())} values)")
-        return np.ascontiguousarray(arr, dtype=np.float32)
 
     def _run(self, job: Job) -> SampleResult:
         for name, value in (("images", len(job.images)), ("batch_size", job.batch_size)):
@@ -205,7 +196,7 @@ class Sampler:
         return plan
 
     def _batches(self, job: Job, bounds: Any, denoise: Callable[[Any, float], Any]) -> list[NDArray[np.float32]]:
-        b, shape, outs = self.backend, self._shape(), []
+        b, shape, outs = self.backend, self.image_shape, []
         on_step = job.on_step
         for first in range(0, len(job.images), job.batch_size):
             noise = ImageNoise.of(job.images[first:first + job.batch_size])

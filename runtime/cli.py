@@ -134,7 +134,7 @@ def _run(ctx: click.Context, model: Path | None, settings: SamplingSettings, o: 
     settings = sampler.resolve(settings)
     log.info("solver: %s, %d steps (%s spacing), eta %g, %s", settings.solver, len(plan), settings.spacing,
              settings.eta, "pred_x0 clipped" if settings.clip_x0 else "no clipping")
-    job = _job(sampler, model, settings, o)
+    job = _job(sampler, model, settings, o, len(plan))
     batches = -(-job.count // o.batch_size)
     with progress_bar(total=job.steps * batches, desc="sampling", unit="step", disable=not o.progress) as bar:
         result = job.run(lambda i: bar.update(1))
@@ -166,13 +166,12 @@ class RunJob:
     columns: int | None = None
 
 
-def _job(sampler: Any, model: Path, settings: SamplingSettings, o: RunOptions) -> RunJob:
-    """The job the options ask for (sample, decode latents, image-to-image, interpolate), its input read and
-    checked before any sampling."""
+def _job(sampler: Any, model: Path, settings: SamplingSettings, o: RunOptions, steps: int) -> RunJob:
+    """The job the options ask for (sample, decode latents, image-to-image, interpolate; ``steps`` per batch of a
+    whole plan), its input read and checked before any sampling."""
     from runtime.latents import model_identity, read_latents, slerp
 
-    steps = len(sampler.plan(settings))
-    shape = sampler._shape()
+    shape = sampler.image_shape
     kw = {"batch_size": o.batch_size}
     if o.latents is not None:
         latents, encoded = read_latents(o.latents, shape, model_identity(model))
@@ -192,7 +191,9 @@ def _job(sampler: Any, model: Path, settings: SamplingSettings, o: RunOptions) -
         return RunJob(len(x0), len(tail), lambda tick: sampler.image_to_image(x0, o.strength, settings, seed=o.seed,
                                                                               on_step=tick, **kw))
     if o.interpolate is not None:
-        ends = [_endpoint(v, shape, model) for v in o.interpolate]
+        files = [v for v in o.interpolate if not v.isdigit()]
+        identity = model_identity(model) if files else ""  # hashed once, for both ends
+        ends = [_endpoint(v, shape, identity) for v in o.interpolate]
         path = slerp(ends[0], ends[1], o.frames)
         return RunJob(o.frames, steps, lambda tick: sampler.decode(path, settings, seed=o.seed, on_step=tick, **kw),
                       columns=o.frames)
@@ -200,15 +201,16 @@ def _job(sampler: Any, model: Path, settings: SamplingSettings, o: RunOptions) -
                                                                    on_step=tick, **kw))
 
 
-def _endpoint(value: str, shape: tuple[int, int, int], model: Path) -> NDArray[np.float32]:
-    """One end of --interpolate: a seed (image 0's x_T under that seed) or a latents file (FILE or FILE:INDEX)."""
-    from runtime.latents import model_identity, read_latents
+def _endpoint(value: str, shape: tuple[int, int, int], identity: str) -> NDArray[np.float32]:
+    """One end of --interpolate: a seed (image 0's x_T under that seed) or a latents file (FILE or FILE:INDEX) of
+    the model whose sha256 is ``identity``."""
+    from runtime.latents import read_latents
     from runtime.noise import ImageNoise
 
     if value.isdigit():
         return ImageNoise(int(value), [0]).draw(shape)[0]
     path, _, index = value.rpartition(":") if value.rpartition(":")[2].isdigit() else (value, "", "0")
-    latents, _ = read_latents(Path(path), shape, model_identity(model))
+    latents, _ = read_latents(Path(path), shape, identity)
     if int(index) >= len(latents):
         raise ValueError(f"--interpolate {value}: {path} holds {len(latents)} latents (index 0..{len(latents) - 1})")
     return latents[int(index)]

@@ -67,15 +67,7 @@ def read_latents(path: Path, shape: tuple[int, int, int],
         raise
     except Exception as exc:  # zipfile/npy errors of a torn or foreign file
         raise ValueError(f"{path} is not a readable .npz ({type(exc).__name__}: {exc})".splitlines()[0]) from None
-    if latents.ndim == 3:
-        latents = latents[None]
-    if latents.ndim != 4 or tuple(latents.shape[1:]) != shape or len(latents) == 0:
-        raise ValueError(f"{path}: latents of shape {tuple(latents.shape)}; this model takes (N, "
-                         f"{', '.join(map(str, shape))})")
-    if not np.issubdtype(latents.dtype, np.floating):
-        raise ValueError(f"{path}: latents must be floating point, got {latents.dtype}")
-    if not np.isfinite(latents).all():
-        raise ValueError(f"{path}: latents hold NaN or Inf ({int((~np.isfinite(latents)).sum())} values)")
+    latents = check_batch(latents[None] if latents.ndim == 3 else latents, shape, f"{path}: latents")
     recorded = meta.get("model_sha256")
     if model_sha256 is not None and recorded and recorded != model_sha256:
         raise ValueError(f"{path} holds latents of another model (sha256 {str(recorded)[:12]}..., this one "
@@ -86,7 +78,21 @@ def read_latents(path: Path, shape: tuple[int, int, int],
             settings = dict(json.loads(str(meta["settings"])))
         except (ValueError, TypeError):
             settings = {}
-    return np.ascontiguousarray(latents, dtype=np.float32), settings
+    return latents, settings
+
+
+def check_batch(x: NDArray[np.floating], shape: tuple[int, int, int], what: str) -> NDArray[np.float32]:
+    """``x`` as float32 ``(N, C, H, W)`` with ``(C, H, W) == shape``, N >= 1, finite; ValueError in one line naming
+    ``what`` otherwise. The one check of model-space batches (latents and images) given to the sampler."""
+    arr = np.asarray(x)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != shape or len(arr) == 0:
+        raise ValueError(f"{what} of shape {tuple(arr.shape)}: this model takes (N, {', '.join(map(str, shape))}), "
+                         "N >= 1")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{what} must be floating point (model space), got {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} hold NaN or Inf ({int((~np.isfinite(arr)).sum())} values)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def slerp(a: NDArray[np.floating], b: NDArray[np.floating], frames: int) -> NDArray[np.float32]:
