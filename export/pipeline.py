@@ -11,11 +11,12 @@ leaves the previous contents of ``--out`` (if any) untouched. The rename is the 
 the previous export moves to ``.NAME.old-PID`` first and is deleted once the new one is in place.
 
 Ownership: ``--out`` is replaced only when it is an export of ours (it holds ``export_report.json``,
-written last) and ``--force`` is given (or it is the default folder); a run directory, any other
-folder and any file are never replaced. One export at a time per ``--out`` (an OS lock), and each
-export first finishes what a killed one left: stale staging folders are removed (under the lock
-no other export into ``--out`` can be running),
-and an ``--out`` that a kill between the two renames left missing is restored from ``.NAME.old-PID``.
+written last) holding nothing but the files its report lists, and ``--force`` is given (or it is the default
+folder); a run directory, any other folder, an export the user added files to and any file are never replaced
+(an older report lists no files: then only the export file names of ``runtime.exportdir`` count as the
+export's). One export at a time per ``--out`` (an OS lock), and each export first finishes what a killed one
+left: stale staging folders are removed (under the lock no other export into ``--out`` can be running), and an
+``--out`` that a kill between the two renames left missing is restored from ``.NAME.old-PID``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
                                    write_manifest)
 from runtime import __version__
 from runtime.backends import BackendError, precision
-from runtime.exportdir import ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST, REPORT, is_export, is_run_dir
+from runtime.exportdir import (ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST, REPORT, REPORT_FILES, foreign_files,
+                               is_export, is_run_dir, written_files)
 from runtime.common.files import PathLock, fsync_dir, replace_dir, sha256_file
 from runtime.common.limits import SizeLimits
 from runtime.metadata import spec_to_metadata
@@ -129,6 +131,12 @@ def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
     if not is_our_export(out):
         raise FileExistsError(f"{flag} {out} holds files that are not an export of ddim-export (no {REPORT}); it is "
                               f"never replaced (even with --force): pick another {flag}")
+    foreign, listed = foreign_files(out)
+    if foreign:
+        names = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        why = "" if listed else f" (its {REPORT} is older and lists no files: only the export's own file names count)"
+        raise FileExistsError(f"{flag} {out} holds an earlier export plus files it did not write ({names}){why}; it "
+                              f"is never replaced (even with --force): move them out or pick another {flag}")
     if not force:
         raise FileExistsError(f"{flag} {out} holds an earlier export; pass --force to replace it")
 
@@ -239,7 +247,8 @@ def _export(run_dir: Path, folder: DiffusersFolder | None, out: Path, opts: Expo
             report.tensorrt_commands = equivalent_commands(FP16_ONNX, spec, opts.profile,
                                                            opts.optimization_level, FP16_TOLERANCE)
             _write_engine(model, spec, staging, opts, report)
-        (staging / REPORT).write_text(json.dumps(_summary(report), indent=2) + "\n")  # last: marks it complete
+        summary = {**_summary(report), REPORT_FILES: written_files(staging)}  # what --force may replace later
+        (staging / REPORT).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks it complete
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

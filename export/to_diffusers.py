@@ -11,9 +11,10 @@ Two kinds of folder; :func:`export_diffusers` picks one and says why (``Diffuser
 
 Both hold ``scheduler/`` (a DDIMScheduler holding our schedule, :func:`scheduler_config`),
 ``model_index.json``, all written by diffusers' own ``save_pretrained``, plus ``README.md`` and
-``export_report.json``. The report is written last and marks the folder complete and ours: the folder
-follows ``export/pipeline.py``'s rules (staged in ``.NAME.partial-PID``, committed by one rename under
-the folder's lock; only an earlier export of ours is replaced, and only with ``--force``).
+``export_report.json``. The report is written last, lists every file written, and marks the folder complete
+and ours: the folder follows ``export/pipeline.py``'s rules (staged in ``.NAME.partial-PID``, committed by one
+rename under the folder's lock; only an earlier export of ours holding only the files its report lists is
+replaced, and only with ``--force``).
 
 The gate: the folder is loaded back with ``DDIMPipeline.from_pretrained`` before the commit; its unet
 must agree with our net on noisy images at timesteps spread over the schedule (relative error <=
@@ -40,7 +41,7 @@ from export.diffusers_card import model_card
 from export.diffusers_unet import to_unet2d, unet2d_mismatch
 from export.parity import FP32_TOLERANCE
 from export.pipeline import ParityError, export_folder
-from runtime.exportdir import REPORT
+from runtime.exportdir import REPORT, REPORT_FILES, written_files
 from runtime import __version__
 from runtime.config import ModelSpec
 from runtime.common.files import replace_dir, sha256_file
@@ -101,7 +102,8 @@ def _export(run_dir: Path, out: Path, weights: str, limits: SizeLimits) -> Diffu
         info = {"source_run": run_dir.resolve().name, "weights": weights,
                 "weights_sha256": sha256_file(run_dir / WEIGHTS)}
         (staging / "README.md").write_text(model_card(spec, report, info))
-        (staging / REPORT).write_text(json.dumps(_summary(report, info), indent=2) + "\n")  # last: complete
+        summary = {**_summary(report, info), REPORT_FILES: written_files(staging)}  # what --force may replace later
+        (staging / REPORT).write_text(json.dumps(summary, indent=2) + "\n")  # last: complete
         replace_dir(staging, out)  # fsyncs the subfolders diffusers wrote too
     finally:
         shutil.rmtree(staging, ignore_errors=True)

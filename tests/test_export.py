@@ -91,6 +91,12 @@ def test_writes_checked_files_that_pass_the_gate(exported):
     assert summary["parity"][0]["passed"] is True
 
 
+def test_the_report_lists_every_file_written(exported):
+    out, _ = exported
+    listed = json.loads((out / REPORT).read_text())["files"]
+    assert listed == sorted(p.name for p in out.iterdir()) and REPORT in listed and "model.fp16.onnx" in listed
+
+
 def test_graph_io_dynamic_batch_and_opset(exported, run_dir):
     out, _ = exported
     model = onnx.load(str(out / "model.onnx"))
@@ -251,6 +257,10 @@ def test_cli_defaults_to_the_latest_run(run_dir, tmp_path):
     again = cli(cwd=tmp_path)  # the default folder holds our earlier export: replaced, not refused
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "exports").is_dir()
+    (out,) = (tmp_path / "exports").iterdir()
+    (out / "NOTES.md").write_text("mine")  # the user's file in it: the default folder is not replaced then either
+    one_line_error(cli(cwd=tmp_path), r"files it did not write \(NOTES.md\).*never replaced")
+    assert (out / "NOTES.md").read_text() == "mine" and (out / REPORT).is_file()
 
 
 def test_batchnorm_is_folded_exactly(run_dir, exported):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -132,6 +133,115 @@ def read_capped(path: str | Path, limit: int = MAX_JSON_BYTES, what: str = "file
     if len(data) > limit:
         raise ValueError(f"{what} {path} is larger than {limit // 1024} KiB: not one of ours")
     return data
+
+
+STAGING_PREFIX = ".ddim-run-staging-"
+STAGING_LOCK = ".lock"  # inside the staging folder; held (flock) by its writer as long as it lives
+_STAGING_NAME = re.compile(r"^\.ddim-run-staging-\d+-[a-z0-9_]{8}$")  # tempfile.mkdtemp's 8 characters
+_LIVE_STAGING: set[Path] = set()  # this process's own staging folders: never stale, whatever the lock says
+
+
+class StagingFolder:
+    """A hidden folder ``.ddim-run-staging-PID-XXXXXXXX`` in ``parent`` holding files on their way into
+    ``parent`` (a rename within one folder tree of one file system). Its writer holds an OS lock (``flock``)
+    on the ``.lock`` file inside for as long as it lives; the kernel drops it when the writer dies, however
+    it dies (kill -9 too). :func:`remove_stale_staging` removes only folders of this exact name whose lock
+    it can take: their writer is gone. PIDs are reused and never trusted; the PID in the name is for people.
+    """
+
+    def __init__(self, parent: Path) -> None:
+        import fcntl
+
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+            try:
+                fd = os.open(path / STAGING_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:  # another writer's cleanup took the still empty folder for a dead one's
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleanup that took it first removes the folder
+            try:
+                ours = os.path.samestat(os.fstat(fd), os.lstat(path / STAGING_LOCK))
+            except FileNotFoundError:
+                ours = False
+            if ours:
+                break
+            os.close(fd)
+        self.path, self._fd = path, fd
+        _LIVE_STAGING.add(path.absolute())
+
+    def file(self, name: str) -> Path:
+        """Where the file that will be ``parent/name`` is written."""
+        if name == STAGING_LOCK:
+            raise ValueError(f"{name} cannot be staged: the staging folder's lock has that name")
+        return self.path / name
+
+    def close(self) -> None:
+        """Remove what is left in the folder (files not renamed out), the folder and the lock."""
+        if self._fd is None:
+            return
+        try:
+            _empty_staging(self.path)
+        finally:
+            _LIVE_STAGING.discard(self.path.absolute())
+            os.close(self._fd)
+            self._fd = None
+
+
+def _empty_staging(path: Path) -> bool:
+    """Remove the staged files of a staging folder, then its lock, then the folder (only when then empty);
+    a folder or anything else that is not a plain file or link is left. True when the folder is gone."""
+    with os.scandir(path) as entries:
+        names = [e.name for e in entries if e.name != STAGING_LOCK and (e.is_symlink() or e.is_file())]
+    for name in names:
+        (path / name).unlink(missing_ok=True)
+    try:
+        (path / STAGING_LOCK).unlink(missing_ok=True)  # last: a kill before this leaves it for the next writer
+        path.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_staging(parent: Path) -> list[str]:
+    """Remove the :class:`StagingFolder` s in ``parent`` whose writer is dead (a kill -9 while it wrote): a folder
+    named ``.ddim-run-staging-PID-XXXXXXXX`` (not a link) whose ``.lock`` this process can lock, or that has no
+    ``.lock`` and is empty (its writer died between making it and locking it). Nothing else is ever touched.
+    Returns the names removed."""
+    import fcntl
+
+    removed: list[str] = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        if not _STAGING_NAME.match(path.name) or path.absolute() in _LIVE_STAGING:
+            continue
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path / STAGING_LOCK, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty; a live writer about to lock it makes another
+                removed.append(path.name)
+            continue
+        except OSError:  # another user's, or not a file: not ours to judge
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            try:
+                same = os.path.samestat(os.fstat(fd), os.lstat(path / STAGING_LOCK))
+            except FileNotFoundError:
+                same = False
+            if same and _empty_staging(path):  # else another cleanup got there first
+                removed.append(path.name)
+        finally:
+            os.close(fd)
+    return removed
 
 
 class LockHeld(RuntimeError):

@@ -3,9 +3,11 @@ phase: a crash exactly there, with no ``finally`` and no cleanup.
 
     python tests/reliability/killer.py fit RUN_DIR DATA N        # during the checkpoint of step 2
     python tests/reliability/killer.py export RUN_DIR OUT N      # during the export's commit
+    python tests/reliability/killer.py run N [DDIM-RUN ARGS...]  # while ddim-run stages and commits its outputs
 
 The steps counted are every ``os.replace``, ``os.link``, ``os.unlink``, ``shutil.rmtree`` and
-file ``write`` of the phase. Exit 0 means the phase had fewer than N steps (the run completed).
+file ``write`` of the phase (for ``run``: every ``os.fsync``, one per staged file, and ``os.replace``, one
+per file put in place). Exit 0 means the phase had fewer than N steps (the run completed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 active = [False]
 count = [0]
-target = int(sys.argv[4])
+target = int(sys.argv[2] if sys.argv[1] == "run" else sys.argv[4])
 
 
 def step(fn):
@@ -53,7 +55,19 @@ def phase(fn, when=lambda *a, **k: True):
     return wrapped
 
 
-if sys.argv[1] == "fit":
+if sys.argv[1] == "run":
+    from runtime.cli import main
+    from runtime.common.outputs import StagedOutputs
+
+    os.fsync = step(os.fsync)
+    StagedOutputs.stage = phase(StagedOutputs.stage)
+    StagedOutputs.commit = phase(StagedOutputs.commit)
+    try:
+        main(sys.argv[3:])
+    except SystemExit as exc:
+        if exc.code:
+            raise
+elif sys.argv[1] == "fit":
     import trainer.train as train
     from conftest import tiny_config
 

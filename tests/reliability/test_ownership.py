@@ -125,3 +125,69 @@ def test_one_export_at_a_time_per_out(run_dir, tmp_path):
     finally:
         os.close(fd)
     assert export(run_dir, out).returncode == 0  # released (the kernel drops it with its holder)
+
+
+def test_force_never_replaces_an_export_holding_the_users_files(run_dir, tmp_path):
+    out = tmp_path / "exp"
+    assert export(run_dir, out).returncode == 0
+    (out / "NOTES.md").write_text("what I learnt from this export")
+    (out / "drafts").mkdir()
+    (out / "drafts" / "a.txt").write_text("mine")
+    before = snapshot(out)
+    line = one_error_line(export(run_dir, out, "--force"))
+    assert "files it did not write (NOTES.md, drafts/)" in line and "never replaced (even with --force)" in line
+    assert_kept(before, out)
+    assert is_our_export(out) and not list(tmp_path.glob(".exp.*-*"))
+    (out / "NOTES.md").unlink()
+    shutil.rmtree(out / "drafts")
+    proc = export(run_dir, out, "--force")  # a clean export of ours: replaced as before
+    assert proc.returncode == 0, proc.stderr
+    assert is_our_export(out) and not (out / "NOTES.md").exists()
+
+
+def test_force_with_out_dot_never_deletes_the_users_other_files(run_dir, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    assert export(run_dir, Path("."), cwd=project).returncode == 0  # an empty folder: exported into
+    assert (project / REPORT).is_file()
+    for i in range(5):
+        (project / f"train{i}.py").write_text("mine")
+    before = snapshot(project)
+    line = one_error_line(export(run_dir, Path("."), "--force", cwd=project))
+    assert "train0.py, train1.py, train2.py and 2 more" in line and "never replaced" in line
+    assert_kept(before, project)
+
+
+def test_an_older_report_without_a_file_list_counts_only_export_names(tmp_path, run_dir):
+    from faults import shipped_export
+
+    out = shipped_export(tmp_path / "old")  # a report of before the file list
+    (out / "model.fp16.onnx").write_bytes(b"an export's name: ours")
+    (out / "NOTES.md").write_text("mine")
+    before = snapshot(out)
+    line = one_error_line(export(run_dir, out, "--force"))
+    assert "(NOTES.md)" in line and "lists no files: only the export's own file names count" in line
+    assert_kept(before, out)
+    (out / "NOTES.md").unlink()
+    proc = export(run_dir, out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "model.fp16.onnx").exists()
+
+
+def test_the_diffusers_export_follows_the_same_rule(run_dir, tmp_path):
+    pytest.importorskip("diffusers")
+    from export.to_diffusers import export_diffusers
+    from runtime.exportdir import read_report
+
+    out = tmp_path / "pipe"
+    export_diffusers(run_dir, out)
+    listed = read_report(out)["files"]
+    assert listed == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert "unet/diffusion_pytorch_model.safetensors" in listed
+    (out / "unet" / "NOTES.md").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=r"--diffusers .* did not write \(unet/NOTES.md\)"):
+        export_diffusers(run_dir, out, force=True)
+    assert_kept(before, out)
+    (out / "unet" / "NOTES.md").unlink()
+    export_diffusers(run_dir, out, force=True)

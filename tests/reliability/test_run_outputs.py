@@ -6,6 +6,7 @@ what the user had (an old grid, npz, per-image folder) byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -175,3 +176,25 @@ def test_out_suffix_picks_the_image_type(tmp):
             assert im.format == fmt, (name, im.format)
     with Image.open(tmp / "grid.webp") as webp, Image.open(tmp / "grid.png") as png:
         assert np.array_equal(np.asarray(webp.convert("L")), np.asarray(png.convert("L")))  # lossless
+
+
+def test_a_missing_export_names_the_one_a_killed_export_moved_aside(tmp):
+    """A kill between the two renames of an export's commit leaves ``.ky.old-PID`` and no ``ky``: ddim-run and
+    ddim-serve say where it is and how to get it back, not just "does not exist"."""
+    from click.testing import CliRunner
+
+    from runtime.serving.cli import main as serve_main
+
+    exports = tmp / "exports"
+    os.replace(exports / "fm", exports / ".ky.old-4242")
+    before = snapshot(exports)
+    expected = ("MODEL exports/ky does not exist, but exports/.ky.old-4242 holds the export a killed ddim-export was "
+                "replacing there: rename it back (mv exports/.ky.old-4242 exports/ky), or run ddim-export into "
+                "exports/ky again, which restores it first")
+    assert one_error_line(ddim_run(tmp, "exports/ky", *FAST)) == f"error: {expected}"
+    assert expected in one_error_line(ddim_run(tmp, "exports/ky/model.onnx", *FAST)).replace("/model.onnx", "")
+    with contextlib.chdir(tmp):
+        result = CliRunner().invoke(serve_main, ["exports/ky"])
+    assert result.exit_code == 1 and f"error: {expected}" in result.stderr, result.stderr
+    assert one_error_line(ddim_run(tmp, "exports/other", *FAST)) == "error: exports/other does not exist"
+    assert_kept(before, exports)
