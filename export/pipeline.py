@@ -120,7 +120,10 @@ def is_our_export(folder: Path) -> bool:
 
 def check_out_dir(out: Path, force: bool, flag: str = "--out") -> None:
     """Refuse an output folder (given as ``flag``) that is not ours to replace (see the module docstring)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():
+        raise FileExistsError(f"{flag} {out} is a symlink (to {os.readlink(out)}), not an export folder; it is never "
+                              f"replaced or followed: pick another {flag}")
+    if out.exists() and not out.is_dir():
         raise FileExistsError(f"{flag} {out} is a file, not an export folder; it is never replaced: "
                               f"pick another {flag}")
     if not out.exists() or not any(out.iterdir()):

@@ -35,7 +35,7 @@ from runtime.common.progress import progress_bar
 from runtime.common.files import PathLock, atomic_path, atomic_write_text, fsync_dir, read_capped, replace_dir
 from runtime.common.shipped import SHIPPED_CLASSIFIER
 from trainer.errors import CheckpointError
-from trainer.rundir import load_weights
+from trainer.rundir import load_weights, weights_bound
 
 SHIPPED = SHIPPED_CLASSIFIER
 WEIGHTS, INFO = "classifier.safetensors", "classifier.json"
@@ -171,7 +171,7 @@ def load_classifier(folder: Path = SHIPPED) -> tuple[FashionClassifier, Classifi
         raise CheckpointError(f"{folder / INFO} has format {info.format!r}; this version reads {FORMAT!r}")
     model = FashionClassifier(info.width, info.features)
     try:
-        model.load_state_dict(load_weights(folder / WEIGHTS))
+        model.load_state_dict(load_weights(folder / WEIGHTS, weights_bound(model)))
     except (CheckpointError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot load classifier weights {folder / WEIGHTS}: {msg}") from None

@@ -18,7 +18,7 @@ import click
 from quality.errors import QualityError
 from quality.inception import RESIZE_OPTIONS
 from runtime.choices import Device, values
-from runtime.common.clitools import friendly_errors, version_option
+from runtime.common.clitools import friendly_errors, threads_option, version_option
 from runtime.common.hostinfo import physical_cores
 
 
@@ -70,8 +70,8 @@ def classifier(data_path: Path | None, out: Path | None, replace_shipped: bool, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="Images per network call.")
 @click.option("--device", type=click.Choice(values(Device)), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help=f"CPU threads [default: one per physical core, {physical_cores()} here].")
+@threads_option(f"CPU threads, at most the logical CPUs this process may use [default: one per physical core, "
+                f"{physical_cores()} here].")
 @click.option("--resize", type=click.Choice(RESIZE_OPTIONS), default="tf-bilinear",
               show_default=True, help="How images reach 299x299 (see docs/benchmarks.md; scores of different "
               "filters do not compare).")

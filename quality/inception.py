@@ -41,6 +41,7 @@ from runtime.common.progress import progress_bar
 from runtime.common.extras import install_hint
 from runtime.common.files import atomic_write_bytes, read_regular, sha256_file
 from runtime.common.hostinfo import check_threads
+from runtime.common.limits import check_threads_cap
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class InceptionFeatures(FeatureExtractor):
         self.weights_path = weights if weights is not None else find_weights()
         self.weights_sha256 = verify_weights(self.weights_path)
         self.resize, self.device, self.batch_size, self.progress = resize, device, batch_size, progress
-        self.threads = check_threads(threads)
+        self.threads = check_threads(check_threads_cap(threads))
         self.identity = identity_of(resize)  # verify_weights made sure the weights are the pinned ones
         self.engine = self._open(engine)
 

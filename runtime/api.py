@@ -204,6 +204,7 @@ class Sampler:
                 denoise=denoise,
                 noise_like=lambda x, i: b.from_host(noise.draw(shape)),  # noqa: B023 (used within the batch)
                 is_finite=b.is_finite,
+                precision=getattr(b, "precision", None),
                 on_step=(lambda s: on_step(s.index)) if on_step else None,
             )
             x = b.from_host(job.start(first, noise))

@@ -14,15 +14,19 @@ from numpy.typing import NDArray
 
 from runtime.choices import Device, RunPrecision, values
 from runtime.common.cliconfig import with_flag_names
-from runtime.common.clitools import friendly_errors
+from runtime.common.clitools import friendly_errors, threads_option
 from runtime.options import BackendChoice, sampling_options, sampling_settings
 from runtime.exportdir import FP32_ONNX, latest_export
 from runtime.common.hostinfo import physical_cores
+from runtime.common.limits import check_image_count
 from runtime.common.outputs import StagedOutputs, check_file, check_folder
 from runtime.settings import SamplingSettings, SettingsError
 from runtime.common.shipped import pick
 
 log = logging.getLogger("runtime")
+# What ddim-run holds per pixel value at its peak: float32 samples twice (the batches and their concatenation), two
+# float64 temporaries of the uint8 conversion, the uint8 image and its place in the grid.
+BYTES_PER_VALUE = 4 + 4 + 2 * 8 + 1 + 2
 
 
 def check_outputs(out: Path, out_dir: Path | None, npz: Path | None) -> None:
@@ -71,9 +75,8 @@ def engine_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU); auto: the "
                           "TensorRT engine's (fp16) where one is picked, on ONNX Runtime CPU model.int8.onnx where "
                           "it passed its gate and is faster on this CPU, else model.onnx."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help=f"CPU threads of ONNX Runtime / torch [default: one per physical core, {physical_cores()} "
-                          "here]."),
+        threads_option(f"CPU threads of ONNX Runtime / torch, at most the logical CPUs this process may use "
+                       f"[default: one per physical core, {physical_cores()} here]."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]):
         fn = option(fn)
@@ -135,9 +138,12 @@ def _run(ctx: click.Context, model: Path | None, settings: SamplingSettings, o: 
     log.info("solver: %s, %d steps (%s spacing), eta %g, %s", settings.solver, len(plan), settings.spacing,
              settings.eta, "pred_x0 clipped" if settings.clip_x0 else "no clipping")
     job = _job(sampler, model, settings, o, len(plan))
+    flag = "--latents" if o.latents else "--init-images" if o.init_images else "--frames" if o.interpolate else \
+        "--num-images"
+    check_image_count(job.count, sampler.image_shape, flag, BYTES_PER_VALUE)  # before sampling, not a MemoryError
     batches = -(-job.count // o.batch_size)
     with progress_bar(total=job.steps * batches, desc="sampling", unit="step", disable=not o.progress) as bar:
-        result = job.run(lambda i: bar.update(1))
+        result = with_precision(sampler, lambda: job.run(lambda i: bar.update(1)))
     # All or nothing: a full disk at the npz must not leave a new grid beside the old per-image files.
     with StagedOutputs() as staged:
         scale = grid_scale(result.images.shape[1], len(result.images))
@@ -154,6 +160,19 @@ def _run(ctx: click.Context, model: Path | None, settings: SamplingSettings, o: 
              "%.1f%% of the time outside the network; grid in %s",
              b.name, b.device, job.count, result.seconds, per_step * 1e3, min(o.batch_size, job.count),
              job.count / result.seconds, 100 * result.overhead_fraction, o.out)
+
+
+def with_precision(sampler: Any, run: Callable[[], Any]) -> Any:
+    """``run()``; a NaN or Inf it meets is reported with the advice for the precision the backend ran in (no
+    "try float32" for a float32 model: its weights are what is broken)."""
+    from runtime.sampler import NonFiniteError
+
+    try:
+        return run()
+    except NonFiniteError as exc:
+        if exc.precision is not None:
+            raise
+        raise NonFiniteError(exc.where, getattr(sampler.backend, "precision", None)) from None
 
 
 @dataclass
@@ -261,7 +280,8 @@ def encode_main(ctx: click.Context, model: Path | None, images: Path, **options:
     batches = -(-len(x0) // options["batch_size"])
     with progress_bar(total=len(plan) * batches, desc="encoding", unit="step",
                       disable=not options["progress"]) as bar:
-        result = sampler.encode(x0, settings, batch_size=options["batch_size"], on_step=lambda i: bar.update(1))
+        result = with_precision(sampler, lambda: sampler.encode(x0, settings, batch_size=options["batch_size"],
+                                                                on_step=lambda i: bar.update(1)))
     data = latents_bytes(result.samples, settings, model_identity(model), names)
     with StagedOutputs() as staged:
         staged.stage(out, data, "--out")

@@ -32,6 +32,10 @@ Conditioning = Literal["noise_variance", "timestep"]
 CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 
 
+# T of a discrete schedule: the field's schedules use 1000; schedules, plans and timestep tables are arrays of T.
+MAX_TIMESTEPS = 100_000
+
+
 class ConfigError(ValueError):
     """A config that is missing, malformed, or of an unknown schema."""
 
@@ -44,6 +48,16 @@ def check_choice(value: object, allowed: tuple[object, ...], what: str) -> None:
 def _check_positive_int(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+def check_finite_fields(config: object) -> None:
+    """Refuse a config dataclass whose float fields (or float tuples) hold NaN or an infinity: one line naming the
+    field. Values built in Python (``dataclasses.replace``, CLI overrides) skip the JSON reader's check."""
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class KerasUNetConfig:
     """Highest frequency of the sinusoidal embedding."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice(self.architecture, ("keras",), "architecture")
         check_choice(self.conditioning, CONDITIONINGS, "conditioning")
         _check_positive_int(self.image_size, "image_size")
@@ -133,6 +148,7 @@ class DDPMUNetConfig:
     """Highest frequency of the sinusoidal embedding."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice(self.architecture, ("ddpm",), "architecture")
         check_choice(self.conditioning, CONDITIONINGS, "conditioning")
         for name in ("image_size", "channels", "base_width", "num_res_blocks", "num_groups", "num_heads"):
@@ -222,8 +238,11 @@ class ScheduleConfig:
     """Bound of |predicted clean image| in model space when clipping; none: the data range of the normalisation."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice(self.name, get_args(ScheduleName), "schedule")
         _check_positive_int(self.num_timesteps, "num_timesteps")
+        if self.num_timesteps > MAX_TIMESTEPS:  # schedules, plans and timestep tables are O(T)
+            raise ConfigError(f"num_timesteps must be at most {MAX_TIMESTEPS:,}, got {self.num_timesteps:,}")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError("need 0 < beta_start < beta_end < 1")
         if not 0 < self.min_signal_rate < self.max_signal_rate <= 1:
@@ -246,10 +265,9 @@ class NormalizationConfig:
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if not self.mean or len(self.mean) != len(self.std):
             raise ConfigError("normalization mean and std must list one value per channel")
-        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
-            raise ConfigError("normalization mean and std must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ConfigError("normalization std must be > 0")
 

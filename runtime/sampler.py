@@ -28,7 +28,27 @@ A = TypeVar("A")
 
 
 class NonFiniteError(RuntimeError):
-    """Sampling produced NaN or Inf."""
+    """Sampling produced NaN or Inf ``where`` (a step of the plan); the advice depends on the ``precision`` the
+    network ran in (None: not known)."""
+
+    def __init__(self, where: str, precision: str | None = None) -> None:
+        self.where, self.precision = where, precision
+        super().__init__(f"non-finite values {where}: {nonfinite_advice(precision)}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:  # pickled (serving's replicas) by its fields
+        return type(self), (self.where, self.precision)
+
+
+def nonfinite_advice(precision: str | None) -> str:
+    """What NaN or Inf out of the network means: in float32 the model itself (its weights or inputs) is broken; in a
+    reduced precision an overflow, which float32 avoids."""
+    if precision == "fp32":
+        return ("the model produced NaN or infinite values in float32: its weights (or inputs) are broken, not its "
+                "precision; export it again from a healthy checkpoint")
+    if precision is not None:
+        return f"the model overflowed in {precision}: try float32 precision (--precision fp32)"
+    return ("the model produced NaN or infinite values: broken weights, or an overflow of a reduced precision "
+            "(fp16, int8: try float32 precision)")
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,7 @@ class SamplerHooks(Generic[A]):
     noise_like: Callable[[A, int], A] | None = None  # (x, step index) -> N(0, I) noise, for eta > 0
     is_finite: Callable[[A], bool] | None = None  # checked on every step's output when given
     on_step: Callable[[PlannedStep], None] | None = None  # progress reporting
+    precision: str | None = None  # what the network runs in (fp32, fp16, int8): the advice of a NonFiniteError
 
 
 def ddim_sample(
@@ -149,10 +170,8 @@ def ddim_sample(
             noise = hooks.noise_like(x, step.index) if step.coef.sigma > 0 and hooks.noise_like else None
             x, _ = ddim_step(x, eps, step.coef, noise=noise, clip_x0=clip_x0)
         if hooks.is_finite is not None and not hooks.is_finite(x):
-            raise NonFiniteError(
-                f"non-finite values at sampling step {step.index + 1}/{len(plan)} "
-                f"(noise variance {step.noise_var:.4g}); try float32 precision"
-            )
+            raise NonFiniteError(f"at sampling step {step.index + 1}/{len(plan)} (noise variance {step.noise_var:.4g})",
+                                 hooks.precision)
         if hooks.on_step is not None:
             hooks.on_step(step)
     return x

@@ -87,9 +87,16 @@ def resolve_config(ctx: click.Context, preset: str | None, resume_from: Path | N
         raise ConfigError(flag_names_in(str(exc), ctx, [*given, ("model", "architecture")])) from None
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Lines whose paths are not UTF-8 (``--out $'runs/bad\\377'``: surrogates) escaped, not a logging error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_EscapingFormatter("%(message)s"))
     for name in ("trainer", "runtime"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)

@@ -15,7 +15,7 @@ from runtime import __version__
 from runtime.schedule import MAX_CONTINUOUS_STEPS
 from runtime.config import (
     MODEL_CONFIGS, ConfigError, ModelConfig, ModelSpec, NormalizationConfig, ScheduleConfig, check_choice,
-    dataclass_from_dict,
+    check_finite_fields, dataclass_from_dict,
 )
 
 DataSource = Literal["fashion-mnist", "cifar10", "oxford-flowers", "folder"]
@@ -23,6 +23,9 @@ Split = Literal["train", "val", "all"]
 Normalization = Literal["dataset-stats", "minus-one-one"]
 LossName = Literal["mae", "mse"]
 Precision = Literal["fp32", "bf16", "fp16"]  # fp16: CUDA only, with a gradient scaler
+# Images of one sample grid: a 32 x 32 grid is already more than a glance at progress shows, and every image is
+# sampled (and held) at each --sample-every.
+MAX_SAMPLES = 1024
 
 
 def _at_least(value: float | int | None, low: float, what: str) -> None:
@@ -48,6 +51,7 @@ class DataConfig:
     """dataset-stats: per-channel mean/std of the training images; minus-one-one: pixels to [-1, 1]."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice(self.source, get_args(DataSource), "data source")
         check_choice(self.split, get_args(Split), "split")
         check_choice(self.normalization, get_args(Normalization), "normalization")
@@ -99,6 +103,7 @@ class TrainConfig:
     """Steps per loss.csv row."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice(self.loss, get_args(LossName), "loss")
         check_choice(self.precision, get_args(Precision), "precision")
         if self.steps is None and self.epochs is None:
@@ -109,6 +114,9 @@ class TrainConfig:
                      "num_samples", "checkpoint_every", "keep_checkpoints", "log_every"):
             _at_least(getattr(self, name), 1, name)
         _at_least(self.warmup_steps, 0, "warmup_steps")
+        if isinstance(self.num_samples, int) and self.num_samples > MAX_SAMPLES:
+            raise ConfigError(f"num_samples must be at most {MAX_SAMPLES:,} (one sample grid), "
+                              f"got {self.num_samples:,}")
         if not 0.0 < self.lr < 1.0:
             raise ConfigError(f"lr must lie in (0, 1), got {self.lr}")
         _at_least(self.weight_decay, 0.0, "weight_decay")

@@ -42,7 +42,7 @@ from runtime.exportdir import RUN_CHECKPOINTS, RUN_CONFIG as CONFIG, RUN_WEIGHTS
 from runtime import __version__
 from runtime.config import ModelSpec
 from runtime.common.files import atomic_path, atomic_write_text, fsync_dir, sha256_file
-from runtime.common.limits import SizeLimits
+from runtime.common.limits import FILE_OVERHEAD, SizeLimitError, SizeLimits, check_file_size
 from trainer.config import RESUMABLE_FIELDS, RunConfig
 from trainer.errors import CheckpointError, RunDirError
 from trainer.models import build_model
@@ -70,6 +70,8 @@ def write_config(run_dir: Path, spec: ModelSpec) -> None:
 
 def read_spec(run_dir: Path) -> ModelSpec:
     """The config of a run directory (ConfigError when missing or unreadable)."""
+    if run_dir.is_symlink() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a symlink to {os.readlink(run_dir)}, not a run directory")
     if not run_dir.exists():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     if not run_dir.is_dir():
@@ -200,12 +202,23 @@ def _link_latest(src: Path, dest: Path) -> None:
             shutil.copy2(src, tmp)
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (never a pickle); CheckpointError when missing or corrupt."""
+def weights_bound(*models: nn.Module) -> int:
+    """The most bytes a safetensors file of these models' weights can take: their tensors plus the header."""
+    values = sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
+    return values + FILE_OVERHEAD
+
+
+def load_weights(path: Path, most_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (never a pickle); CheckpointError when missing or corrupt, or (before a byte
+    is read) larger than ``most_bytes`` (:func:`weights_bound` of the models it is for)."""
     if not path.is_file():
         raise CheckpointError(f"no weights at {path}")
     try:
+        if most_bytes is not None:
+            check_file_size(path, most_bytes, "weights file", "the config's model holds")
         return load_file(path)
+    except SizeLimitError as exc:
+        raise CheckpointError(str(exc)) from None
     except OSError as exc:  # unreadable (permissions, I/O): the file may well be fine
         raise CheckpointError(f"cannot read weights file {path}: {exc.strerror or exc}") from exc
     except (SafetensorError, ValueError) as exc:
@@ -244,13 +257,14 @@ def load_model(run_dir: Path, weights: str = "ema",
         raise ValueError(f"unknown weights {weights!r}; allowed: ema, raw")
     spec = read_spec(run_dir)
     model = build_model(spec.model, limits)
-    load_state_dicts(model, load_weights(run_dir / WEIGHTS), weights, run_dir / WEIGHTS)
+    # The top-level file holds the EMA and the raw weights: two copies of the model.
+    load_state_dicts(model, load_weights(run_dir / WEIGHTS, 2 * weights_bound(model)), weights, run_dir / WEIGHTS)
     return model.eval(), spec
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, ema: nn.Module) -> TrainState:
     """Restore weights into ``model`` / ``ema`` and return the training state of ``ckpt_dir``."""
-    tensors = load_weights(ckpt_dir / WEIGHTS)
+    tensors = load_weights(ckpt_dir / WEIGHTS, weights_bound(model, ema))
     load_state_dicts(model, tensors, "raw", ckpt_dir / WEIGHTS)
     load_state_dicts(ema, tensors, "ema", ckpt_dir / WEIGHTS)
     try:

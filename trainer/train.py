@@ -151,7 +151,8 @@ def undo_start(run_dir: Path, created: bool) -> None:
 @contextmanager
 def log_to_file(path: Path) -> Iterator[None]:
     """Copy the trainer's log lines into the run directory while a run lasts."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    # A path that is not UTF-8 (bytes a terminal or file system allowed) is written escaped, as stderr writes it.
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("trainer")
     level = logger.level

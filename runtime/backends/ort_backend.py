@@ -25,7 +25,8 @@ from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
 from runtime.common.extras import install_hint
 from runtime.common.hostinfo import check_threads
-from runtime.metadata import spec_from_metadata
+from runtime.common.limits import FILE_OVERHEAD, SizeLimits, check_file_size, most_parameters
+from runtime.metadata import METADATA_KEY, read_onnx_metadata, spec_from_metadata
 from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,31 @@ def session_options(model_dir: Path | None = None, threads: int | None = None) -
 
 
 def make_session(model_path: Path, providers: list[Any], threads: int | None = None) -> ort.InferenceSession:
-    """A session on ``model_path``'s bytes, its graph optimised in memory (nothing is written to disk)."""
+    """A session on ``model_path``'s bytes, its graph optimised in memory (nothing is written to disk); the file
+    checked first (:func:`check_model_file`)."""
+    check_model_file(model_path)
     options = session_options(model_path.resolve().parent, threads)
     return ort.InferenceSession(model_path.read_bytes(), options, providers=providers)
+
+
+def check_model_file(model_path: Path) -> ModelSpec | None:
+    """Before a byte of the graph is read: the config in the file's metadata (refused in one line when invalid)
+    and the file's size against what a model of that config can hold (float32 weights of at most
+    :func:`runtime.common.limits.most_parameters`, plus the graph), or against 10^9 float32 parameters (the
+    ``--max-parameters`` default) where the file has no config. BackendError otherwise."""
+    limits = SizeLimits()
+    try:
+        props = read_onnx_metadata(model_path)
+        spec = spec_from_metadata(props, str(model_path)) if METADATA_KEY in props else None
+        params = most_parameters(spec.model, limits) if spec is not None else limits.parameters
+        why = (f"a {spec.model.architecture} U-Net of its config can hold ({params:,} float32 parameters at most)"
+               if spec is not None else f"of {params:,} float32 parameters (the --max-parameters default)")
+        check_file_size(model_path, 4 * params + FILE_OVERHEAD, "model", why)
+    except OSError as exc:
+        raise BackendError(f"cannot read {model_path}: {exc.strerror or exc}") from None
+    except ConfigError as exc:  # an invalid config, or a file larger than it allows
+        raise BackendError(str(exc)) from None
+    return spec
 
 
 def graph_dims(args: list[Any], name: str) -> list[int | str | None]:
@@ -170,6 +193,8 @@ class OrtBackend:
             preload_cuda_libraries()
         try:
             self.session = make_session(self.model_path, providers_for(device, precision), self.threads)
+        except BackendError:
+            raise
         except Exception as exc:  # ORT raises its own exception types for corrupt or invalid files
             raise BackendError(f"cannot load {self.model_path}: {str(exc).strip().splitlines()[0]}") from None
         check_provider(self.session, CUDA if device == "cuda" else CPU, str(self.model_path))

@@ -236,8 +236,11 @@ def open_backend(path: Path, backend: str = "auto", device: Device | None = None
     TensorRT is picked; on ONNX Runtime CPU, ``model.int8.onnx`` where it passed its quality gate and is faster on
     this CPU with ``threads`` threads; else fp32. ``threads``: CPU threads (default: one per physical core).
     """
+    from runtime.common.limits import check_threads_cap
+
     if not path.exists():
         raise BackendError(f"{path} does not exist")
+    check_threads_cap(threads)  # before any session starts them (10,000 threads: minutes)
     chosen: Precision | None = None if precision == "auto" else precision
     rows = table()
     if backend != "auto":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any, Callable
 
@@ -24,10 +25,12 @@ def version_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def friendly_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Add ``--debug`` and ``--version``; library errors become ``error: ...`` on stderr and exit code 1 (130 on Ctrl-C)."""
+    """Add ``--debug`` and ``--version``; library errors become ``error: ...`` on stderr and exit code 1 (130 on
+    Ctrl-C). Every float option must be finite (:func:`check_finite_options`, before the command runs)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
+        check_finite_options(click.get_current_context())
         try:
             fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -63,3 +66,44 @@ def size_limits(ctx: click.Context) -> Any:
 
     return with_flag_names(ctx, lambda: SizeLimits(**section(ctx, "limits")))
 
+
+# Option sections whose dataclass refuses a non-finite value itself, as a usage error naming the flag in its own words
+# (runtime.settings.SamplingSettings: "--eta must be a finite number >= 0").
+SELF_CHECKED = frozenset({"sampling"})
+
+
+def check_finite_options(ctx: click.Context) -> None:
+    """Refuse NaN or an infinity given to any float option (click's FLOAT takes ``inf`` and ``nan``), as a usage
+    error naming the flag (exit 2): one rule for every command, before any work."""
+    from runtime.common.cliconfig import flag_of, overrides
+
+    given: list[tuple[str, Any]] = [(flag_of(ctx, *key), v) for key, v in overrides(ctx).items()
+                                    if key[0] not in SELF_CHECKED]
+    by_name = {p.name: p for p in ctx.command.params}
+    given += [(by_name[k].opts[0] if k in by_name and by_name[k].opts else k, v) for k, v in ctx.params.items()]
+    for flag, value in given:
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise click.BadParameter(f"{v} is not a finite number", ctx, param_hint=f"'{flag}'")
+
+
+class ThreadCount(click.ParamType):
+    """``--threads N``: an integer from 1 to the logical CPUs this process may use
+    (:func:`runtime.common.limits.max_threads`, read when the option is parsed): more threads than CPUs only
+    oversubscribe them, and 10,000 of them take minutes to start."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from runtime.common.limits import max_threads
+
+        n = click.IntRange(min=1).convert(value, param, ctx)
+        if n > max_threads():
+            self.fail(f"{n:,} is more than the {max_threads()} logical CPUs this process may use (the most threads "
+                      "allowed)", param, ctx)
+        return n
+
+
+def threads_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``--threads`` option of every command that runs a model on the CPU (see :class:`ThreadCount`)."""
+    return click.option("--threads", type=ThreadCount(), default=None, help=help)
