@@ -43,12 +43,16 @@ def nan_model(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    """(url, options) of the running service; Ray and Serve shut down after the module."""
+    """(url, options, broken_url): two Serve deployments on one local Ray instance (Serve's proxy off), each
+    behind its own front on a free port of 127.0.0.1, reached by deployment handle as ddim-serve does."""
     ray = pytest.importorskip("ray")
     from ray import serve
+    from ray.serve.api import RunTarget
 
     from runtime.serving.app import build
-    from runtime.serving.cli import quiet_ray_logs, serve_environment, wait_ready
+    from runtime.serving.cli import quiet_ray_logs, serve_environment
+    from runtime.serving.cluster import RayForwarder
+    from runtime.serving.ingress import ThreadedFront
 
     quiet_ray_logs()
     serve_environment()
@@ -56,16 +60,13 @@ def service(tmp_path_factory):
                            batch_wait_ms=BATCH_WAIT_MS, max_images_per_request=16, max_steps=50)
     broken = ServeOptions(str(nan_model(tmp_path_factory.mktemp("nan"))), "onnxruntime", "cpu", "fp32", threads=1,
                           batch_wait_ms=0)
-    port = free_port()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(options, replica_cpus=0.5), name="main", route_prefix="/", blocking=False)
-        serve.run(build(broken, replica_cpus=0.5), name="broken", route_prefix="/broken", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/healthz", 120)
-        wait_ready(f"{url}/broken/healthz", 120)
-        yield url, options
+        serve.start(proxy_location="Disabled")
+        handles = serve.run_many([RunTarget(build(options, replica_cpus=0.5), name="main", route_prefix=None),
+                                  RunTarget(build(broken, replica_cpus=0.5), name="broken", route_prefix=None)])
+        with ThreadedFront(RayForwarder(handles[0])) as url, ThreadedFront(RayForwarder(handles[1])) as broken_url:
+            yield url, options, broken_url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -93,7 +94,7 @@ def reference(num_images: int, seed: int, steps: int, **kw) -> np.ndarray:
 
 
 def test_served_images_equal_ddim_run_in_every_format(service, tmp_path):
-    url, _ = service
+    url, _, _ = service
     status, headers, body = post(f"{url}/v1/samples", {"num_images": 3, "steps": 4, "seed": 7, "format": "npz"})
     assert status == 200, body
     ref = reference(3, 7, 4)
@@ -134,7 +135,7 @@ def test_served_images_equal_ddim_run_in_every_format(service, tmp_path):
 
 def test_concurrent_requests_share_one_batch_and_keep_their_images(service):
     """8 concurrent 1-image requests (seeds 0..7) run as one network batch of 8; each equals ddim-run --seed s."""
-    url, options = service
+    url, options, _ = service
     assert options.max_batch == 8
     out: dict[int, tuple[int, dict, bytes]] = {}
     barrier = threading.Barrier(8)
@@ -174,11 +175,20 @@ def test_concurrent_requests_share_one_batch_and_keep_their_images(service):
     ({"num_images": 17}, 413, "num_images: 17 is over this service's limit of 16 images per request"),
     ({"steps": 51}, 413, "steps: 51 is over this service's limit of 50"),
     ({"solver": "dpmpp-2m", "eta": 0.5}, 422, "eta: solver dpmpp-2m is deterministic"),
-    (b"{not json", 422, "body: JSON decode error"),
-    (b"[1, 2]", 422, "body: Input should be a valid dictionary"),
+    (b"{not json", 422, "body: Invalid JSON"),
+    (b"[1, 2]", 422, "body: Input should be an object"),
+    # Strict types (no coercion) and hostile JSON: all one-line 422s, never a 400 or FastAPI's {"detail": ...}.
+    ({"num_images": True}, 422, "num_images: Input should be a valid integer"),
+    ({"num_images": "2"}, 422, "num_images: Input should be a valid integer"),
+    ({"num_images": "1_0"}, 422, "num_images: Input should be a valid integer"),
+    ({"num_images": 2.0}, 422, "num_images: Input should be a valid integer"),
+    (b'{"num_images": ' + b"[" * 5000 + b"]" * 5000 + b"}", 422, "body: Invalid JSON: recursion limit exceeded"),
+    (b'{"solver": "' + bytes([0xFF, 0xFE]) + b'"}', 422, "body: Invalid JSON"),
+    (b'{"seed": ' + b"9" * 5000 + b"}", 422, "body: Invalid JSON: number out of range"),
+    (b'{"eta": NaN}', 422, "eta: Input should be a finite number"),
 ])
 def test_bad_requests_get_one_line_errors(service, body, status, message):
-    url, _ = service
+    url, _, _ = service
     got, _, text = post(f"{url}/v1/samples", body)
     assert got == status, text
     error = json.loads(text)["error"]
@@ -186,7 +196,7 @@ def test_bad_requests_get_one_line_errors(service, body, status, message):
 
 
 def test_oversized_bodies_are_refused_unread(service):
-    url, _ = service
+    url, _, _ = service
     big = json.dumps({"num_images": 1, "pad": "x" * 70_000}).encode()
     assert post(f"{url}/v1/samples", big)[0] == 413
     status, _, text = post(f"{url}/v1/samples", big, {"Transfer-Encoding": "chunked"})
@@ -194,16 +204,16 @@ def test_oversized_bodies_are_refused_unread(service):
 
 
 def test_nan_is_a_500_naming_the_step_and_the_service_stays_up(service):
-    url, _ = service
-    status, _, text = post(f"{url}/broken/v1/samples", {"num_images": 2, "steps": 5})
+    url, _, broken = service
+    status, _, text = post(f"{broken}/v1/samples", {"num_images": 2, "steps": 5})
     assert status == 500
     assert json.loads(text)["error"].startswith("sampling failed: non-finite values at sampling step 1/5")
-    assert get(f"{url}/broken/healthz") == (200, b'{"status":"ok"}')
+    assert get(f"{broken}/healthz") == (200, b'{"status":"ok"}')
     assert post(f"{url}/v1/samples", {"num_images": 1, "steps": 2})[0] == 200
 
 
 def test_model_info_openapi_and_health(service):
-    url, options = service
+    url, options, _ = service
     info = json.loads(get(f"{url}/v1/model")[1])
     assert info["model_file"] == "model.onnx" and info["backend"] == "onnxruntime cpu fp32"
     assert info["config"]["model"]["image_size"] == 32
@@ -258,7 +268,7 @@ def test_batcher_merges_queued_jobs_when_free_and_keeps_keys_apart():
 
     batches: list[list[tuple[int, int]]] = []
 
-    def run(jobs):
+    def run(jobs, on_step=None):
         batches.append([(j.seed, j.settings.steps) for j in jobs])
         time.sleep(0.05)  # the network is busy: everything that arrives meanwhile queues
         return [ImageResult(None, len(jobs), 0.05) for _ in jobs]
@@ -288,3 +298,79 @@ def test_batcher_merges_queued_jobs_when_free_and_keeps_keys_apart():
 
     asyncio.run(waits_to_fill())
     assert batches == [[(0, 5), (1, 5), (2, 5)]]  # full before the wait ran out: it ran at once as one batch
+
+
+def stepping_run(log: list, step_s: float = 0.01):
+    """A fake network: each step of a batch takes step_s; on_step after each, as the sampler calls it."""
+    import time
+
+    from runtime.serving.core import ImageResult
+
+    def run(jobs, on_step=None):
+        log.append(("start", jobs[0].request, len(jobs), jobs[0].settings.steps))
+        for i in range(jobs[0].settings.steps):
+            time.sleep(step_s)
+            if on_step is not None:
+                on_step(i)
+        log.append(("end", jobs[0].request))
+        return [ImageResult(None, len(jobs), 0.0) for _ in jobs]
+
+    return run
+
+
+def test_a_small_request_overtakes_a_large_one_at_a_step_boundary():
+    """Behind a 8 x 400-step request (about 4 s of work here), a 3-step request runs inside it after about one
+    step, and the large one still finishes whole."""
+    import asyncio
+    import time
+
+    from runtime.serving.core import Batcher
+
+    log: list = []
+
+    async def scenario():
+        batcher = Batcher(stepping_run(log), max_batch=8, wait_s=0.0, quantum_s=0.5, throughput=800.0)
+        big_id, small_id = batcher.new_request(), batcher.new_request()
+        big = asyncio.ensure_future(batcher.submit_all([ImageJob(0, i, SamplingSettings(400), big_id)
+                                                        for i in range(8)]))
+        await asyncio.sleep(0.3)
+        t0 = time.perf_counter()
+        small = await batcher.submit_all([ImageJob(1, 0, SamplingSettings(3), small_id)])
+        waited = time.perf_counter() - t0
+        await big
+        return waited, small, batcher.stats
+
+    waited, small, _ = asyncio.run(scenario())
+    assert [e[:2] for e in log] == [("start", 1), ("start", 2), ("end", 2), ("end", 1)], log
+    assert waited < 1.0, waited  # the large one alone has ~3.7 s left
+    assert small[0].error is None
+
+
+def test_least_served_request_goes_first_and_admission_refuses_with_retry_after():
+    import asyncio
+
+    from runtime.serving.core import Batcher, Busy
+
+    log: list = []
+
+    async def scenario():
+        batcher = Batcher(stepping_run(log, 0.002), max_batch=2, wait_s=0.0, quantum_s=10.0, throughput=1000.0,
+                          max_queue_s=0.5)
+        a, b = batcher.new_request(), batcher.new_request()
+        # a: 6 images of the same settings as b's 1 image; after a's first batch of 2, b (served 0) goes next.
+        fa = asyncio.ensure_future(batcher.submit_all([ImageJob(0, i, SamplingSettings(20), a) for i in range(6)]))
+        await asyncio.sleep(0)
+        fb = asyncio.ensure_future(batcher.submit_all([ImageJob(1, 0, SamplingSettings(20), b)]))
+        await asyncio.sleep(0.005)
+        # Queued now: a's 4 left + b's 1, 20 steps each: about 100 image-steps, 0.1 s at 1000/s. A request of
+        # 2 x 300 steps would take it over 0.5 s: Busy, with a Retry-After of whole seconds.
+        with pytest.raises(Busy, match="queue limit of 0.5 s") as exc:
+            batcher.admit(600)
+        assert exc.value.retry_after >= 1
+        batcher.admit(20)  # a small one still fits
+        await asyncio.gather(fa, fb)
+        batcher.admit(10**9)  # idle: anything is admitted
+
+    asyncio.run(scenario())
+    starts = [e[1:3] for e in log if e[0] == "start"]
+    assert starts[0] == (1, 2) and starts[1][0] == 2, starts  # a's first batch, then b's image (least served)

@@ -92,7 +92,10 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--max-batch", "0", "0 is not in the range x>=1"),
+    ("--max-batch", "0", "0 is not in the range 1<=x<=4096"),
+    ("--replica-cpus", "nan", "nan is not a finite number"),
+    ("--ready-timeout", "nan", "nan is not a finite number"),
+    ("--threads", "10000", "10,000 is more than the"),
     ("--port", "70000", "70000 is not in the range 1<=x<=65535"),
 ])
 def test_option_ranges(option, value, message):

@@ -1,7 +1,17 @@
-"""``ddim-serve``: the model behind an HTTP endpoint, on Ray Serve (replicas, request batching, clusters)."""
+"""``ddim-serve``: the model behind an HTTP endpoint: a front (this process) in front of replicas on Ray Serve.
+
+Startup, every stage under ``--ready-timeout``: load the model here (a wrong path or file fails in one line before
+Ray starts), check the port and the cluster address, start or join Ray, check the replicas fit its resources,
+deploy them (Serve's own HTTP proxy is not started), wait until they run, then open the front
+(:mod:`runtime.serving.ingress`). A stage that does not finish in time ends the process with one line naming it and
+Ray's reason, exit 1. SIGINT and SIGTERM (whatever the disposition inherited: a background job ignores SIGINT)
+drain: the front stops taking requests, in-flight ones finish or get a JSON 503 after ``--grace``, then Serve and
+Ray stop and every process Ray left behind is ended.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -10,25 +20,24 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import click
 
 from runtime.choices import Device, RunPrecision, values
-from runtime.common.clitools import friendly_errors, one_line
+from runtime.common.clitools import friendly_errors, one_line, threads_option
 from runtime.options import BackendChoice
 from runtime.common.extras import install_hint
 from runtime.common.hostinfo import physical_cores
 
-APP_NAME = "ddim"
-SHUTDOWN_TIMEOUT_S = 60
+SHUTDOWN_TIMEOUT_S = 60  # a joined cluster: deleting our app
+LOCAL_SHUTDOWN_TIMEOUT_S = 20  # our own instance: ray.shutdown()
+POLL_S = 1.0
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Fail now, in one line, when the port is taken (Serve's proxy would retry it in the background)."""
+    """Fail now, in one line, when the port is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
         try:
@@ -36,24 +45,6 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
                              "pick another --port") from None
-
-
-def wait_ready(url: str, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200 (the replicas have loaded the model and the proxy routes to them)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-                last = f"HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(getattr(exc, "reason", exc))
-        time.sleep(0.25)
-    raise TimeoutError(f"the service did not become ready within {timeout_s:.0f} s ({url}: {last})")
 
 
 def import_ray() -> tuple[Any, Any]:
@@ -65,8 +56,8 @@ def import_ray() -> tuple[Any, Any]:
     return ray, serve
 
 
-# Serve gives a starting proxy 3 readiness checks of 5 s before it kills it: on a 2-core machine that is busy (a
-# training run beside it) the proxy took longer and Serve failed to start. Defaults only: the environment wins.
+# Defaults only: the environment wins. Usage stats off (no network here); Serve's proxy is not started, so its
+# readiness timeout no longer matters.
 RAY_SERVE_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -82,10 +73,46 @@ def quiet_ray_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def say(message: str) -> None:
+    click.echo(f"ddim-serve: {message}", err=True)
+
+
+class Watchdog:
+    """Ends the process with one line when a stage outlasts its deadline (ray.init, Serve and placement can wait
+    forever without a word); ``stage`` names what is running, ``detail()`` what Ray says about it."""
+
+    def __init__(self, timeout_s: float, detail: Any = None) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.stage = "starting"
+        self.detail = detail
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="ddim-serve-watchdog").start()
+
+    def _watch(self) -> None:
+        if self._done.wait(max(0.0, self.deadline - time.monotonic())):
+            return
+        why = ""
+        if self.detail is not None:
+            try:
+                why = f" ({self.detail()})"
+            except Exception as exc:  # noqa: BLE001 (Ray itself may be what hangs)
+                why = f" (Ray did not say why: {one_line(exc)})"
+        click.echo(f"error: ddim-serve: {self.stage} did not finish within the --ready-timeout of "
+                   f"{self.timeout_s:g} s{why}", err=True)
+        from runtime.serving.cluster import end_descendants
+
+        end_descendants(grace_s=2.0)
+        os._exit(1)
+
+    def done(self) -> None:
+        self._done.set()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the HTTP proxy listens on (0.0.0.0: every interface; put TLS and auth in front).")
+              help="Address the HTTP front listens on (0.0.0.0: every interface; put TLS and auth in front).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Copies of the model, each a Ray actor (spread over the cluster's nodes with --address).")
@@ -94,107 +121,254 @@ def quiet_ray_logs() -> None:
 @click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
               help="GPUs Ray gives each replica (fractions share one; Ray hides GPUs from replicas that ask for "
                    "none) [default: 1 when the model runs on CUDA here, else 0].")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Most images per network batch, merged across concurrent requests with the same "
                    "sampling settings (steps, eta, solver).")
-@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=10.0, show_default=True,
               help="How long a batch waits for more images before it runs.")
+@click.option("--max-queue-seconds", "max_queue_s", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True,
+              help="Admission control: a request that would finish later than this (at the replica's measured "
+                   "image-steps per second, sharing fairly with the queue) is a 503 with Retry-After.")
 @click.option("--backend", type=BackendChoice(serve=True), default="auto", show_default=True,
               help="The backends ddim-serve may run: the lean runtime's (replicas never import torch).")
 @click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]")
 @click.option("--precision", type=click.Choice(values(RunPrecision)), default="auto", show_default=True,
               help="As ddim-run --precision.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help=f"CPU threads of ONNX Runtime per replica [default: one per physical core, {physical_cores()} "
-                   "here].")
+@threads_option(f"CPU threads of ONNX Runtime per replica [default: one per physical core, {physical_cores()} here].")
 @click.option("--address", default=None,
               help="Join this Ray cluster (auto, or HOST:PORT of `ray start --head`) instead of starting a local "
                    "one; MODEL must then lie at the same path on every node.")
-@click.option("--max-images-per-request", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds to wait for the replicas to load the model.")
+@click.option("--max-images-per-request", type=click.IntRange(1, 100_000), default=64, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--ready-timeout", type=click.FloatRange(1, 86_400), default=300.0, show_default=True,
+              help="Seconds every startup stage together may take (Ray, placement, loading the model); also how "
+                   "long the service may run with no replica before it exits 1.")
+@click.option("--header-timeout", "header_timeout_s", type=click.FloatRange(0, 3600, min_open=True), default=10.0,
+              show_default=True, help="Seconds a client has to send a request's headers (then 408).")
+@click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0, 3600, min_open=True), default=10.0,
+              show_default=True, help="Seconds a client has to send a request's body after its headers (then 408).")
+@click.option("--max-connections", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Open client connections the front holds; more are answered 503.")
+@click.option("--grace", "grace_s", type=click.FloatRange(0, 3600, min_open=True), default=30.0, show_default=True,
+              help="At SIGINT/SIGTERM, seconds in-flight requests get to finish (then a JSON 503).")
 @friendly_errors
 def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: float, replica_gpus: float | None,
-         max_batch: int,
-         batch_wait_ms: float, backend: str, device: str | None, precision: str, threads: int | None,
-         address: str | None, max_images_per_request: int, max_steps: int, ready_timeout: float) -> None:
+         max_batch: int, batch_wait_ms: float, max_queue_s: float, backend: str, device: str | None,
+         precision: str, threads: int | None, address: str | None, max_images_per_request: int, max_steps: int,
+         ready_timeout: float, header_timeout_s: float, body_timeout_s: float, max_connections: int,
+         grace_s: float) -> None:
     """Serve MODEL (an export directory or ONNX file; default: the latest export under exports/, else the shipped
     Fashion-MNIST model) over HTTP: POST /v1/samples, GET /v1/model, GET /healthz, docs at /docs."""
     from runtime.exportdir import FP32_ONNX, latest_export
     from runtime.serving.core import ModelService, ServeOptions
+    from runtime.serving.ingress import FrontOptions
     from runtime.common.shipped import pick
 
     started = time.monotonic()
     model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
     options = ServeOptions(str(model.resolve()), backend, device, None if precision == "auto" else precision,  # type: ignore[arg-type]
-                           threads, max_batch, batch_wait_ms, max_images_per_request, max_steps)
+                           threads, max_batch, batch_wait_ms, max_images_per_request, max_steps, max_queue_s)
+    front = FrontOptions(header_timeout_s, body_timeout_s, max_connections, grace_s)
     # Load it here first: a wrong path, a corrupt file or a missing backend fails in one line before Ray starts.
     probe = ModelService(options)
-    click.echo(f"ddim-serve: {model}{why}; {probe.sampler.why}", err=True)
+    say(f"{model}{why}; {probe.sampler.why}")
     on_gpu = probe.sampler.backend.device == "cuda"
-    if on_gpu and options.device is None:  # replicas pick what was picked here, on the GPU Ray gives them
-        options = dataclasses.replace(options, device="cuda")
     replica_gpus = (1.0 if on_gpu else 0.0) if replica_gpus is None else replica_gpus
     if on_gpu and replica_gpus == 0:
         raise click.UsageError("the model runs on CUDA but --replica-gpus is 0: Ray would hide the GPU from the "
                                "replicas; give --replica-gpus (e.g. 0.5 to share a GPU) or --device cpu")
+    # Replicas load only this file (by sha256), and pick what was picked here, on the GPU Ray gives them.
+    options = dataclasses.replace(options, sha256=probe.sha256, device="cuda" if on_gpu else options.device)
     del probe
     check_port_free(host, port)
-    ray, serve = import_ray()
-    from runtime.serving.app import build
+    from runtime.serving import cluster
 
+    cluster.check_address(address)
+    ray, serve = import_ray()
     quiet_ray_logs()
     serve_environment()
-    click.echo(f"ddim-serve: {'joining Ray at ' + address if address else 'starting a local Ray instance'}, "
-               f"{replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), max batch {max_batch}, "
-               f"batch wait {batch_wait_ms:g} ms", err=True)
-    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False, configure_logging=True)
-    def stop() -> None:
-        """Take the app down (the whole of Serve and Ray when they are ours; only our app on a joined cluster)
-        within a bounded time, whatever state Ray is in (a terminal's Ctrl-C may have stopped its processes)."""
-        click.echo("ddim-serve: shutting down", err=True)
+    cluster.become_subreaper()
+    run = Run(front, host, port, ready_timeout)
+    code = run.start_and_serve(options, replicas, replica_cpus, replica_gpus, address, started)
+    if code:
+        sys.exit(code)
+
+
+class Run:
+    """One ddim-serve process's life: start (under a watchdog), serve, drain, stop."""
+
+    def __init__(self, front: Any, host: str, port: int, ready_timeout: float) -> None:
+        self.front, self.host, self.port, self.ready_timeout = front, host, port, ready_timeout
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.server: Any = None
+        self.app: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.exit_code = 0
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        """Startup: interrupt it. Serving: drain (a second signal stops at once)."""
+        name = signal.Signals(signum).name
+        if self.server is None or self.loop is None:
+            raise KeyboardInterrupt
+        if self.stopping:
+            self.server.force_exit = True
+            return
+        self.stopping = True
+        say(f"{name}: draining (in-flight requests get {self.front.grace_s:g} s)")
+        self.loop.call_soon_threadsafe(self.app.state.draining.set)
+        self.server.should_exit = True
+
+    def start_and_serve(self, options: Any, replicas: int, replica_cpus: float, replica_gpus: float,
+                        address: str | None, started: float) -> int:
+        import ray
+        from ray import serve
+        from ray.serve.api import RunTarget
+
+        from runtime.serving import cluster
+        from runtime.serving.app import build
+        from runtime.serving.ingress import make_app, make_server
+
+        watchdog = Watchdog(self.ready_timeout, detail=lambda: cluster.app_state()[1])
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        ours = False
+        try:
+            watchdog.stage = f"joining the Ray cluster at {address}" if address else "starting a local Ray instance"
+            watchdog.detail = None
+            say(f"{watchdog.stage}, {replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), "
+                f"max batch {options.max_batch}, batch wait {options.batch_wait_ms:g} ms")
+            ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=True)
+            ours = True
+            for sig in previous:  # ray.init's core worker installs a C handler for SIGTERM (a stack dump, then
+                signal.signal(sig, self.on_signal)  # death with nothing cleaned up): ours again
+            watchdog.stage = "checking the cluster's resources"
+            cluster.check_resources(replicas, replica_cpus, replica_gpus, joined=bool(address))
+            watchdog.stage = "starting Serve"
+            serve.start(proxy_location="Disabled")
+            watchdog.stage = f"placing {replicas} replica(s) and loading the model"
+            watchdog.detail = lambda: cluster.app_state()[1]
+            [handle] = serve.run_many([RunTarget(build(options, replicas, replica_cpus, replica_gpus),
+                                                 name=cluster.APP_NAME, route_prefix=None)],
+                                      wait_for_applications_running=False)
+            self.wait_running(replicas)
+            watchdog.stage = f"opening {self.url}"
+            forwarder = cluster.RayForwarder(handle)
+            self.app = make_app(forwarder, self.front)
+            self.server = make_server(self.app, self.host, self.port, self.front)
+            asyncio.run(self.serve(forwarder, watchdog, started))
+        except KeyboardInterrupt:
+            watchdog.done()
+            say("interrupted")
+        except SystemExit:  # uvicorn exits when it cannot bind; it logged why
+            watchdog.done()
+            self.exit_code = 1
+        except BaseException:
+            watchdog.done()
+            self.stop(serve, ray, ours, address)
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.stop(serve, ray, ours, address)
+        return self.exit_code
+
+    def wait_running(self, replicas: int) -> None:
+        """Until every replica runs; one line when the deployment failed (a model that cannot load)."""
+        from runtime.serving import cluster
+
+        while True:
+            running, why = cluster.app_state()
+            if running >= replicas:
+                return
+            if "DEPLOY_FAILED" in why or "UNHEALTHY" in why:
+                raise RuntimeError(f"the replicas did not start: {why}")
+            time.sleep(0.25)
+
+    async def serve(self, forwarder: Any, watchdog: Watchdog, started: float) -> None:
+        """The front until a signal or a service without replicas for --ready-timeout."""
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if task.done():
+            await task
+            return
+        watchdog.done()
+        say(f"ready at {self.url} in {time.monotonic() - started:.1f} s (POST {self.url}/v1/samples, docs at "
+            f"{self.url}/docs); Ctrl-C stops")
+        click.echo(self.url)
+        sys.stdout.flush()
+        monitor = asyncio.ensure_future(self.watch(forwarder))
+        try:
+            await task
+        finally:
+            monitor.cancel()
+
+    async def watch(self, forwarder: Any) -> None:
+        """Poll the replicas' health for the front; say when it changes; exit 1 after --ready-timeout without one."""
+        from runtime.serving import cluster
+
+        down_since: float | None = None
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                running, why = await cluster.in_daemon_thread(cluster.app_state, 10)
+            except Exception as exc:  # noqa: BLE001 (Ray's controller or GCS gone: the front still answers)
+                running, why = 0, f"Ray does not answer ({one_line(exc) or 'timeout'})"
+            if running:
+                if forwarder.why is not None:
+                    say(f"a replica is serving again ({running} running)")
+                forwarder.why, down_since = None, None
+                continue
+            if forwarder.why is None:
+                say(f"no replica is serving: {why}; requests get 503 until one is (exit in "
+                    f"{self.ready_timeout:g} s)")
+                down_since = time.monotonic()
+            forwarder.why = why
+            if down_since is not None and time.monotonic() - down_since > self.ready_timeout:
+                click.echo(f"error: ddim-serve: no replica for {self.ready_timeout:g} s (--ready-timeout): {why}",
+                           err=True)
+                self.exit_code = 1
+                self.app.state.draining.set()
+                self.server.should_exit = True
+                return
+
+    def stop(self, serve: Any, ray: Any, ours: bool, address: str | None) -> None:
+        """Take the app down (Serve and Ray when they are ours; only our app on a joined cluster) within a bounded
+        time, whatever state Ray is in, then end every process left below us."""
+        from runtime.serving import cluster
+
+        say("shutting down")
         failed: list[str] = []
+        gcs_gone = ours and not address and not cluster.local_gcs_alive()
 
         def take_down() -> None:
             try:
-                serve.delete(APP_NAME) if address else serve.shutdown()
-            except Exception as exc:  # noqa: BLE001 (reported in one line; Ray is stopped next anyway)
+                if ours and address:
+                    serve.delete(cluster.APP_NAME)  # a joined cluster keeps running, with its other apps
+                if ours and not gcs_gone:
+                    ray.shutdown()  # a local instance goes whole: its replicas have no work left (drained)
+            except Exception as exc:  # noqa: BLE001 (reported in one line; what is left is ended below)
                 failed.append(one_line(exc))
 
         worker = threading.Thread(target=take_down, daemon=True)
         worker.start()
-        worker.join(SHUTDOWN_TIMEOUT_S)
-        if worker.is_alive() or failed:
-            why = failed[0] if failed else f"no answer within {SHUTDOWN_TIMEOUT_S} s"
-            click.echo(f"ddim-serve: Serve did not shut down cleanly ({why}); stopping Ray anyway", err=True)
-        ray.shutdown()
-
-    def on_sigterm(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build(options, replicas, replica_cpus, replica_gpus), name=APP_NAME, route_prefix="/",
-                  blocking=False)
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        wait_ready(f"{url}/healthz", ready_timeout)
-        click.echo(f"ddim-serve: ready at {url} in {time.monotonic() - started:.1f} s "
-                   f"(POST {url}/v1/samples, docs at {url}/docs); Ctrl-C stops", err=True)
-        click.echo(url)
-        sys.stdout.flush()
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        stop()
-    except BaseException:
-        stop()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    click.echo("ddim-serve: stopped", err=True)
+        limit = SHUTDOWN_TIMEOUT_S if address else LOCAL_SHUTDOWN_TIMEOUT_S
+        worker.join(limit)
+        stuck = worker.is_alive() or gcs_gone
+        if stuck or failed:
+            why = failed[0] if failed else "its GCS is gone" if gcs_gone else f"no answer within {limit} s"
+            say(f"Ray did not shut down cleanly ({why}); ending its processes")
+        left = cluster.end_descendants()
+        if left:
+            say(f"ended {left} process(es) Ray left behind")
+        say("stopped")
+        if stuck:  # Ray's exit hooks would wait for the GCS again (a minute, then an abort): leave now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.exit_code)
 
 
 if __name__ == "__main__":

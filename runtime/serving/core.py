@@ -13,12 +13,13 @@ sampling settings can share one network batch and each still equals its own ``dd
 from __future__ import annotations
 
 import asyncio
-import collections
+import dataclasses
 import io
 import json
 import math
 import os
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,8 @@ MEDIA_TYPES = {"grid": "image/png", "png": "application/zip", "npz": "applicatio
 class SampleRequest(BaseModel):
     """``POST /v1/samples``: which images, how to sample them, how to send them back."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: JSON types only (true is not 1, "2" is not 2); ``parse_request`` reads the raw body.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     num_images: int = Field(1, ge=1, description="Images to sample: (seed, 0) .. (seed, num_images - 1).")
     steps: int = Field(50, description="Sampling steps (at least 1).")
@@ -55,6 +57,25 @@ class SampleRequest(BaseModel):
     # field); what is left here is the service's own bound on eta.
     format: Format = Field("grid", description="grid: one PNG grid; png: a zip of one PNG per image; "
                                                "npz: numpy arrays images (N, H, W, C) uint8, seeds, indices.")
+
+
+class ModelChanged(RuntimeError):
+    """The file at the model path is not the one the service started with."""
+
+
+def parse_request(body: bytes) -> SampleRequest:
+    """A request body -> :class:`SampleRequest`, strictly (pydantic's JSON parser: bad UTF-8, bad JSON, deep
+    nesting and wrong types are all ``pydantic.ValidationError``)."""
+    return SampleRequest.model_validate_json(body or b"{}")
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    """pydantic's errors as one line naming each field."""
+    lines = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if isinstance(p, str) and p != "body") or "body"
+        lines.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "; ".join(lines) or "invalid request"
 
 
 class RequestError(ValueError):
@@ -78,6 +99,8 @@ class ServeOptions:
     batch_wait_ms: float = 10.0
     max_images_per_request: int = 64
     max_steps: int = 1000
+    max_queue_s: float = 60.0  # admission: a request that would finish later than this is a 503 (Busy)
+    sha256: str = ""  # the model file a replica must find; "" = whatever is there (checked by the caller)
 
     def __post_init__(self) -> None:
         from runtime.backends.registry import names
@@ -88,21 +111,29 @@ class ServeOptions:
         for name in ("max_batch", "max_images_per_request", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not (self.batch_wait_ms >= 0 and math.isfinite(self.batch_wait_ms)):
-            raise ValueError(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
+        for name, value in (("batch_wait_ms", self.batch_wait_ms), ("max_queue_s", self.max_queue_s)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image of one request: what the batcher merges. ``key`` images can share a network batch."""
+    """One image of one request: what the batcher merges. ``key`` images can share a network batch;
+    ``request`` says whose it is (fairness is per request)."""
 
     seed: int
     index: int
     settings: SamplingSettings
+    request: int = 0
 
     @property
     def key(self) -> SamplingSettings:
         return self.settings
+
+    @property
+    def cost(self) -> int:
+        """Image-steps: the network calls' share of this image, the unit of fairness and admission."""
+        return self.settings.steps
 
 
 @dataclass
@@ -122,57 +153,130 @@ class Stats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     images: int = 0
     requests: int = 0
+    preemptions: int = 0  # batches run inside a running one at a step boundary (a small request overtook)
+    refused: int = 0  # requests answered 503 by admission control
+
+
+class Busy(RuntimeError):
+    """Admission control refused a request: ``retry_after`` seconds is when the queue should have room."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Queued:
+    job: ImageJob
+    future: asyncio.Future
+    arrived: float
+
+
+@dataclass
+class _Running:
+    jobs: list[ImageJob]
+    steps_left: int
+    started: float
+    nested_s: float = 0.0  # wall time spent in batches run inside this one
+
+
+RunBatch = Callable[[list[ImageJob], Callable[[int], None]], list[ImageResult]]
 
 
 class Batcher:
-    """Merge the image jobs of concurrent requests into network batches, taken when the replica is free.
+    """Merge the image jobs of concurrent requests into network batches, fairly, with bounded admission.
 
-    ``submit(job)`` queues one image and waits for its result. One worker task runs batches one at a time (the
-    network uses every core): when free, it takes the oldest queued job and every queued job with the same
-    sampling settings, oldest first, up to ``max_batch``; if fewer than ``max_batch`` are queued it first waits
-    for more, until ``wait_s`` after the oldest job arrived or after the previous batch finished, whichever is
-    later. So jobs that arrive while a batch runs all join the next one, and clients that answer a finished batch
-    with their next request (closed loop) get ``wait_s`` to do so instead of being split into a small batch.
+    ``submit(jobs)`` queues one request's images and waits for their results. One worker runs batches (the network
+    uses every core): when free, it takes the queued job of the request served least so far (in image-steps;
+    arrival breaks ties) and every queued job with the same sampling settings, least-served first, up to
+    ``max_batch``. If fewer than ``max_batch`` are queued it first waits for more, until ``wait_s`` after the
+    oldest job arrived or after the previous batch finished, whichever is later. So jobs arriving while a batch runs
+    join the next one, and closed-loop clients get ``wait_s`` to send their next request.
     (Ray Serve's ``@serve.batch`` closes a batch ``batch_wait_timeout_s`` after its first item even while the
-    previous batch still runs: under 16 closed-loop clients it formed batches of 1 and 2.) ``run`` runs in a worker
-    thread so the event loop keeps accepting requests meanwhile.
+    previous batch still runs: under 16 closed-loop clients it formed batches of 1 and 2.)
+
+    Fairness at step boundaries: a batch with more than ``quantum_s`` of work left pauses after a step when a
+    request served less than every request in it is queued and would take under a quarter of what is left; that
+    request's batch runs inside it (at most ``max_depth`` deep) and the paused batch resumes. A paused batch keeps
+    at least half of the worker: it is not paused again until it has run as long as its nested batches took. So a
+    3-step request behind a 64 x 1000-step one waits about one network step, and the large one at most doubles.
+
+    Admission: ``admit(cost)`` (a request's image-steps) refuses with :class:`Busy` when, under fair sharing, the
+    request would finish later than ``max_queue_s`` from now: every request ahead gets at most ``cost`` more
+    image-steps before this one is done, at the measured image-steps per second. An idle replica admits anything.
     """
 
-    def __init__(self, run: Callable[[list[ImageJob]], list[ImageResult]], max_batch: int, wait_s: float) -> None:
+    def __init__(self, run: RunBatch, max_batch: int, wait_s: float, *, max_queue_s: float = float("inf"),
+                 quantum_s: float = 2.0, max_depth: int = 2, throughput: float | None = None) -> None:
         self.run, self.max_batch, self.wait_s = run, max_batch, wait_s
-        self._pending: collections.deque[tuple[ImageJob, asyncio.Future, float]] = collections.deque()
+        self.max_queue_s, self.quantum_s, self.max_depth = max_queue_s, quantum_s, max_depth
+        self.throughput = throughput  # image-steps per second, measured at every step (EWMA)
+        self.stats: Stats | None = None
+        self._lock = threading.Lock()  # the queue and the accounts: the loop submits, the worker thread takes
+        self._pending: list[_Queued] = []
+        self._served: dict[int, int] = {}  # request -> image-steps sampled so far
+        self._left: dict[int, int] = {}  # request -> image-steps still to sample
+        self._running: list[_Running] = []
+        self._last_step: float | None = None
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._free_since = float("-inf")  # loop time the previous batch finished
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._free_since = float("-inf")
+        self._next_request = 0
+
+    # -- the event loop's side --------------------------------------------------------------------------------------
+    def new_request(self) -> int:
+        self._next_request += 1
+        return self._next_request
+
+    def admit(self, cost: int) -> None:
+        """Raise :class:`Busy` when a request of ``cost`` image-steps would wait longer than ``max_queue_s``."""
+        with self._lock:
+            if not self._left or not math.isfinite(self.max_queue_s) or not self.throughput:
+                return
+            ahead = sum(min(left, cost) for left in self._left.values())
+        seconds = (ahead + cost) / self.throughput
+        if seconds > self.max_queue_s:
+            wait = max(1, math.ceil((ahead + cost) / self.throughput - self.max_queue_s))
+            if self.stats is not None:
+                self.stats.refused += 1
+            raise Busy(f"the service is busy: this request would finish in about {seconds:.0f} s, over its "
+                       f"queue limit of {self.max_queue_s:g} s; retry later", min(wait, 3600))
 
     async def submit(self, job: ImageJob) -> ImageResult:
+        """One job: its own request unless ``job.request`` names one."""
+        if job.request == 0:
+            job = dataclasses.replace(job, request=self.new_request())
+        return (await self.submit_all([job]))[0]
+
+    async def submit_all(self, jobs: Sequence[ImageJob]) -> list[ImageResult]:
+        """A request's jobs (one ``request`` id); their results in order. Cancelling drops the queued ones."""
         loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (a restarted front in one process): a worker of its own
+            self._loop, self._arrived, self._worker = loop, None, None
         if self._arrived is None:
             self._arrived = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work())
-        future: asyncio.Future = loop.create_future()
-        self._pending.append((job, future, loop.time()))
+        queued = [_Queued(job, loop.create_future(), loop.time()) for job in jobs]
+        requests = {job.request for job in jobs}
+        with self._lock:
+            for q in queued:
+                self._left[q.job.request] = self._left.get(q.job.request, 0) + q.job.cost
+                self._served.setdefault(q.job.request, 0)
+            self._pending.extend(queued)
         self._arrived.set()
-        return await future
-
-    def _take(self) -> list[tuple[ImageJob, asyncio.Future, float]]:
-        """The oldest live job and the live jobs of its key, oldest first, up to max_batch; cancelled ones dropped."""
-        self._pending = collections.deque(p for p in self._pending if not p[1].done())
-        if not self._pending:
-            return []
-        key = self._pending[0][0].key
-        taken, kept = [], collections.deque()
-        for item in self._pending:
-            (taken if item[0].key == key and len(taken) < self.max_batch else kept).append(item)
-        self._pending = kept
-        return taken
-
-    def _ready(self) -> int:
-        if not self._pending:
-            return 0
-        key = self._pending[0][0].key
-        return sum(1 for job, future, _ in self._pending if job.key == key and not future.done())
+        try:
+            return list(await asyncio.gather(*(q.future for q in queued)))
+        finally:
+            for q in queued:
+                q.future.cancel()  # no-op when done; a cancelled job is dropped when next taken
+            with self._lock:
+                for r in requests:
+                    if not any(p.job.request == r for p in self._pending) and \
+                            not any(j.request == r for run in self._running for j in run.jobs):
+                        self._left.pop(r, None)
+                        self._served.pop(r, None)
 
     async def _work(self) -> None:
         assert self._arrived is not None
@@ -180,25 +284,109 @@ class Batcher:
         while True:
             while not self._pending:
                 self._arrived.clear()
+                self._last_step = None  # idle time is not sampling time
                 await self._arrived.wait()
-            deadline = max(self._pending[0][2], self._free_since) + self.wait_s
-            while self._ready() < self.max_batch and (left := deadline - loop.time()) > 0:
+            with self._lock:
+                first = self._first()
+            if first is None:
+                continue
+            deadline = max(first.arrived, self._free_since) + self.wait_s
+            while self._ready(first.job.key) < self.max_batch and (left := deadline - loop.time()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch = self._take()
-            if not batch:
-                continue
-            try:
-                results = await asyncio.to_thread(self.run, [job for job, _, _ in batch])
-            except Exception as exc:  # noqa: BLE001 (run answers errors per job; this is the unexpected rest)
-                results = [ImageResult(None, len(batch), 0.0, one_line(exc))] * len(batch)
-            self._free_since = loop.time()
-            for (_, future, _), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+            with self._lock:
+                batch = self._take()
+            if batch:
+                await asyncio.to_thread(self._run_batch, batch, 0)
+                self._free_since = loop.time()
+
+    def _ready(self, key: SamplingSettings) -> int:
+        with self._lock:
+            return sum(1 for q in self._pending if q.job.key == key and not q.future.done())
+
+    # -- shared (call with the lock held) ---------------------------------------------------------------------------
+    def _first(self) -> _Queued | None:
+        """The live queued job whose request was served least (then the oldest); cancelled jobs dropped."""
+        self._pending = [q for q in self._pending if not q.future.done()]
+        if not self._pending:
+            return None
+        return min(self._pending, key=lambda q: (self._served.get(q.job.request, 0), q.arrived))
+
+    def _take(self) -> list[_Queued]:
+        """The first job's key: its live jobs, least-served request first, up to max_batch."""
+        first = self._first()
+        if first is None:
+            return []
+        same = sorted((q for q in self._pending if q.job.key == first.job.key),
+                      key=lambda q: (self._served.get(q.job.request, 0), q.arrived))[:self.max_batch]
+        chosen = {id(q) for q in same}
+        self._pending = [q for q in self._pending if id(q) not in chosen]
+        return same
+
+    # -- the worker thread's side -----------------------------------------------------------------------------------
+    def _run_batch(self, batch: list[_Queued], depth: int) -> None:
+        jobs = [q.job for q in batch]
+        running = _Running(jobs, jobs[0].cost, time.perf_counter())
+        with self._lock:
+            self._running.append(running)
+        if depth and self.stats is not None:
+            self.stats.preemptions += 1
+        try:
+            results = self.run(jobs, lambda index: self._after_step(running, depth))
+        except Exception as exc:  # noqa: BLE001 (run answers errors per job; this is the unexpected rest)
+            results = [ImageResult(None, len(jobs), 0.0, one_line(exc))] * len(jobs)
+        finally:
+            with self._lock:
+                self._running.remove(running)
+                for job in jobs:  # what a failed batch did not sample is not owed any more
+                    self._left[job.request] = max(0, self._left.get(job.request, 0) - running.steps_left)
+        assert self._loop is not None
+        for q, result in zip(batch, results):
+            self._loop.call_soon_threadsafe(_settle, q.future, result)
+
+    def _after_step(self, running: _Running, depth: int) -> None:
+        """Account one step of ``running``; maybe run a least-served queued request's batch inside it."""
+        now = time.perf_counter()
+        n = len(running.jobs)
+        with self._lock:
+            running.steps_left -= 1
+            for job in running.jobs:
+                self._served[job.request] = self._served.get(job.request, 0) + 1
+                self._left[job.request] = max(0, self._left.get(job.request, 0) - 1)
+            if self._last_step is not None and now > self._last_step:
+                rate = n / (now - self._last_step)
+                self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
+            self._last_step = now
+            nested = self._overtaker(running, depth, now)
+        if nested:
+            t0 = time.perf_counter()
+            self._run_batch(nested, depth + 1)
+            running.nested_s += time.perf_counter() - t0
+            self._last_step = time.perf_counter()
+
+    def _overtaker(self, running: _Running, depth: int, now: float) -> list[_Queued] | None:
+        if depth >= self.max_depth or not self.throughput or running.steps_left <= 0:
+            return None
+        left_s = len(running.jobs) * running.steps_left / self.throughput
+        own_s = now - running.started - running.nested_s
+        if left_s <= self.quantum_s or own_s < running.nested_s:
+            return None
+        first = self._first()
+        if first is None:
+            return None
+        floor = min(self._served.get(j.request, 0) for j in running.jobs)
+        need = self._left.get(first.job.request, 0)
+        if self._served.get(first.job.request, 0) >= floor or need / self.throughput >= left_s / 4:
+            return None
+        return self._take()
+
+
+def _settle(future: asyncio.Future, result: ImageResult) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 class ModelService:
@@ -216,10 +404,28 @@ class ModelService:
         path = Path(getattr(b, "model_path", None) or options.model)
         self.model_file = path
         self.sha256 = sha256_file(path) if path.is_file() else ""
+        if options.sha256 and self.sha256 != options.sha256:
+            # A restarted replica must not serve whatever now lies at the path (another export copied there).
+            raise ModelChanged(f"{path}: sha256 {self.sha256[:12] or '(missing)'} is not the model this service "
+                               f"started with ({options.sha256[:12]}); restart ddim-serve to serve it")
         self.backend_label = f"{b.name} {b.device} {b.precision}"
         self.stats = Stats()
 
-    def check(self, req: SampleRequest) -> list[ImageJob]:
+    def measure(self, max_batch: int) -> float | None:
+        """Image-steps per second of a small warm batch: admission's first estimate (refined at every step);
+        None when the model cannot sample (its requests will say why)."""
+        n = max(1, min(max_batch, 4))
+        images = [(0, i) for i in range(n)]
+        try:
+            settings = self.sampler.resolve(SamplingSettings(steps=2))
+            self.sampler.sample_images(images, settings, batch_size=n)  # warm-up
+            start = time.perf_counter()
+            self.sampler.sample_images(images, settings, batch_size=n)
+        except Exception:  # noqa: BLE001 (a NaN model still starts: each request gets its one-line 500)
+            return None
+        return 2 * n / max(time.perf_counter() - start, 1e-6)
+
+    def check(self, req: SampleRequest, request: int = 0) -> list[ImageJob]:
         """The request's images as jobs; RequestError (413 over a limit, 422 what the model cannot take)."""
         o = self.options
         if req.num_images > o.max_images_per_request:
@@ -234,10 +440,11 @@ class ModelService:
             raise RequestError(422, f"{exc.field}: {one_line(exc)}") from None
         except ValueError as exc:  # what else the model cannot take
             raise RequestError(422, one_line(exc)) from None
-        return [ImageJob(req.seed, i, settings) for i in range(req.num_images)]
+        return [ImageJob(req.seed, i, settings, request) for i in range(req.num_images)]
 
-    def run_batch(self, jobs: Sequence[ImageJob]) -> list[ImageResult]:
-        """Sample jobs (from any requests): one network batch per settings, in job order.
+    def run_batch(self, jobs: Sequence[ImageJob], on_step: Callable[[int], None] | None = None) -> list[ImageResult]:
+        """Sample jobs (from any requests): one network batch per settings, in job order; ``on_step`` after every
+        network step (the batcher's accounting and preemption point).
         A failing group (a NaN, a backend error) fails its own jobs only, each with a one-line message."""
         out: list[ImageResult | None] = [None] * len(jobs)
         groups: dict[SamplingSettings, list[int]] = {}
@@ -247,7 +454,7 @@ class ModelService:
             start = time.perf_counter()
             try:
                 result = self.sampler.sample_images([(jobs[k].seed, jobs[k].index) for k in ks], settings,
-                                                    batch_size=len(ks))
+                                                    batch_size=len(ks), on_step=on_step)
             except Exception as exc:  # noqa: BLE001 (a replica answers every error; it must not die)
                 for k in ks:
                     out[k] = ImageResult(None, len(ks), time.perf_counter() - start, one_line(exc))
@@ -279,12 +486,73 @@ class ModelService:
             "solvers": list(values(Solver)),
             "limits": {"max_images_per_request": o.max_images_per_request, "max_steps": o.max_steps,
                        "max_batch": o.max_batch, "batch_wait_ms": o.batch_wait_ms,
-                       "max_body_bytes": MAX_BODY_BYTES},
+                       "max_body_bytes": MAX_BODY_BYTES, "max_queue_s": o.max_queue_s},
             "config": json.loads(spec.to_json()),
             "export": export_info,
             "stats": asdict(self.stats),
             "process": {"pid": os.getpid(), "torch_imported": "torch" in sys.modules},
         }
+
+
+@dataclass
+class Answer:
+    """An HTTP answer built without Ray: what a replica returns to the ingress."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def error(cls, status: int, message: str, **headers: str) -> "Answer":
+        return cls(status, json.dumps({"error": message}).encode(), headers=dict(headers))
+
+
+class Replica:
+    """A replica's work without Ray: a loaded model, its batcher, and ``POST /v1/samples``'s answer."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.core = ModelService(options)
+        self.batcher = Batcher(self.core.run_batch, options.max_batch, options.batch_wait_ms / 1000,
+                               max_queue_s=options.max_queue_s, throughput=self.core.measure(options.max_batch))
+        self.batcher.stats = self.core.stats
+
+    async def samples(self, fields: dict[str, Any]) -> Answer:
+        """Validate (413/422), admit (503 + Retry-After), sample fairly, encode (200); every error one JSON line."""
+        start = time.perf_counter()
+        try:
+            req = SampleRequest.model_validate(fields)
+            request = self.batcher.new_request()
+            jobs = self.core.check(req, request)
+            self.batcher.admit(sum(job.cost for job in jobs))
+        except RequestError as exc:
+            return Answer.error(exc.status, str(exc))
+        except Busy as exc:
+            return Answer.error(503, str(exc), **{"Retry-After": str(exc.retry_after)})
+        except ValueError as exc:  # pydantic's ValidationError: the ingress validated already; one line anyway
+            return Answer.error(422, one_line(exc))
+        try:
+            results = await self.batcher.submit_all(jobs)
+        except Exception as exc:  # noqa: BLE001 (the batcher's own failure: still one line, still up)
+            return Answer.error(500, f"sampling failed: {one_line(exc)}")
+        failed = next((r.error for r in results if r.error is not None), None)
+        if failed is not None:
+            return Answer.error(500, f"sampling failed: {failed}")
+        images = np.stack([r.image for r in results])  # type: ignore[misc]
+        try:
+            body = await asyncio.to_thread(encode, images, jobs, req.format)
+        except Exception as exc:  # noqa: BLE001
+            return Answer.error(500, f"encoding failed: {one_line(exc)}")
+        self.core.stats.requests += 1
+        name = {"grid": "samples.png", "png": "samples.zip", "npz": "samples.npz"}[req.format]
+        return Answer(200, body, MEDIA_TYPES[req.format], {
+            "X-Model-SHA256": self.core.sha256,
+            "X-Backend": self.core.backend_label,
+            "X-Seconds": f"{time.perf_counter() - start:.4f}",
+            "X-Sampling-Seconds": f"{max(r.seconds for r in results):.4f}",
+            "X-Batch-Sizes": ",".join(str(r.batch) for r in results),
+            "Content-Disposition": f'attachment; filename="{name}"',
+        })
 
 
 def encode(images: NDArray[np.uint8], jobs: Sequence[ImageJob], fmt: str) -> bytes:

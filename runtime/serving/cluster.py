@@ -1,0 +1,214 @@
+"""What ``ddim-serve``'s starting process does with Ray besides deploying: reach the cluster or say why not, check
+the resources the replicas ask for, watch the replicas' health for the front, and leave no process behind.
+
+Ray-free at import (Ray is imported by the functions that need it), so the pieces are tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.common.clitools import one_line
+from runtime.serving.core import Answer
+from runtime.serving.ingress import Unavailable
+
+APP_NAME = "ddim"
+DEPLOYMENT = "ddim"
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """``--address HOST:PORT``: reachable by TCP within ``timeout_s``, else one line (ray.init would retry for
+    minutes, printing only its own warnings). ``auto``, ``local`` and ``ray://`` addresses are left to Ray."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--address {address}: expected HOST:PORT of `ray start --head` (e.g. 10.0.0.5:6379), "
+                         "or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--address {address}: cannot reach a Ray cluster there "
+                         f"({exc.strerror or one_line(exc)}); start one with `ray start --head` or fix the address"
+                         ) from None
+
+
+def check_resources(replicas: int, replica_cpus: float, replica_gpus: float, joined: bool) -> None:
+    """The replicas must fit the cluster: in total, and each on one node. One line naming what is missing (Serve
+    would wait for them forever, printing nothing)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    missing = []
+    for name, each in (("CPU", replica_cpus), ("GPU", replica_gpus)):
+        if each <= 0:
+            continue
+        total = sum(n.get(name, 0.0) for n in nodes)
+        largest = max((n.get(name, 0.0) for n in nodes), default=0.0)
+        flag = f"--replica-{name.lower()}s"
+        if each > largest:
+            missing.append(f"{flag} {each:g}: no node has {each:g} {name}s (the largest has {largest:g})")
+        elif replicas * each > total:
+            missing.append(f"--replicas {replicas} x {flag} {each:g} = {replicas * each:g} {name}s, the cluster has "
+                           f"{total:g}")
+    if missing:
+        hint = "" if not joined else " (an autoscaling cluster may add nodes: lower the request or add them first)"
+        raise ValueError(f"the replicas do not fit: {'; '.join(missing)}{hint}")
+
+
+def app_state() -> tuple[int, str]:
+    """(running replicas, why none: Ray's status and message) of this service's deployment."""
+    from ray import serve
+
+    status = serve.status()
+    app = status.applications.get(APP_NAME)
+    if app is None:
+        return 0, "the application is not deployed"
+    dep = app.deployments.get(DEPLOYMENT)
+    if dep is None:
+        return 0, f"{app.status}: {one_line(Exception(app.message)) if app.message else 'no deployment'}"
+    running = sum(count for state, count in dep.replica_states.items() if str(state).endswith("RUNNING"))
+    message = one_line(Exception(dep.message or app.message or "")) if (dep.message or app.message) else ""
+    return running, f"{dep.status}{': ' + message if message else ''}"
+
+
+async def in_daemon_thread(fn: Any, timeout_s: float) -> Any:
+    """``fn()`` in a daemon thread, awaited at most ``timeout_s`` (TimeoutError). Not the loop's default executor:
+    a Ray call that never returns (its GCS gone) would hold that executor's shutdown, and so the exit, forever."""
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            value, ok = fn(), True
+        except BaseException as exc:  # noqa: BLE001 (handed to the awaiting task)
+            value, ok = exc, False
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, daemon=True, name="ddim-serve-ray-call").start()
+    return await asyncio.wait_for(future, timeout_s)
+
+
+class RayForwarder:
+    """The front's way to the replicas: Serve's deployment handle, plus the health the watcher last saw."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.why: str | None = None
+
+    async def samples(self, fields: dict[str, Any]) -> Answer:
+        from ray import exceptions as rex
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await self.handle.samples.remote(fields)
+        except BackPressureError:
+            raise Unavailable("every replica's queue is full; retry later", 1) from None
+        except (rex.RayActorError, rex.ActorUnavailableError) as exc:
+            raise Unavailable(f"the replica stopped while sampling ({one_line(exc)[:160]}); retry", 1) from None
+
+    async def info(self) -> dict[str, Any]:
+        return await self.handle.info.remote()
+
+    def health(self) -> str | None:
+        return self.why
+
+
+# -- processes ---------------------------------------------------------------------------------------------------
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Linux: processes our children leave behind (Ray's agents when its raylet or GCS dies) are re-parented to us,
+    not to init, so :func:`end_descendants` finds them. False where the OS cannot."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants(root: int | None = None) -> list[int]:
+    """PIDs below ``root`` (default: this process), from /proc; [] where there is no /proc."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            ppid = int(text[text.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def end_descendants(grace_s: float = 5.0) -> int:
+    """SIGTERM every descendant, SIGKILL what is left after ``grace_s``, reap; returns how many were running."""
+    pids = descendants()
+    count = len(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2.0)
+        while time.monotonic() < deadline:
+            _reap()
+            pids = [p for p in pids if _alive(p)]
+            if not pids:
+                break
+            time.sleep(0.05)
+        if not pids:
+            break
+    _reap()
+    return count
+
+
+def local_gcs_alive() -> bool:
+    """Whether the GCS of the Ray instance we started still runs (without it ``ray.shutdown()`` waits a minute
+    and Ray's core worker then aborts the process, cleaning nothing)."""
+    for pid in descendants():
+        try:
+            if b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+        return state[state.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False

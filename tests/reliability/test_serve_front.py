@@ -1,0 +1,192 @@
+"""Hostile clients against ddim-serve's front, over loopback, bounded in count and time: stalled and trickling
+clients, too many connections, a large request among small ones, a full queue, shutdown during requests.
+
+The front runs as in ddim-serve (uvicorn with the guarded protocol, the same app) with a replica in this process
+(``LocalForwarder``): what is under test is the front and the replica's batcher, not Ray (tests/test_serve.py
+and test_serve_faults.py run them on Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from runtime.api import load
+from runtime.common.shipped import SHIPPED_MODEL
+from runtime.serving.core import Replica, ServeOptions
+from runtime.serving.ingress import FrontOptions, LocalForwarder, ThreadedFront
+
+MODEL = SHIPPED_MODEL / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def replica():
+    return Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=2, max_batch=4, batch_wait_ms=0))
+
+
+def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(f"{url}/v1/samples", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    return s
+
+
+def answer(s: socket.socket, timeout: float) -> tuple[int, dict]:
+    """(status, JSON body) of what the server sent before closing; (0, {}) when it sent nothing."""
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    if not data:
+        return 0, {}
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body or b"{}")
+
+
+HEAD = (b"POST /v1/samples HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+
+
+def test_300_stalled_clients_do_not_delay_a_normal_request(replica):
+    """300 clients send headers and no body, 20 send half a head, 1 trickles its body: a normal request is
+    answered at once; each of them gets a JSON 408 at its deadline and the connection is closed."""
+    front = FrontOptions(header_timeout_s=3, body_timeout_s=3)
+    with ThreadedFront(LocalForwarder(replica), front) as url:
+        stalled = [connect(url) for _ in range(300)]
+        for s in stalled:
+            s.sendall(HEAD)
+        halves = [connect(url) for _ in range(20)]
+        for s in halves:
+            s.sendall(b"POST /v1/samples HTTP/1.1\r\nHost:")
+        trickle = connect(url)
+        trickle.sendall(HEAD)
+        opened = time.monotonic()
+        stop = threading.Event()
+
+        def drip() -> None:
+            while not stop.is_set():
+                try:
+                    trickle.sendall(b" ")
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+        threading.Thread(target=drip, daemon=True).start()
+        t0 = time.perf_counter()
+        status, _, body = post(url, {"num_images": 1, "steps": 3, "format": "npz"}, timeout=30)
+        normal_s = time.perf_counter() - t0
+        assert status == 200 and normal_s < 5, (status, normal_s)
+        codes = [answer(s, 10)[0] for s in stalled]
+        head_codes = [answer(s, 10) for s in halves]
+        trickled = answer(trickle, 10)
+        stop.set()
+        waited = time.monotonic() - opened
+        assert codes.count(408) == 300, sorted(set(codes))
+        assert {c for c, _ in head_codes} == {408}
+        assert head_codes[0][1]["error"] == "request headers not received within 3 s"
+        assert trickled == (408, {"error": "request body not received within 3 s"})
+        assert waited < 15
+        # The service is still whole.
+        assert post(url, {"num_images": 1, "steps": 2})[0] == 200
+        for s in stalled + halves + [trickle]:
+            s.close()
+
+
+def test_connections_over_the_cap_get_a_json_503_and_malformed_heads_a_json_400(replica):
+    with ThreadedFront(LocalForwarder(replica), FrontOptions(max_connections=20)) as url:
+        idle = [connect(url) for _ in range(20)]
+        time.sleep(0.2)
+        extra = connect(url)
+        status, body = answer(extra, 5)
+        assert status == 503 and body["error"] == "over 20 open connections; retry later"
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        bad = connect(url)
+        bad.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        status, body = answer(bad, 5)
+        assert status == 400 and body["error"].startswith("malformed HTTP request")
+        big = connect(url)
+        big.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+        assert answer(big, 5) == (431, {"error": "request head over 16384 bytes"})
+        assert post(url, {"num_images": 1, "steps": 2})[0] == 200
+
+
+def test_a_small_request_is_answered_while_a_large_one_runs(replica):
+    """A 4 x 500-step request (about 5 s here) is running; a 3-step request overtakes it at a step
+    boundary and equals ddim-run's image; the large one completes, whole."""
+    with ThreadedFront(LocalForwarder(replica)) as url:
+        large: dict = {}
+        worker = threading.Thread(target=lambda: large.update(r=post(url, {"num_images": 4, "steps": 500,
+                                                                           "seed": 5, "format": "npz"})))
+        t_large = time.perf_counter()
+        worker.start()
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        status, _, body = post(url, {"num_images": 1, "steps": 3, "seed": 9, "format": "npz"})
+        small_s = time.perf_counter() - t0
+        worker.join()
+        large_s = time.perf_counter() - t_large
+        assert status == 200
+        ref = load(MODEL, "onnxruntime", "cpu", "fp32").sample(1, steps=3, seed=9).images
+        np.testing.assert_array_equal(np.load(io.BytesIO(body))["images"], ref)
+        assert large["r"][0] == 200 and np.load(io.BytesIO(large["r"][2]))["images"].shape[0] == 4
+        assert small_s < large_s / 2, (small_s, large_s)
+        assert small_s < 3, small_s
+
+
+def test_a_full_queue_is_a_503_with_retry_after():
+    tight = Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=2, max_batch=4, batch_wait_ms=0,
+                                 max_queue_s=1.0))
+    with ThreadedFront(LocalForwarder(tight)) as url:
+        first: dict = {}
+        worker = threading.Thread(target=lambda: first.update(r=post(url, {"num_images": 4, "steps": 200})))
+        worker.start()
+        time.sleep(0.5)
+        status, headers, body = post(url, {"num_images": 4, "steps": 200})
+        assert status == 503, body
+        assert json.loads(body)["error"].startswith("the service is busy: this request would finish in about")
+        assert int(headers["retry-after"]) >= 1
+        worker.join()
+        assert first["r"][0] == 200  # an idle replica admits anything in its limits
+        assert tight.core.stats.refused == 1
+
+
+def test_shutdown_finishes_or_answers_in_flight_requests_in_json(replica):
+    """Draining: a request that finishes within the grace period gets its images; one that does not gets a JSON
+    503; the listener is closed for new ones."""
+    front = ThreadedFront(LocalForwarder(replica), FrontOptions(grace_s=1.0))
+    with front as url:
+        got: dict = {}
+        quick = threading.Thread(target=lambda: got.update(quick=post(url, {"num_images": 1, "steps": 20})))
+        slow = threading.Thread(target=lambda: got.update(slow=post(url, {"num_images": 4, "steps": 400})))
+        slow.start()
+        time.sleep(0.3)
+        quick.start()
+        time.sleep(0.2)
+        front.drain()
+        quick.join(30)
+        slow.join(30)
+        assert got["quick"][0] == 200
+        status, headers, body = got["slow"]
+        assert status == 503 and json.loads(body)["error"].startswith("the service is shutting down")
+    with pytest.raises(ConnectionRefusedError):
+        connect(url)
