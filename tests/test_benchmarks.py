@@ -234,6 +234,37 @@ def test_serve_load_end_to_end(tmp_path):
     assert sum(int(k) * v for k, v in rows[1]["batches"].items()) == 12
 
 
+def test_serve_hostile_report_marks_each_target():
+    from benchmarks.serve_hostile import markdown
+
+    env = {"date": "d", "cpu": "CPU", "cores": 2, "model": "m", "command": "c"}
+    row = {"ready_s": 12.0, "timeout_s": 10.0, "alone_s": 0.1, "ray_left": 0,
+           "stalled": {"stalled": 300, "half_heads": 50, "normal_requests": 9, "normal_max_s": 0.4,
+                       "normal_median_s": 0.2, "stalled_408": 300, "half_heads_408": 50, "trickle": 408,
+                       "all_cut_within_s": 10.5, "served_after": 200},
+           "large": {"large": "64 x 1000", "large_status": 200, "large_images": 64, "large_s": 250.0,
+                     "small_max_s": 12.0, "small_median_s": 0.5, "smalls": 10, "total_s": 260.0,
+                     "second_large": {"status": 503, "retry_after": "190", "json": True}},
+           "inputs": {"tried": 29, "wrong": [{"body": "{}", "want": 422, "got": 400, "text": "x"}]},
+           "shutdown": {"exit_code": 0, "exit_s": 4.0, "client_status": 503, "client_json_or_images": True}}
+    md = markdown(env, [row])
+    assert "| max 0.40 s of 9 | < 5 s | ok |" in md
+    assert "| max 12.00 s of 10 (median 0.50) | < 10 s | MISSED |" in md  # over the target: said, not hidden
+    assert "| 503, Retry-After 190 | 503 + Retry-After | ok |" in md
+    assert "28/29 with the documented status" in md and "want 422, got 400" in md
+
+
+@pytest.mark.slow
+def test_serve_hostile_end_to_end(tmp_path):
+    proc = script("serve_hostile.py", "--stalled", "20", "--timeout", "2", "--large-images", "4", "--large-steps",
+                  "100", "--smalls", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = tmp_path.glob("serve-hostile-*.json")
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["stalled"]["stalled_408"] == 20 and not row["inputs"]["wrong"] and row["ray_left"] == 0
+    assert row["shutdown"]["exit_code"] == 0 and row["large"]["large_status"] == 200
+
+
 def test_reconstruct_quick_writes_its_report(tmp_path, fashion_dir):
     proc = script("reconstruct.py", "--backend", "eager", "--backend", "onnxruntime", "--num-images", "3",
                   "--steps", "2", "--steps", "5", "--batch-size", "2", "--data", str(fashion_dir), "--out", str(tmp_path))

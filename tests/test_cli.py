@@ -174,7 +174,7 @@ def test_every_command_line_prints_the_one_version():
         args = [name.split()[1], "--version"] if " " in name else ["--version"]
         result = CliRunner().invoke(command, args)
         assert result.exit_code == 0 and result.output == f"ddim-deploy {runtime.__version__}\n", (name, result.output)
-    scripts = ("latency", "fid", "fd_by_step", "int8_tradeoff", "train_throughput", "serve_load")
+    scripts = ("latency", "fid", "fd_by_step", "int8_tradeoff", "train_throughput", "serve_load", "serve_hostile")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = {script: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--version"],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)

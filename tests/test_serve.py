@@ -374,3 +374,26 @@ def test_least_served_request_goes_first_and_admission_refuses_with_retry_after(
     asyncio.run(scenario())
     starts = [e[1:3] for e in log if e[0] == "start"]
     assert starts[0] == (1, 2) and starts[1][0] == 2, starts  # a's first batch, then b's image (least served)
+
+
+def test_a_cancelled_request_leaves_no_debt_and_an_idle_replica_admits_anything():
+    import asyncio
+
+    from runtime.serving.core import Batcher
+
+    log: list = []
+
+    async def scenario():
+        batcher = Batcher(stepping_run(log, 0.002), max_batch=2, wait_s=0.0, throughput=1000.0, max_queue_s=0.5)
+        r = batcher.new_request()
+        task = asyncio.ensure_future(batcher.submit_all([ImageJob(0, i, SamplingSettings(50), r) for i in range(6)]))
+        await asyncio.sleep(0.03)  # its first batch runs
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)  # the running batch ends; nothing else runs
+        assert batcher._left == {} and batcher._jobs == {} and batcher._served == {}
+        batcher.admit(10**6)  # idle: no phantom load
+
+    asyncio.run(scenario())
+    assert [e[0] for e in log] == ["start", "end"]  # the queued 4 images never ran

@@ -77,6 +77,14 @@ def say(message: str) -> None:
     click.echo(f"ddim-serve: {message}", err=True)
 
 
+def _write(text: str) -> None:
+    """stderr from a signal handler: one os.write (click.echo there can raise a reentrant-call error)."""
+    try:
+        os.write(2, text.encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
 class Watchdog:
     """Ends the process with one line when a stage outlasts its deadline (ray.init, Serve and placement can wait
     forever without a word); ``stage`` names what is running, ``detail()`` what Ray says about it."""
@@ -93,11 +101,19 @@ class Watchdog:
         if self._done.wait(max(0.0, self.deadline - time.monotonic())):
             return
         why = ""
-        if self.detail is not None:
-            try:
-                why = f" ({self.detail()})"
-            except Exception as exc:  # noqa: BLE001 (Ray itself may be what hangs)
-                why = f" (Ray did not say why: {one_line(exc)})"
+        if self.detail is not None:  # asked in a thread of its own: Ray itself may be what hangs
+            said: list[str] = []
+
+            def ask() -> None:
+                try:
+                    said.append(f" ({self.detail()})")
+                except Exception as exc:  # noqa: BLE001
+                    said.append(f" (Ray did not say why: {one_line(exc)})")
+
+            asker = threading.Thread(target=ask, daemon=True)
+            asker.start()
+            asker.join(5)
+            why = said[0] if said else " (Ray does not answer)"
         click.echo(f"error: ddim-serve: {self.stage} did not finish within the --ready-timeout of "
                    f"{self.timeout_s:g} s{why}", err=True)
         from runtime.serving.cluster import end_descendants
@@ -189,39 +205,56 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     quiet_ray_logs()
     serve_environment()
     cluster.become_subreaper()
-    run = Run(front, host, port, ready_timeout)
-    code = run.start_and_serve(options, replicas, replica_cpus, replica_gpus, address, started)
+    run = Run(front, host, port, ready_timeout, address)
+    code = run.start_and_serve(options, replicas, replica_cpus, replica_gpus, started)
     if code:
         sys.exit(code)
 
 
 class Run:
-    """One ddim-serve process's life: start (under a watchdog), serve, drain, stop."""
+    """One ddim-serve process's life: start (under a watchdog), serve, drain, stop. Its signal handler stays
+    installed until the end: a second signal while stopping ends Ray's processes and exits at once."""
 
-    def __init__(self, front: Any, host: str, port: int, ready_timeout: float) -> None:
+    def __init__(self, front: Any, host: str, port: int, ready_timeout: float, address: str | None) -> None:
         self.front, self.host, self.port, self.ready_timeout = front, host, port, ready_timeout
+        self.address = address
+        # A joined cluster may run other services: this one's app has its own name, so it neither replaces
+        # another ddim-serve's app nor deletes it at exit.
+        self.app_name = f"ddim-{socket.gethostname()}-{os.getpid()}" if address else "ddim"
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         self.server: Any = None
         self.app: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
         self.stopping = False
         self.exit_code = 0
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        """Startup: interrupt it. Serving: drain (a second signal stops at once)."""
+        """Startup: interrupt it. Serving: drain. While stopping (or a second signal while draining): end now."""
         name = signal.Signals(signum).name
-        if self.server is None or self.loop is None:
-            raise KeyboardInterrupt
         if self.stopping:
+            _write(f"ddim-serve: {name} again: ending Ray's processes now\n")
+            from runtime.serving.cluster import end_descendants
+
+            end_descendants(grace_s=1.0)
+            os._exit(self.exit_code or 130)
+        if self.server is None or self.loop is None or self.loop.is_closed():
+            raise KeyboardInterrupt
+        if self.draining:
             self.server.force_exit = True
             return
-        self.stopping = True
-        say(f"{name}: draining (in-flight requests get {self.front.grace_s:g} s)")
+        self.draining = True
+        _write(f"ddim-serve: {name}: draining (in-flight requests get {self.front.grace_s:g} s)\n")
         self.loop.call_soon_threadsafe(self.app.state.draining.set)
         self.server.should_exit = True
 
+    def status(self) -> tuple[int, str]:
+        from runtime.serving.cluster import app_state
+
+        return app_state(self.app_name)
+
     def start_and_serve(self, options: Any, replicas: int, replica_cpus: float, replica_gpus: float,
-                        address: str | None, started: float) -> int:
+                        started: float) -> int:
         import ray
         from ray import serve
         from ray.serve.api import RunTarget
@@ -230,48 +263,46 @@ class Run:
         from runtime.serving.app import build
         from runtime.serving.ingress import make_app, make_server
 
-        watchdog = Watchdog(self.ready_timeout, detail=lambda: cluster.app_state()[1])
+        address = self.address
+        watchdog = Watchdog(self.ready_timeout)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        ours = False
         try:
-            watchdog.stage = f"joining the Ray cluster at {address}" if address else "starting a local Ray instance"
-            watchdog.detail = None
-            say(f"{watchdog.stage}, {replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), "
-                f"max batch {options.max_batch}, batch wait {options.batch_wait_ms:g} ms")
-            ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=True)
-            ours = True
-            for sig in previous:  # ray.init's core worker installs a C handler for SIGTERM (a stack dump, then
-                signal.signal(sig, self.on_signal)  # death with nothing cleaned up): ours again
-            watchdog.stage = "checking the cluster's resources"
-            cluster.check_resources(replicas, replica_cpus, replica_gpus, joined=bool(address))
-            watchdog.stage = "starting Serve"
-            serve.start(proxy_location="Disabled")
-            watchdog.stage = f"placing {replicas} replica(s) and loading the model"
-            watchdog.detail = lambda: cluster.app_state()[1]
-            [handle] = serve.run_many([RunTarget(build(options, replicas, replica_cpus, replica_gpus),
-                                                 name=cluster.APP_NAME, route_prefix=None)],
-                                      wait_for_applications_running=False)
-            self.wait_running(replicas)
-            watchdog.stage = f"opening {self.url}"
-            forwarder = cluster.RayForwarder(handle)
-            self.app = make_app(forwarder, self.front)
-            self.server = make_server(self.app, self.host, self.port, self.front)
-            asyncio.run(self.serve(forwarder, watchdog, started))
-        except KeyboardInterrupt:
-            watchdog.done()
-            say("interrupted")
-        except SystemExit:  # uvicorn exits when it cannot bind; it logged why
-            watchdog.done()
-            self.exit_code = 1
-        except BaseException:
-            watchdog.done()
-            self.stop(serve, ray, ours, address)
-            raise
+            try:
+                watchdog.stage = (f"joining the Ray cluster at {address}" if address
+                                  else "starting a local Ray instance")
+                say(f"{watchdog.stage}, {replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), "
+                    f"max batch {options.max_batch}, batch wait {options.batch_wait_ms:g} ms")
+                ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=False, configure_logging=True)
+                for sig in previous:  # ray.init's core worker installs a C handler for SIGTERM (a stack dump,
+                    signal.signal(sig, self.on_signal)  # then death with nothing cleaned up): ours again
+                watchdog.stage = "checking the cluster's resources"
+                cluster.check_resources(replicas, replica_cpus, replica_gpus, joined=bool(address))
+                watchdog.stage = "starting Serve"
+                serve.start(proxy_location="Disabled")
+                watchdog.stage = f"placing {replicas} replica(s) and loading the model"
+                watchdog.detail = lambda: self.status()[1]
+                [handle] = serve.run_many([RunTarget(build(options, replicas, replica_cpus, replica_gpus),
+                                                     name=self.app_name, route_prefix=None)],
+                                          wait_for_applications_running=False)
+                self.wait_running(replicas)
+                watchdog.stage = f"opening {self.url}"
+                forwarder = cluster.RayForwarder(handle)
+                self.app = make_app(forwarder, self.front)
+                self.server = make_server(self.app, self.host, self.port, self.front)
+                asyncio.run(self.serve(forwarder, watchdog, started))
+            except KeyboardInterrupt:
+                say("interrupted")
+                self.exit_code = 130
+            except SystemExit:  # uvicorn exits when it cannot bind; it logged why
+                self.exit_code = 1
+            finally:
+                watchdog.done()
+                self.stopping = True
+                self.stop(serve, ray)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self.stop(serve, ray, ours, address)
         return self.exit_code
 
     def wait_running(self, replicas: int) -> None:
@@ -279,7 +310,7 @@ class Run:
         from runtime.serving import cluster
 
         while True:
-            running, why = cluster.app_state()
+            running, why = self.status()
             if running >= replicas:
                 return
             if "DEPLOY_FAILED" in why or "UNHEALTHY" in why:
@@ -290,12 +321,14 @@ class Run:
         """The front until a signal or a service without replicas for --ready-timeout."""
         self.loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(self.server.serve())
-        while not self.server.started and not task.done():
-            await asyncio.sleep(0.05)
+        try:
+            while not self.server.started and not task.done():
+                await asyncio.sleep(0.05)
+        finally:
+            watchdog.done()
         if task.done():
             await task
             return
-        watchdog.done()
         say(f"ready at {self.url} in {time.monotonic() - started:.1f} s (POST {self.url}/v1/samples, docs at "
             f"{self.url}/docs); Ctrl-C stops")
         click.echo(self.url)
@@ -314,7 +347,7 @@ class Run:
         while True:
             await asyncio.sleep(POLL_S)
             try:
-                running, why = await cluster.in_daemon_thread(cluster.app_state, 10)
+                running, why = await cluster.in_daemon_thread(self.status, 10)
             except Exception as exc:  # noqa: BLE001 (Ray's controller or GCS gone: the front still answers)
                 running, why = 0, f"Ray does not answer ({one_line(exc) or 'timeout'})"
             if running:
@@ -335,11 +368,13 @@ class Run:
                 self.server.should_exit = True
                 return
 
-    def stop(self, serve: Any, ray: Any, ours: bool, address: str | None) -> None:
+    def stop(self, serve: Any, ray: Any) -> None:
         """Take the app down (Serve and Ray when they are ours; only our app on a joined cluster) within a bounded
         time, whatever state Ray is in, then end every process left below us."""
         from runtime.serving import cluster
 
+        address = self.address
+        ours = ray.is_initialized()
         say("shutting down")
         failed: list[str] = []
         gcs_gone = ours and not address and not cluster.local_gcs_alive()
@@ -347,7 +382,7 @@ class Run:
         def take_down() -> None:
             try:
                 if ours and address:
-                    serve.delete(cluster.APP_NAME)  # a joined cluster keeps running, with its other apps
+                    serve.delete(self.app_name)  # a joined cluster keeps running, with its other apps
                 if ours and not gcs_gone:
                     ray.shutdown()  # a local instance goes whole: its replicas have no work left (drained)
             except Exception as exc:  # noqa: BLE001 (reported in one line; what is left is ended below)

@@ -63,12 +63,12 @@ def check_resources(replicas: int, replica_cpus: float, replica_gpus: float, joi
         raise ValueError(f"the replicas do not fit: {'; '.join(missing)}{hint}")
 
 
-def app_state() -> tuple[int, str]:
+def app_state(app_name: str = APP_NAME) -> tuple[int, str]:
     """(running replicas, why none: Ray's status and message) of this service's deployment."""
     from ray import serve
 
     status = serve.status()
-    app = status.applications.get(APP_NAME)
+    app = status.applications.get(app_name)
     if app is None:
         return 0, "the application is not deployed"
     dep = app.deployments.get(DEPLOYMENT)

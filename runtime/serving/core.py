@@ -216,6 +216,7 @@ class Batcher:
         self._pending: list[_Queued] = []
         self._served: dict[int, int] = {}  # request -> image-steps sampled so far
         self._left: dict[int, int] = {}  # request -> image-steps still to sample
+        self._jobs: dict[int, int] = {}  # request -> its jobs not settled yet (queued or running)
         self._running: list[_Running] = []
         self._last_step: float | None = None
         self._arrived: asyncio.Event | None = None
@@ -258,29 +259,44 @@ class Batcher:
             self._arrived = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work())
-        queued = [_Queued(job, loop.create_future(), loop.time()) for job in jobs]
-        requests = {job.request for job in jobs}
+        queued = [_Queued(job, loop.create_future(), time.monotonic()) for job in jobs]
         with self._lock:
             for q in queued:
-                self._left[q.job.request] = self._left.get(q.job.request, 0) + q.job.cost
-                self._served.setdefault(q.job.request, 0)
+                r = q.job.request
+                self._left[r] = self._left.get(r, 0) + q.job.cost
+                self._jobs[r] = self._jobs.get(r, 0) + 1
+                self._served.setdefault(r, 0)
             self._pending.extend(queued)
         self._arrived.set()
         try:
             return list(await asyncio.gather(*(q.future for q in queued)))
         finally:
             for q in queued:
-                q.future.cancel()  # no-op when done; a cancelled job is dropped when next taken
+                q.future.cancel()  # no-op when done: a cancelled request's queued jobs are dropped now
             with self._lock:
-                for r in requests:
-                    if not any(p.job.request == r for p in self._pending) and \
-                            not any(j.request == r for run in self._running for j in run.jobs):
-                        self._left.pop(r, None)
-                        self._served.pop(r, None)
+                self._drop_cancelled()
+
+    def _settled(self, job: ImageJob, unsampled: int) -> None:
+        """Account a job that left the queue or a batch for good (lock held); a request with no job left is
+        forgotten, so an idle replica owes nothing."""
+        r = job.request
+        self._left[r] = max(0, self._left.get(r, 0) - unsampled)
+        self._jobs[r] = self._jobs.get(r, 1) - 1
+        if self._jobs[r] <= 0:
+            for book in (self._left, self._served, self._jobs):
+                book.pop(r, None)
+
+    def _drop_cancelled(self) -> None:
+        kept = []
+        for q in self._pending:
+            if q.future.done():
+                self._settled(q.job, q.job.cost)
+            else:
+                kept.append(q)
+        self._pending = kept
 
     async def _work(self) -> None:
         assert self._arrived is not None
-        loop = asyncio.get_running_loop()
         while True:
             while not self._pending:
                 self._arrived.clear()
@@ -291,7 +307,7 @@ class Batcher:
             if first is None:
                 continue
             deadline = max(first.arrived, self._free_since) + self.wait_s
-            while self._ready(first.job.key) < self.max_batch and (left := deadline - loop.time()) > 0:
+            while self._ready(first.job.key) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
@@ -301,7 +317,7 @@ class Batcher:
                 batch = self._take()
             if batch:
                 await asyncio.to_thread(self._run_batch, batch, 0)
-                self._free_since = loop.time()
+                self._free_since = time.monotonic()
 
     def _ready(self, key: SamplingSettings) -> int:
         with self._lock:
@@ -309,19 +325,22 @@ class Batcher:
 
     # -- shared (call with the lock held) ---------------------------------------------------------------------------
     def _first(self) -> _Queued | None:
-        """The live queued job whose request was served least (then the oldest); cancelled jobs dropped."""
-        self._pending = [q for q in self._pending if not q.future.done()]
-        if not self._pending:
-            return None
-        return min(self._pending, key=lambda q: (self._served.get(q.job.request, 0), q.arrived))
+        """The live queued job to run next (cancelled jobs dropped): see :meth:`_order`."""
+        self._drop_cancelled()
+        return min(self._pending, key=self._order) if self._pending else None
 
-    def _take(self) -> list[_Queued]:
-        """The first job's key: its live jobs, least-served request first, up to max_batch."""
-        first = self._first()
+    def _order(self, q: _Queued) -> tuple[bool, int, float]:
+        """Least-served request first, then the oldest; but a job queued longer than ``max_queue_s`` goes before
+        any younger one (so a large request under steady small traffic still finishes)."""
+        aged = math.isfinite(self.max_queue_s) and time.monotonic() - q.arrived > self.max_queue_s
+        return (not aged, self._served.get(q.job.request, 0), q.arrived)
+
+    def _take(self, first: _Queued | None = None) -> list[_Queued]:
+        """``first``'s key (default :meth:`_first`): its live jobs, in :meth:`_order`, up to max_batch."""
+        first = first or self._first()
         if first is None:
             return []
-        same = sorted((q for q in self._pending if q.job.key == first.job.key),
-                      key=lambda q: (self._served.get(q.job.request, 0), q.arrived))[:self.max_batch]
+        same = sorted((q for q in self._pending if q.job.key == first.job.key), key=self._order)[:self.max_batch]
         chosen = {id(q) for q in same}
         self._pending = [q for q in self._pending if id(q) not in chosen]
         return same
@@ -332,6 +351,7 @@ class Batcher:
         running = _Running(jobs, jobs[0].cost, time.perf_counter())
         with self._lock:
             self._running.append(running)
+            self._last_step = running.started  # the rate counts sampling, not the gaps between batches
         if depth and self.stats is not None:
             self.stats.preemptions += 1
         try:
@@ -342,7 +362,7 @@ class Batcher:
             with self._lock:
                 self._running.remove(running)
                 for job in jobs:  # what a failed batch did not sample is not owed any more
-                    self._left[job.request] = max(0, self._left.get(job.request, 0) - running.steps_left)
+                    self._settled(job, running.steps_left)
         assert self._loop is not None
         for q, result in zip(batch, results):
             self._loop.call_soon_threadsafe(_settle, q.future, result)
@@ -374,14 +394,13 @@ class Batcher:
         own_s = now - running.started - running.nested_s
         if left_s <= self.quantum_s or own_s < running.nested_s:
             return None
-        first = self._first()
-        if first is None:
-            return None
+        self._drop_cancelled()
         floor = min(self._served.get(j.request, 0) for j in running.jobs)
-        need = self._left.get(first.job.request, 0)
-        if self._served.get(first.job.request, 0) >= floor or need / self.throughput >= left_s / 4:
-            return None
-        return self._take()
+        for q in sorted(self._pending, key=self._order):  # the first queued request that may overtake
+            r = q.job.request
+            if self._served.get(r, 0) < floor and self._left.get(r, 0) / self.throughput < left_s / 4:
+                return self._take(q)
+        return None
 
 
 def _settle(future: asyncio.Future, result: ImageResult) -> None:
@@ -466,6 +485,15 @@ class ModelService:
                 out[k] = ImageResult(result.images[j], len(ks), seconds)
         return [r for r in out if r is not None]
 
+    def stats_now(self) -> dict[str, Any]:
+        """A copy of the statistics (the worker thread adds batch sizes meanwhile: retry a copy it disturbed)."""
+        for _ in range(10):
+            try:
+                return asdict(self.stats)
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
+        return {}
+
     def info(self) -> dict[str, Any]:
         """``GET /v1/model``: the model's config and export report, what runs it, the service's limits."""
         spec = self.sampler.spec
@@ -489,7 +517,7 @@ class ModelService:
                        "max_body_bytes": MAX_BODY_BYTES, "max_queue_s": o.max_queue_s},
             "config": json.loads(spec.to_json()),
             "export": export_info,
-            "stats": asdict(self.stats),
+            "stats": self.stats_now(),
             "process": {"pid": os.getpid(), "torch_imported": "torch" in sys.modules},
         }
 

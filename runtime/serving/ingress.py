@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime import __version__
@@ -93,11 +95,12 @@ class LocalForwarder:
         return None
 
 
-def raw_json(status: int, reason: str, message: str) -> bytes:
+def raw_json(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 JSON answer that closes the connection (written by the protocol, outside any app)."""
     body = json.dumps({"error": message}).encode()
+    retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+            f"{retry}connection: close\r\n\r\n").encode() + body
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -112,7 +115,7 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:
             transport.write(raw_json(503, "Service Unavailable",
-                                     f"over {self.max_connections} open connections; retry later"))
+                                     f"over {self.max_connections} open connections; retry later", retry_after=1))
             transport.close()
             return
         self._arm()
@@ -184,6 +187,8 @@ async def read_body(request: Request, timeout_s: float, max_bytes: int = MAX_BOD
         await asyncio.wait_for(collect(), timeout_s)
     except asyncio.TimeoutError:
         raise _Refused(408, f"request body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:  # nobody to answer; the status is for the record only
+        raise _Refused(400, "the client left before sending its whole body") from None
     return b"".join(chunks)
 
 
@@ -207,9 +212,9 @@ def error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-def closing(status: int, message: str) -> JSONResponse:
+def closing(status: int, message: str, **headers: str) -> JSONResponse:
     """An error after which the connection is closed (the client may still be sending)."""
-    return error(status, message, connection="close")
+    return error(status, message, connection="close", **headers)
 
 
 REQUEST_SCHEMA = SampleRequest.model_json_schema()
@@ -220,13 +225,17 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
     api = FastAPI(title="ddim-serve", version=__version__,
                   description="Sample images from a ddim-deploy model. The same (seed, index) gives the same image "
                               "as ddim-run --seed.")
-    api.state.draining = asyncio.Event()
+    api.state.draining = Draining()
     api.state.in_flight = 0
     api.add_middleware(HeadLimit)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error(500, f"internal error: {one_line(exc)}")
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -235,7 +244,7 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
     async def forward(fields: dict[str, Any]) -> Answer:
         """The replica's answer; a JSON 503 when none can give it (gone, full, or the grace period ran out)."""
         call = asyncio.ensure_future(forwarder.samples(fields))
-        drained = asyncio.ensure_future(_after_grace(api.state.draining, options.grace_s))
+        drained = asyncio.ensure_future(api.state.draining.grace_over(options.grace_s))
         try:
             done, _ = await asyncio.wait({call, drained}, return_when=asyncio.FIRST_COMPLETED)
             if call not in done:
@@ -262,7 +271,7 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
                                  "Retry-After seconds"}})
     async def samples(request: Request) -> Response:
         if api.state.draining.is_set():
-            return closing(503, "the service is shutting down; retry on another instance")
+            return closing(503, "the service is shutting down; retry on another instance", **{"Retry-After": "5"})
         api.state.in_flight += 1
         try:
             try:
@@ -297,7 +306,7 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
     @api.get("/healthz")
     async def healthz() -> Response:
         if api.state.draining.is_set():
-            return error(503, "shutting down")
+            return error(503, "shutting down", **{"Retry-After": "5"})
         why = forwarder.health()
         if why is not None:
             return error(503, f"no replica is serving: {why}")
@@ -316,9 +325,20 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
     return api
 
 
-async def _after_grace(draining: asyncio.Event, grace_s: float) -> None:
-    await draining.wait()
-    await asyncio.sleep(grace_s)
+class Draining(asyncio.Event):
+    """Set at shutdown; ``grace_over(s)`` returns ``s`` seconds after it was set (not after each caller began)."""
+
+    since: float | None = None
+
+    def set(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+        super().set()
+
+    async def grace_over(self, grace_s: float) -> None:
+        await self.wait()
+        assert self.since is not None
+        await asyncio.sleep(max(0.0, self.since + grace_s - time.monotonic()))
 
 
 def make_server(app: FastAPI, host: str, port: int, options: FrontOptions) -> Any:
@@ -334,7 +354,8 @@ def make_server(app: FastAPI, host: str, port: int, options: FrontOptions) -> An
     config = uvicorn.Config(app, host=host, port=port, http=protocol_for(options), lifespan="off",
                             log_level="warning", access_log=False, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                            timeout_graceful_shutdown=int(options.grace_s) + 5)
+                            # uvicorn cancels what is left after this: the body deadline and the grace must fit
+                            timeout_graceful_shutdown=math.ceil(options.grace_s + options.body_timeout_s) + 5)
     return Server(config)
 
 

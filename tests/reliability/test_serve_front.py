@@ -110,6 +110,17 @@ def test_300_stalled_clients_do_not_delay_a_normal_request(replica):
             s.close()
 
 
+def test_a_client_leaving_mid_body_costs_nothing(replica, caplog):
+    with ThreadedFront(LocalForwarder(replica)) as url:
+        for _ in range(5):
+            s = connect(url)
+            s.sendall(HEAD + b'{"num')
+            s.close()
+        time.sleep(0.5)
+        assert post(url, {"num_images": 1, "steps": 2})[0] == 200
+    assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+
+
 def test_connections_over_the_cap_get_a_json_503_and_malformed_heads_a_json_400(replica):
     with ThreadedFront(LocalForwarder(replica), FrontOptions(max_connections=20)) as url:
         idle = [connect(url) for _ in range(20)]
