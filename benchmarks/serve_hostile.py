@@ -102,26 +102,39 @@ NORMAL = {"num_images": 1, "steps": 20, "format": "npz"}
 SMALL = {"num_images": 1, "steps": 3, "format": "npz"}
 
 
-def stalled(url: str, count: int, body_timeout: float) -> dict[str, Any]:
-    socks = [connect(url) for _ in range(count)]
-    for s in socks:
-        s.sendall(HEAD)
-    halves = [connect(url) for _ in range(max(1, count // 6))]
-    for s in halves:
-        s.sendall(b"POST /v1/samples HTTP/1.1\r\nHost:")
-    trickle = connect(url)
-    trickle.sendall(HEAD)
-    stop = threading.Event()
+class Stallers:
+    """``count`` clients that send their headers (Content-Length: 100) and no body, ``halves`` that send half a
+    head, and one that trickles its body a byte every ``drip_s``; ``close()`` hangs them all up."""
 
-    def drip() -> None:
-        while not stop.is_set():
+    def __init__(self, url: str, count: int, halves: int, drip_s: float = 0.5) -> None:
+        self.stalled = [connect(url) for _ in range(count)]
+        for s in self.stalled:
+            s.sendall(HEAD)
+        self.halves = [connect(url) for _ in range(halves)]
+        for s in self.halves:
+            s.sendall(b"POST /v1/samples HTTP/1.1\r\nHost:")
+        self.trickle = connect(url)
+        self.trickle.sendall(HEAD)
+        self._stop = threading.Event()
+        threading.Thread(target=self._drip, args=(drip_s,), daemon=True).start()
+
+    def _drip(self, every: float) -> None:
+        while not self._stop.is_set():
             try:
-                trickle.sendall(b" ")
+                self.trickle.sendall(b" ")
             except OSError:
                 return
-            time.sleep(0.5)
+            time.sleep(every)
 
-    threading.Thread(target=drip, daemon=True).start()
+    def close(self) -> None:
+        self._stop.set()
+        for s in self.stalled + self.halves + [self.trickle]:
+            s.close()
+
+
+def stalled(url: str, count: int, body_timeout: float) -> dict[str, Any]:
+    clients = Stallers(url, count, max(1, count // 6))
+    socks, halves, trickle = clients.stalled, clients.halves, clients.trickle
     opened = time.perf_counter()
     latencies = []
     while time.perf_counter() - opened < body_timeout * 0.8 or not latencies:
@@ -130,10 +143,8 @@ def stalled(url: str, count: int, body_timeout: float) -> dict[str, Any]:
     codes = [status_of(s, body_timeout + 10) for s in socks]
     head_codes = [status_of(s, body_timeout + 10) for s in halves]
     trickled = status_of(trickle, body_timeout + 10)
-    stop.set()
     cut_after = time.perf_counter() - opened
-    for s in socks + halves + [trickle]:
-        s.close()
+    clients.close()
     after = post(url, NORMAL)
     return {"stalled": count, "half_heads": len(halves), "normal_requests": len(latencies),
             "normal_max_s": max(latencies), "normal_median_s": sorted(latencies)[len(latencies) // 2],

@@ -18,6 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from benchmarks.serve_hostile import HEAD, Stallers, connect
 from runtime.api import load
 from runtime.common.shipped import SHIPPED_MODEL
 from runtime.serving.core import Replica, ServeOptions
@@ -41,12 +42,6 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict, bytes]:
         return exc.code, dict(exc.headers), exc.read()
 
 
-def connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    s = socket.create_connection((host, int(port)), timeout=30)
-    return s
-
-
 def answer(s: socket.socket, timeout: float) -> tuple[int, dict]:
     """(status, JSON body) of what the server sent before closing; (0, {}) when it sent nothing."""
     s.settimeout(timeout)
@@ -62,34 +57,14 @@ def answer(s: socket.socket, timeout: float) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body or b"{}")
 
 
-HEAD = (b"POST /v1/samples HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
-
-
 def test_300_stalled_clients_do_not_delay_a_normal_request(replica):
     """300 clients send headers and no body, 20 send half a head, 1 trickles its body: a normal request is
     answered at once; each of them gets a JSON 408 at its deadline and the connection is closed."""
     front = FrontOptions(header_timeout_s=3, body_timeout_s=3)
     with ThreadedFront(LocalForwarder(replica), front) as url:
-        stalled = [connect(url) for _ in range(300)]
-        for s in stalled:
-            s.sendall(HEAD)
-        halves = [connect(url) for _ in range(20)]
-        for s in halves:
-            s.sendall(b"POST /v1/samples HTTP/1.1\r\nHost:")
-        trickle = connect(url)
-        trickle.sendall(HEAD)
+        clients = Stallers(url, 300, 20, drip_s=0.3)
+        stalled, halves, trickle = clients.stalled, clients.halves, clients.trickle
         opened = time.monotonic()
-        stop = threading.Event()
-
-        def drip() -> None:
-            while not stop.is_set():
-                try:
-                    trickle.sendall(b" ")
-                except OSError:
-                    return
-                time.sleep(0.3)
-
-        threading.Thread(target=drip, daemon=True).start()
         t0 = time.perf_counter()
         status, _, body = post(url, {"num_images": 1, "steps": 3, "format": "npz"}, timeout=30)
         normal_s = time.perf_counter() - t0
@@ -97,7 +72,6 @@ def test_300_stalled_clients_do_not_delay_a_normal_request(replica):
         codes = [answer(s, 10)[0] for s in stalled]
         head_codes = [answer(s, 10) for s in halves]
         trickled = answer(trickle, 10)
-        stop.set()
         waited = time.monotonic() - opened
         assert codes.count(408) == 300, sorted(set(codes))
         assert {c for c, _ in head_codes} == {408}
@@ -106,8 +80,7 @@ def test_300_stalled_clients_do_not_delay_a_normal_request(replica):
         assert waited < 15
         # The service is still whole.
         assert post(url, {"num_images": 1, "steps": 2})[0] == 200
-        for s in stalled + halves + [trickle]:
-            s.close()
+        clients.close()
 
 
 def test_a_client_leaving_mid_body_costs_nothing(replica, caplog):
