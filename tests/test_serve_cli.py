@@ -121,3 +121,18 @@ def test_a_cuda_model_needs_replica_gpus(monkeypatch):
     monkeypatch.setattr(core, "ModelService", OnCuda)
     result = CliRunner().invoke(main, [str(SHIPPED_MODEL), "--replica-gpus", "0"])
     assert result.exit_code == 2 and "--replica-gpus is 0: Ray would hide the GPU" in result.output
+
+
+def test_max_connections_must_fit_the_open_file_limit(monkeypatch):
+    import resource
+
+    from runtime.serving.cli import raise_file_limit
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 1024))
+    set_to: list = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: set_to.append(limits))
+    raise_file_limit(500)
+    assert set_to == [(1012, 1024)]
+    with pytest.raises(ValueError, match=r"--max-connections 1000: needs 1512 open files, the hard limit is 1024 "
+                                         r"\(ulimit -Hn\); lower --max-connections to at most 512"):
+        raise_file_limit(1000)

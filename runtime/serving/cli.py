@@ -47,6 +47,23 @@ def check_port_free(host: str, port: int) -> None:
                              "pick another --port") from None
 
 
+def raise_file_limit(max_connections: int, spare: int = 512) -> None:
+    """Each client connection is a file descriptor: raise the soft limit to fit ``--max-connections`` plus what
+    Ray and the model use, or refuse in one line when the hard limit cannot (accept() would fail with EMFILE in a
+    loop instead)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: the OS decides
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            raise ValueError(f"--max-connections {max_connections}: needs {want} open files, the hard limit is {hard}"
+                             f" (ulimit -Hn); lower --max-connections to at most {max(1, hard - spare)}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def import_ray() -> tuple[Any, Any]:
     try:
         import ray
@@ -198,6 +215,7 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     options = dataclasses.replace(options, sha256=probe.sha256, device="cuda" if on_gpu else options.device)
     del probe
     check_port_free(host, port)
+    raise_file_limit(max_connections)
     from runtime.serving import cluster
 
     cluster.check_address(address)
