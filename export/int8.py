@@ -294,41 +294,83 @@ def quality_gate(fp32_model: Path, int8_model: Path, spec: ModelSpec,
     ``progress``: a progress bar on stderr over the sampling steps of both files (a minute or more at the
     default 256 images).
     """
-    from runtime.api import Sampler
     from runtime.backends.ort_backend import OrtBackend
-    from runtime.common.progress import progress_bar
-    from quality import ClassifierFeatures, feature_stats, frechet_distance, max_abs_diff, psnr, reference_stats
 
-    batches = -(-opts.images // GATE_BATCH)
-    samples = []
-    from runtime.settings import SamplingSettings
+    return SameNoiseGate(fp32_model, spec, images, opts, progress).check(lambda: OrtBackend(int8_model, "cpu"))
 
-    with progress_bar(total=2 * batches * opts.steps, desc="INT8 quality gate", unit="step",
-                      disable=not progress) as bar:
-        for label, path in (("float32", fp32_model), ("int8", int8_model)):
+
+class SameNoiseGate:
+    """The INT8 quality gate's measurement, for any candidate backend: its same-noise samples (seed 0, ``opts``'
+    images and steps) against those of ``fp32_model`` on ONNX Runtime CPU, scored and thresholded by ``opts``.
+    The float32 samples and the FD-classifier's reference statistics are made once and kept, so one object
+    gates several candidates (``export.engine_gates``: OpenVINO int8 and bf16 after ONNX Runtime INT8)."""
+
+    def __init__(self, fp32_model: Path, spec: ModelSpec, images: Callable[[], NDArray[np.uint8]] | None,
+                 opts: GateOptions = GateOptions(), progress: bool = True) -> None:
+        self.fp32_model, self.spec, self.images, self.opts, self.progress = fp32_model, spec, images, opts, progress
+        self._reference: NDArray[np.uint8] | None = None
+        self._fd: tuple[Any, Any, float] | None = None  # extractor, reference stats, FD of the float32 samples
+        self._fd_note = ""
+
+    def check(self, open_candidate: Callable[[], Any], desc: str = "INT8 quality gate",
+              label: str = "int8") -> GateResult:
+        """Gate the backend ``open_candidate()`` makes (opened after the float32 samples exist); ``desc`` and
+        ``label`` name the progress bar and the candidate's part of it. ``fd_int8`` of the result is the
+        candidate's FD-classifier, whatever its precision."""
+        from runtime.backends.ort_backend import OrtBackend
+        from runtime.common.progress import progress_bar
+        from quality import max_abs_diff, psnr
+
+        opts = self.opts
+        batches = -(-opts.images // GATE_BATCH)
+        runs = 1 if self._reference is not None else 2
+        with progress_bar(total=runs * batches * opts.steps, desc=desc, unit="step",
+                          disable=not self.progress) as bar:
+            if self._reference is None:
+                bar.set_postfix_str("float32")
+                self._reference = self._sample(OrtBackend(self.fp32_model, "cpu"), bar)
             bar.set_postfix_str(label)
-            samples.append(Sampler(OrtBackend(path, "cpu")).sample(opts.images, SamplingSettings(opts.steps), seed=0,
-                                                                  batch_size=GATE_BATCH,
-                                                                  on_step=lambda i: bar.update(1)).images)
-    result = GateResult(opts.images, opts.steps, psnr(samples[1], samples[0]), max_abs_diff(samples[1], samples[0]))
-    m = spec.model
-    if (m.image_size, m.channels) != (32, 1):
-        result.fd_note = "FD-classifier only for 32x32 grey (Fashion-MNIST) models"
-    elif images is None:
-        result.fd_note = "no FD-classifier: no training images to compare with"
-    else:
-        try:
-            ext = ClassifierFeatures(Path(opts.classifier) if opts.classifier is not None else None)
-        except ValueError as exc:
-            if opts.classifier is not None:  # asked for by name: never skipped silently
-                raise
-            result.fd_note = f"no FD-classifier: {exc}"
-        else:
-            ref_stats = reference_stats(ext, images(), opts.reference_images)
-            result.fd_fp32, result.fd_int8 = (frechet_distance(feature_stats(ext.features(s)), ref_stats)
-                                              for s in samples)
-    if result.psnr_db < opts.min_psnr_db:
-        result.failures.append(f"same-noise PSNR {result.psnr_db:.1f} dB < {opts.min_psnr_db:g} dB")
-    if result.fd_ratio is not None and result.fd_ratio > opts.max_fd_ratio:
-        result.failures.append(f"FD-classifier {result.fd_ratio:.2f}x the float32 model's > {opts.max_fd_ratio:g}x")
-    return result
+            candidate = self._sample(open_candidate(), bar)
+        reference = self._reference
+        result = GateResult(opts.images, opts.steps, psnr(candidate, reference), max_abs_diff(candidate, reference))
+        self._score_fd(candidate, result)
+        if result.psnr_db < opts.min_psnr_db:
+            result.failures.append(f"same-noise PSNR {result.psnr_db:.1f} dB < {opts.min_psnr_db:g} dB")
+        if result.fd_ratio is not None and result.fd_ratio > opts.max_fd_ratio:
+            result.failures.append(f"FD-classifier {result.fd_ratio:.2f}x the float32 model's > {opts.max_fd_ratio:g}x")
+        return result
+
+    def _sample(self, backend: Any, bar: Any) -> NDArray[np.uint8]:
+        from runtime.api import Sampler
+        from runtime.settings import SamplingSettings
+
+        return Sampler(backend).sample(self.opts.images, SamplingSettings(self.opts.steps), seed=0,
+                                       batch_size=GATE_BATCH, on_step=lambda i: bar.update(1)).images
+
+    def _score_fd(self, candidate: NDArray[np.uint8], result: GateResult) -> None:
+        """FD-classifier of the float32 and the candidate samples against training images, where it applies."""
+        from quality import ClassifierFeatures, feature_stats, frechet_distance, reference_stats
+
+        opts, m = self.opts, self.spec.model
+        if self._fd is None and not self._fd_note:
+            if (m.image_size, m.channels) != (32, 1):
+                self._fd_note = "FD-classifier only for 32x32 grey (Fashion-MNIST) models"
+            elif self.images is None:
+                self._fd_note = "no FD-classifier: no training images to compare with"
+            else:
+                try:
+                    ext = ClassifierFeatures(Path(opts.classifier) if opts.classifier is not None else None)
+                except ValueError as exc:
+                    if opts.classifier is not None:  # asked for by name: never skipped silently
+                        raise
+                    self._fd_note = f"no FD-classifier: {exc}"
+                else:
+                    ref_stats = reference_stats(ext, self.images(), opts.reference_images)
+                    assert self._reference is not None  # noqa: S101 (sampled before any candidate)
+                    self._fd = (ext, ref_stats, frechet_distance(feature_stats(ext.features(self._reference)),
+                                                                 ref_stats))
+        if self._fd is None:
+            result.fd_note = self._fd_note
+            return
+        ext, ref_stats, result.fd_fp32 = self._fd
+        result.fd_int8 = frechet_distance(feature_stats(ext.features(candidate)), ref_stats)

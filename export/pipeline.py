@@ -38,7 +38,8 @@ import onnx
 
 from export.from_diffusers import (LOOKED_FOR, DiffusersFolder, DiffusersFolderError, diffusers_layout,
                                    load_denoiser, read_folder, source_info)
-from export.int8 import GateOptions, Int8Options, quality_gate, quantize_int8
+from export import engine_gates
+from export.int8 import GateOptions, Int8Options, SameNoiseGate, quantize_int8
 from export.io_spec import BatchProfile
 from export.onnx_graph import OPSET, embedding_nodes, float32_nodes, save_checked, write_deployed_onnx, write_fp16_onnx
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, check_file, compare, gate_providers
@@ -46,6 +47,7 @@ from export.tensorrt_build import (build_engine, engine_runner, equivalent_comma
                                    write_manifest)
 from runtime import __version__
 from runtime.backends import BackendError, precision
+from runtime.backends.ort_backend import OrtBackend
 from runtime.exportdir import (ENGINE, FP16_ONNX, FP32_ONNX, INT8_ONNX, MANIFEST, REPORT, REPORT_FILES, foreign_files,
                                is_export, is_run_dir, written_files)
 from runtime.common.files import PathLock, fsync_dir, replace_dir, sha256_file
@@ -105,6 +107,7 @@ class ExportReport:
     parity: list[ParityResult] = field(default_factory=list)
     float32_in_fp16: list[str] = field(default_factory=list)
     int8: dict[str, Any] = field(default_factory=dict)
+    engine_gates: dict[str, Any] = field(default_factory=dict)  # "openvino/int8" -> its gate (with --int8)
     tensorrt_commands: dict[str, str] = field(default_factory=dict)  # trtexec / polygraphy for model.fp16.onnx
     notes: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # what was exported: our run, or a diffusers folder
@@ -299,7 +302,8 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
     log.info("INT8: calibrated on %s; integer ops: %s", q.calibration,
              ", ".join(f"{k} x{v}" for k, v in sorted(q.quantized_ops.items())))
     start = time.perf_counter()
-    gate = quality_gate(staging / FP32_ONNX, path, spec, images, opts.int8_gate, opts.progress)
+    gates = SameNoiseGate(staging / FP32_ONNX, spec, images, opts.int8_gate, opts.progress)
+    gate = gates.check(lambda: OrtBackend(path, "cpu"))
     report.seconds["int8 quality gate"] = time.perf_counter() - start
     report.int8 = {"calibration": q.calibration, "kept_float32": q.kept_float32, "quantized_ops": q.quantized_ops,
                    "gate": {**dataclasses.asdict(gate), "passed": gate.passed, "fd_ratio": gate.fd_ratio},
@@ -314,6 +318,10 @@ def _write_int8(spec: Any, staging: Path, info: dict, opts: ExportOptions, repor
     report.int8["timing"] = precision.time_forwards(staging, precision.EXPORT_BATCHES, precision.EXPORT_BUDGET_S)
     report.seconds["int8 timing"] = time.perf_counter() - start
     log.info("%s", precision.timing_line(report.int8["timing"]))
+    # The same gates per (engine, precision) for OpenVINO; recorded, never fatal (export/engine_gates.py).
+    start = time.perf_counter()
+    report.engine_gates = engine_gates.measure(staging, spec, gates)
+    report.seconds["engine gates"] = time.perf_counter() - start
 
 
 def _gate(model: Any, spec: Any, path: Path, tolerance: float, report: ExportReport) -> None:
@@ -369,6 +377,7 @@ def _summary(report: ExportReport) -> dict[str, Any]:
                     "tolerance": r.tolerance, "passed": r.passed} for r in report.parity],
         "float32_in_fp16": report.float32_in_fp16,
         "int8": report.int8,
+        **({"engine_gates": report.engine_gates} if report.engine_gates else {}),
         "tensorrt_commands": report.tensorrt_commands,
         "notes": report.notes,
         "source": report.source,

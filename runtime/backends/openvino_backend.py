@@ -142,11 +142,16 @@ class OpenVinoBackend:
         return request
 
     def denoise(self, x: NDArray[np.float32], cond: float) -> NDArray[np.float32]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
         v = np.full(cond_shape(self.conditioning, x.shape[0]), cond, dtype=np.float32)
+        return self.run_feed(x, v)
+
+    def run_feed(self, x: NDArray[np.float32], cond: NDArray[np.float32]) -> NDArray[np.float32]:
+        """The network on ``x`` with per-image conditioning ``cond`` (the gates' inputs: one level per image)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cond = np.ascontiguousarray(cond, dtype=np.float32)
         with self._lock:
             request = self._request(x.shape[0])
-            request.infer({0: x, 1: v}, share_inputs=True)
+            request.infer({0: x, 1: cond}, share_inputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)  # the request reuses it
 
     def from_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
