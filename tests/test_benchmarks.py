@@ -27,13 +27,20 @@ def test_latency_quick_writes_json_markdown_and_plot(tmp_path):
     (report,) = tmp_path.glob("latency-*.json")
     data = json.loads(report.read_text())
     rows = data["results"]
-    backends = {r["backend"] for r in rows}
-    assert {"eager fp32 (cpu)", "onnxruntime cpu fp32"} <= backends
-    assert {r["kind"] for r in rows} == {"forward", "sample 10 steps"}
-    eager = [r for r in rows if r["backend"] == "eager fp32 (cpu)"]
+    absent = {r["backend"]: r["absent"] for r in rows if r["kind"] == "absent"}
+    rows_timed = [r for r in rows if r["kind"] != "absent"]
+    backends = {r["backend"] for r in rows_timed}
+    assert {"eager fp32 (cpu)", "onnxruntime cpu fp32", "onnxruntime cpu int8", "openvino cpu fp32",
+            "openvino cpu int8"} <= backends
+    assert ("openvino cpu bf16" in backends) != ("openvino cpu bf16" in absent)  # timed, or absent saying why
+    assert "torch.compile (cpu)" in absent  # --quick does not compile, and the report says so
+    assert {r["kind"] for r in rows_timed} == {"forward", "sample 10 steps"}
+    eager = [r for r in rows_timed if r["backend"] == "eager fp32 (cpu)"]
     assert all(abs(r["speedup_vs_eager_fp32"] - 1.0) < 1e-9 for r in eager)
-    assert all(r["median_s"] > 0 and r["p90_s"] >= r["median_s"] for r in rows)
-    assert data["environment"]["matmul_peak_gflop_s"] > 0
+    assert all(0 < r["p10_s"] <= r["median_s"] == r["p50_s"] <= r["p90_s"] for r in rows_timed)
+    assert all(r["warmup"] >= 3 for r in rows_timed if r["kind"] == "forward")
+    env = data["environment"]
+    assert env["matmul_peak_gflop_s"] > 0 and env["isa_peak_gflop_s"] > 0 and "assumed" in env["isa_peak_formula"]
     assert report.with_suffix(".md").read_text().count("| fashion-mnist |") == len(rows)
     assert report.with_suffix(".png").stat().st_size > 10_000
 
@@ -280,3 +287,84 @@ def test_reconstruct_quick_writes_its_report(tmp_path, fashion_dir):
     assert "| onnxruntime cpu fp32 | 5 |" in Path(stem + ".md").read_text()
     for suffix in (".png", "-grid.png", "-interpolation.png"):
         assert Path(stem + suffix).stat().st_size > 1_000, suffix
+
+
+def _latency_module():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import latency
+
+    return latency
+
+
+def test_latency_round_robin_with_a_fake_clock_keeps_a_cold_call_out_of_the_median():
+    from benchmarks.common import round_robin, summarize
+
+    now = [0.0]
+    order: list[str] = []
+    costs = {"a": iter([100.0] + [1.0] * 20), "b": iter([2.0] * 21)}  # a's first (cold) call takes 100 s
+
+    def call(name):
+        def run():
+            order.append(name)
+            now[0] += next(costs[name])
+        return run
+
+    samples = round_robin({"a": call("a"), "b": call("b")}, rounds=8, clock=lambda: now[0])
+    assert order[:4] == ["a", "b", "b", "a"]  # interleaved, the first one rotating each round
+    assert samples["a"][0] == 100.0 and len(samples["a"]) == len(samples["b"]) == 8
+    kept = summarize(samples["a"], warmup=3)
+    assert kept == {"p10_s": 1.0, "p50_s": 1.0, "p90_s": 1.0, "n": 5}
+    assert summarize(samples["a"])["p50_s"] == 1.0  # even undiscarded, one outlier cannot move the median
+    assert summarize(samples["a"])["p90_s"] > 1.0  # it shows in the spread instead
+    assert summarize(samples["b"], warmup=3)["p50_s"] == 2.0
+    with pytest.raises(ValueError):
+        summarize([1.0, 2.0], warmup=2)
+    latency = _latency_module()
+    assert 1 <= latency.QUICK_WARMUP and latency.QUICK_REPEATS >= 3  # --quick discards cold calls too
+
+
+def test_latency_share_above_100_percent_is_flagged_invalid():
+    from benchmarks.common import share_label
+
+    assert share_label(0.93) == "93%"
+    assert share_label(1.0) == "100%"
+    assert share_label(1.6) == "invalid (160% > 100%)"
+    latency = _latency_module()
+    env = {"cpu": "x", "threads": 2, "torch": "t", "onnxruntime": "o", "openvino": "v", "device": "cpu", "gpu": None,
+           "matmul_peak_gflop_s": 100.0, "matmul_peak_source": "torch.matmul", "isa_peak_gflop_s": 200.0,
+           "isa_peak_formula": "f", "isa_flags": ["avx512f"]}
+    row = {"model": "m", "backend": "b", "kind": "forward", "batch": 1, "p10_s": 0.001, "p50_s": 0.001,
+           "median_s": 0.001, "p90_s": 0.002, "images_per_s": 1000.0, "speedup_vs_eager_fp32": 1.0, "gflop_s": 160.0}
+    absent = {"model": "m", "backend": "openvino cpu bf16", "kind": "absent", "batch": 0, "absent": "no BF16"}
+    md = latency.markdown(env, [row, absent])
+    assert "| 80% | invalid (160% > 100%) |" in md and "| 160% |" not in md
+    assert "| openvino cpu bf16 | absent: no BF16 |" in md
+
+
+def test_latency_theoretical_peak_from_cpuinfo():
+    from benchmarks.common import theoretical_peak
+
+    avx512 = "processor : 0\nflags : fpu sse2 avx avx2 fma avx512f amx_bf16\ncpu MHz : 2000.000\n"
+    peak = theoretical_peak(avx512, cores=2)
+    assert peak["gflop_s"] == 2 * 2 * 16 * 2 * 2.0 and peak["lanes_fp32"] == 16 and peak["fma_units_assumed"]
+    assert "assumed" in peak["formula"] and "amx_bf16" in peak["isa_flags"]
+    avx2 = "flags : sse2 avx avx2 fma\ncpu MHz : 3000.0\nflags : sse2\ncpu MHz : 2900.0\n"
+    assert theoretical_peak(avx2, cores=4)["gflop_s"] == 4 * 2 * 8 * 2 * 3.0
+    assert theoretical_peak("", cores=2)["gflop_s"] == 0.0  # no clock known: no peak, not a made-up one
+
+
+def test_latency_measured_peak_never_falls_back_to_numpy_under_openblas_coretype(monkeypatch):
+    latency = _latency_module()
+    gflops, source = latency.matmul_peak("cpu", size=128, n=3)
+    assert gflops > 0 and source.startswith("torch.matmul")
+
+    def broken(*a, **k):
+        raise RuntimeError("no torch matmul")
+
+    monkeypatch.setattr(latency.torch, "randn", broken)
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    gflops, source = latency.matmul_peak("cpu", size=128, n=3)
+    assert gflops > 0 and source.startswith("numpy")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    gflops, source = latency.matmul_peak("cpu", size=128, n=3)
+    assert gflops == 0.0 and "OPENBLAS_CORETYPE" in source
