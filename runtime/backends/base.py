@@ -49,3 +49,23 @@ class Backend(Protocol):
     def to_host(self, x: Any) -> NDArray[np.float32]: ...
     def is_finite(self, x: Any) -> bool: ...
     def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[Any, Any]: ...
+
+
+class OnHost:
+    """The array side of a backend whose arrays are numpy on the host (ONNX Runtime CPU, OpenVINO): nothing to move,
+    finite checks and clip bounds in numpy. Device backends override all four (``cuda_arrays.OnDevice``)."""
+
+    def from_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        return x
+
+    def to_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        return x
+
+    def is_finite(self, x: NDArray[np.float32]) -> bool:
+        from runtime.sampler import numpy_is_finite
+
+        return numpy_is_finite(x)
+
+    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[NDArray, NDArray]:
+        low, high = (np.asarray(b, dtype=np.float32).reshape(1, -1, 1, 1) for b in (lo, hi))
+        return low, high

@@ -30,12 +30,11 @@ import numpy as np
 import openvino as ov
 from numpy.typing import NDArray
 
-from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, OnHost, cond_shape, input_names
 from runtime.backends.ort_backend import check_image_dims, check_model_file, model_file
 from runtime.config import ConfigError
 from runtime.common.hostinfo import check_threads
 from runtime.metadata import read_onnx_metadata, spec_from_metadata
-from runtime.sampler import numpy_is_finite
 
 PRECISIONS = ("fp32", "bf16", "int8")
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INFERENCE_PRECISION_HINT (int8: its float parts)
@@ -80,7 +79,7 @@ def _dims(shape: Any) -> list[int | str]:
     return [d.get_length() if d.is_static else "?" for d in shape] if shape.rank.is_static else []
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(OnHost):
     """Runs an exported ONNX model on OpenVINO's CPU plugin; the DDIM loop keeps numpy arrays on the host."""
 
     name = "openvino"
@@ -153,16 +152,3 @@ class OpenVinoBackend:
             request = self._request(x.shape[0])
             request.infer({0: x, 1: cond}, share_inputs=True)
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)  # the request reuses it
-
-    def from_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        return x
-
-    def to_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        return x
-
-    def is_finite(self, x: NDArray[np.float32]) -> bool:
-        return numpy_is_finite(x)
-
-    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[NDArray, NDArray]:
-        low, high = (np.asarray(b, dtype=np.float32).reshape(1, -1, 1, 1) for b in (lo, hi))
-        return low, high

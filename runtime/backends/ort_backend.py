@@ -20,14 +20,13 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from runtime.exportdir import ONNX_FILES
-from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, OnHost, cond_shape, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
 from runtime.common.extras import install_hint
 from runtime.common.hostinfo import check_threads
 from runtime.common.limits import FILE_OVERHEAD, SizeLimits, check_file_size, most_parameters
 from runtime.metadata import METADATA_KEY, read_onnx_metadata, spec_from_metadata
-from runtime.sampler import numpy_is_finite
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ONNX_FILES  # by precision (runtime.exportdir)
@@ -177,7 +176,7 @@ def check_image_dims(dims: list[Any], spec: ModelSpec, tensor: str, source: str,
                            "pixels a side without a graph that confirms them")
 
 
-class OrtBackend:
+class OrtBackend(OnHost):
     """Runs an exported ONNX model; the DDIM loop keeps numpy arrays on the host."""
 
     name = "onnxruntime"
@@ -217,18 +216,6 @@ class OrtBackend:
     def denoise(self, x: NDArray[np.float32], cond: float) -> NDArray[np.float32]:
         v = np.full(cond_shape(self.conditioning, x.shape[0]), cond, dtype=np.float32)
         return self.session.run(list(OUTPUT_NAMES), dict(zip(self.inputs, (x, v))))[0]
-
-    def from_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        return x
-
-    def to_host(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        return x
-
-    def is_finite(self, x: NDArray[np.float32]) -> bool:
-        return numpy_is_finite(x)
-
-    def clip_bounds(self, lo: tuple[float, ...], hi: tuple[float, ...]) -> tuple[NDArray, NDArray]:
-        return (np.asarray(lo, dtype=np.float32).reshape(1, -1, 1, 1), np.asarray(hi, dtype=np.float32).reshape(1, -1, 1, 1))
 
 
 class OrtCudaBackend(OnDevice, OrtBackend):
