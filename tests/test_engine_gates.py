@@ -19,6 +19,20 @@ from runtime.exportdir import REPORT
 from runtime.common.files import sha256_file
 
 KEYS = {"openvino/int8", "openvino/bf16", "openvino/fp32"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gates_on():
+    """The other tests turn the engine gates off (tests/conftest.py); these measure them."""
+    import os
+
+    before = os.environ.get(engine_gates.SWITCH)
+    os.environ[engine_gates.SWITCH] = "1"
+    yield
+    if before is None:
+        os.environ.pop(engine_gates.SWITCH, None)
+    else:
+        os.environ[engine_gates.SWITCH] = before
 LOOSE_OPTIONS = dict(int8=True, int8_options=Int8Options(calibration_size=32),
                      int8_gate=GateOptions(images=4, min_psnr_db=0, max_fd_ratio=1000), progress=False)
 
