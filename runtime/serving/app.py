@@ -6,7 +6,7 @@ A replica answers ``samples(fields)`` (validated request fields -> :class:`runti
 (``ServeOptions.sha256``): a replica that Ray restarts after the file was replaced or moved fails to start, and the
 front reports "no replica is serving" with Ray's reason instead of serving another model.
 
-Batching, fairness and admission are the replica's :class:`runtime.serving.core.Batcher`: requests that reach a
+Batching, fairness and admission are the replica's :class:`runtime.serving.batcher.Batcher`: requests that reach a
 replica are all real work (the front read and checked them), so its slots are many and the batcher bounds the work.
 """
 
