@@ -73,9 +73,9 @@ def import_ray() -> tuple[Any, Any]:
     return ray, serve
 
 
-# Defaults only: the environment wins. Usage stats off (no network here); Serve's proxy is not started, so its
-# readiness timeout no longer matters.
-RAY_SERVE_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_USAGE_STATS_ENABLED": "0"}
+# Defaults only: the environment wins. Usage stats off (no network here). (Serve's proxy is not started: its
+# readiness timeout is not set any more.)
+RAY_SERVE_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def serve_environment() -> None:
