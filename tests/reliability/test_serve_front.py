@@ -12,13 +12,12 @@ import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 
 from benchmarks.serve_hostile import HEAD, Stallers, connect
+from test_serve_faults import request
 from runtime.api import load
 from runtime.common.shipped import SHIPPED_MODEL
 from runtime.serving.core import Replica, ServeOptions
@@ -33,13 +32,7 @@ def replica():
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(f"{url}/v1/samples", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    return request(url, "/v1/samples", body, timeout)
 
 
 def answer(s: socket.socket, timeout: float) -> tuple[int, dict]:
