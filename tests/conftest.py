@@ -6,13 +6,15 @@ import dataclasses
 import gzip
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.config import KerasUNetConfig, ScheduleConfig
+from runtime.config import DDPMUNetConfig, KerasUNetConfig, ScheduleConfig
 from trainer.config import DataConfig, RunConfig, TrainConfig
 
 # Every `--int8` export in the tests would also gate OpenVINO int8/bf16/fp32 (seconds each): only the tests of those
@@ -162,3 +164,74 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 and "ddpm" in item.name.partition("[")[2]:
             item.add_marker(pytest.mark.slow)
 
+
+
+# The DDPM-style run is conditioned on timesteps over a linear schedule (as the DDPM presets are); the Keras
+# run on noise variances over the continuous schedule: both graph I/O conventions go through every test.
+DDPM_TINY = DDPMUNetConfig(image_size=32, channels=1, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(16,), num_groups=4, dropout=0.0, conditioning="timestep")
+ROOT = Path(__file__).resolve().parents[1]
+# The INT8 options of the tiny exports: any quality passes (the gates' logic is tested on its own).
+LOOSE = ("--int8-min-psnr", "0", "--int8-max-fd-ratio", "1000", "--int8-gate-images", "4",
+         "--int8-calibration-size", "32")
+
+
+def randomise_weights(run_dir: Path) -> None:
+    """Give the zero-initialised layers of a 1-step run (still ~lr from zero) real weights, so every
+    path shows in the outputs and the gate compares outputs of unit scale."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / "model.safetensors"
+    tensors = load_file(path)
+    gen = torch.Generator().manual_seed(0)
+    for key, value in tensors.items():
+        if value.is_floating_point() and value.dim() > 1 and value.abs().max() < 1e-2:
+            tensors[key] = torch.randn(value.shape, generator=gen) * 0.05
+    path.unlink()  # a hard link to the checkpoint: replace, never write through it
+    save_file(tensors, path)
+
+
+def tiny_fashion(tmp: Path) -> Path:
+    """16 random Fashion-MNIST-shaped training images (the tiny runs' data and calibration set)."""
+    rng = np.random.default_rng(0)
+    folder = tmp / "fmnist"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (16, 28, 28), dtype=np.uint8))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 16, dtype=np.uint8))
+    return folder
+
+
+def export_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ddim-export ARGS` in a child process (as a user types it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "export.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+# Session-wide (read-only for the tests: they copy before they change anything): the tiny runs and their --int8
+# exports were rebuilt by every module that used them.
+@pytest.fixture(scope="session", params=["keras", "ddpm"])
+def run_dir(request, tmp_path_factory):
+    """A 1-step tiny run of each U-Net with randomised weights, beside its fmnist/ data."""
+    from trainer.train import fit
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    data = tiny_fashion(tmp)
+    cfg = tiny_config(steps=1, sample_every=1, checkpoint_every=1)
+    if request.param == "ddpm":
+        cfg = dataclasses.replace(cfg, model=DDPM_TINY, schedule=ScheduleConfig(name="linear"))
+    fit(cfg, tmp / "run", data, progress=False)
+    randomise_weights(tmp / "run")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def int8_export(run_dir, tmp_path_factory):
+    """`ddim-export --int8` of each tiny run, with the OpenVINO engine gates on (tests/test_engine_gates.py reads
+    them): (export folder, stderr)."""
+    out = tmp_path_factory.mktemp("int8") / "out"
+    proc = export_cli(str(run_dir), "--out", str(out), "--int8", "--data", str(run_dir.parent / "fmnist"), *LOOSE,
+                      env={"DDIM_DEPLOY_ENGINE_GATES": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stderr

@@ -7,8 +7,6 @@ import json
 import sys
 
 import pytest
-from test_export import run_dir  # noqa: F401 (the tiny keras / ddpm runs)
-from test_int8 import int8_export  # noqa: F401 (the tiny exports with model.int8.onnx)
 
 import quality
 from export import engine_gates

@@ -2,70 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config, write_idx
+from conftest import export_cli
 from export import parity
 from export.io_spec import BatchProfile, input_profile
 from export.pipeline import ExportOptions, ParityError, export_run
 from export.tensorrt_build import EngineBuild, manifest, sha256_file, unavailable_reason
 from runtime.exportdir import REPORT
-from runtime.config import DDPMUNetConfig, ModelSpec, ScheduleConfig
+from runtime.config import ModelSpec
 from runtime.metadata import spec_from_metadata
-from trainer.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-# The DDPM-style run is conditioned on timesteps over a linear schedule (as the DDPM presets are); the Keras
-# run on noise variances over the continuous schedule: both graph I/O conventions go through every test.
-DDPM_TINY = DDPMUNetConfig(image_size=32, channels=1, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
-                           attention_resolutions=(16,), num_groups=4, dropout=0.0, conditioning="timestep")
 COND_INPUT = {"keras": ("noise_variances", (1, 1, 1)), "ddpm": ("timesteps", ())}
-
-
-def randomise_weights(run_dir: Path) -> None:
-    """Give the zero-initialised layers of a 1-step run (still ~lr from zero) real weights, so every
-    path shows in the outputs and the gate compares outputs of unit scale."""
-    path = run_dir / "model.safetensors"
-    tensors = load_file(path)
-    gen = torch.Generator().manual_seed(0)
-    for key, value in tensors.items():
-        if value.is_floating_point() and value.dim() > 1 and value.abs().max() < 1e-2:
-            tensors[key] = torch.randn(value.shape, generator=gen) * 0.05
-    path.unlink()  # a hard link to the checkpoint: replace, never write through it
-    save_file(tensors, path)
-
-
-@pytest.fixture(scope="module", params=["keras", "ddpm"])
-def run_dir(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    data = _fashion(tmp)
-    cfg = tiny_config(steps=1, sample_every=1, checkpoint_every=1)
-    if request.param == "ddpm":
-        cfg = dataclasses.replace(cfg, model=DDPM_TINY, schedule=ScheduleConfig(name="linear"))
-    fit(cfg, tmp / "run", data, progress=False)
-    randomise_weights(tmp / "run")
-    return tmp / "run"
-
-
-def _fashion(tmp: Path) -> Path:
-    rng = np.random.default_rng(0)
-    folder = tmp / "fmnist"
-    folder.mkdir()
-    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (16, 28, 28), dtype=np.uint8))
-    write_idx(folder / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 16, dtype=np.uint8))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +156,7 @@ def test_tensorrt_engine_and_manifest(run_dir, tmp_path):
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "export.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return export_cli(*args, cwd=cwd)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:

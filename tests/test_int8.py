@@ -12,7 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import pytest
-from test_export import cli, one_line_error, run_dir  # noqa: F401 (the tiny keras / ddpm runs)
+from conftest import LOOSE
+from test_export import cli, one_line_error
 
 from export.int8 import (KEEP_FLOAT, GateOptions, Int8Options, calibration_batches, data_pairs, float_nodes,
                          quality_gate, stratified_steps)
@@ -25,18 +26,6 @@ from runtime.config import ScheduleConfig
 from runtime.schedule import build_schedule, noise_variance
 from trainer.data import model_split_images
 from trainer.rundir import read_spec
-
-LOOSE = ("--int8-min-psnr", "0", "--int8-max-fd-ratio", "1000", "--int8-gate-images", "4",
-         "--int8-calibration-size", "32")
-
-
-@pytest.fixture(scope="module")
-def int8_export(run_dir, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("int8") / "out"
-    proc = cli(str(run_dir), "--out", str(out), "--int8", "--data", str(run_dir.parent / "fmnist"), *LOOSE)
-    assert proc.returncode == 0, proc.stderr
-    return out, proc.stderr
-
 
 def test_int8_file_is_quantized_except_what_is_kept_float(int8_export):
     out, log = int8_export

@@ -10,8 +10,6 @@ import pytest
 
 pytest.importorskip("openvino")  # the dev extra installs it (scripts/setup); a runtime-only install skips
 
-from test_int8 import LOOSE, int8_export  # noqa: E402, F401 (the tiny keras / ddpm exports, with model.int8.onnx)
-from test_export import cli, run_dir  # noqa: E402, F401
 from test_runtime import run_cli  # noqa: E402
 
 from runtime.backends import openvino_backend  # noqa: E402

@@ -20,7 +20,7 @@ from runtime.api import load
 from runtime.backends import BackendError
 from runtime.config import ScheduleConfig
 from runtime.sampler import NonFiniteError
-from test_export import randomise_weights
+from conftest import randomise_weights
 from trainer.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ from runtime.api import load
 from runtime.backends import BackendError
 from runtime.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 from runtime.config import ModelSpec
-from test_export import _fashion, randomise_weights
+from conftest import randomise_weights, tiny_fashion
 from trainer.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_both_major_versions_have_a_surface():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trt")
-    fit(tiny_config(steps=1, sample_every=1, checkpoint_every=1), tmp / "run", _fashion(tmp), progress=False)
+    fit(tiny_config(steps=1, sample_every=1, checkpoint_every=1), tmp / "run", tiny_fashion(tmp), progress=False)
     randomise_weights(tmp / "run")
     return tmp / "run"
 
