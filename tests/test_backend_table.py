@@ -5,6 +5,7 @@ order and says what it skipped."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,14 @@ def test_a_registered_row_is_picked_by_name_everywhere(fake_row, tmp_path, caplo
     assert bad.exit_code == 2 and "'fake' is not one of 'auto', 'tensorrt', 'onnxruntime', 'torch'" in bad.output
 
 
-def test_auto_walks_the_rows_in_order_and_keeps_the_skip_reasons():
+def test_auto_walks_the_rows_in_order_and_keeps_the_skip_reasons(tmp_path):
     def never(r: OpenRequest):
         raise Skip("never here")
 
+    shutil.copy2(SHIPPED_MODEL / "model.onnx", tmp_path / "model.onnx")  # no INT8 file, no gates: ONNX Runtime fp32
     register(BackendEntry("never", never, auto_rank=-2))
     try:
-        b, why = open_backend(SHIPPED_MODEL, "auto", "cpu")
+        b, why = open_backend(tmp_path, "auto", "cpu")
         assert b.name == "onnxruntime" and why.endswith("(never here; no TensorRT engine; --device cpu)"), why
         register(BackendEntry("fake", "doubles.fake_backend:open_fake", auto_rank=-1))
         b, why = open_backend(SHIPPED_MODEL, "auto", "cpu")

@@ -15,7 +15,7 @@ from export.pipeline import ExportOptions, export_run
 from runtime.backends import BackendError
 from runtime.backends import ort_backend
 from runtime.backends.ort_backend import OrtBackend, install_problem
-from test_export import DDPM_TINY, _fashion, randomise_weights
+from conftest import DDPM_TINY, randomise_weights, tiny_fashion as _fashion
 from trainer.models import build_model
 from trainer.train import fit
 

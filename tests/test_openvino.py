@@ -80,14 +80,20 @@ def test_bf16_is_close_to_float32():
     assert 1e-5 < found < BF16_TOLERANCE  # and really bfloat16, not float32 under another name
 
 
-def test_batches_compile_once_each_and_the_cache_is_bounded():
-    ov, _ = open_backend(SHIPPED_MODEL, "openvino", "cpu")
+def test_batches_compile_once_per_bucket_and_the_cache_is_bounded():
+    ov, _ = open_backend(SHIPPED_MODEL, "openvino", "cpu", "fp32")
     x = np.zeros((1, 1, 32, 32), np.float32)
     first = ov.denoise(x, 0.5)
-    for n in range(2, openvino_backend.MAX_COMPILED + 3):
-        ov.denoise(np.zeros((n, 1, 32, 32), np.float32), 0.5)
-    assert len(ov._compiled) == openvino_backend.MAX_COMPILED and 1 not in ov._compiled
+    assert [openvino_backend.bucket(n) for n in (1, 2, 3, 5, 16, 17, 256, 300)] == [1, 2, 4, 8, 16, 32, 256, 300]
+    for n in range(2, 41):  # buckets 2, 4, 8, 16, 32, 64: one compile each, the least recently used (1) dropped
+        assert ov.denoise(np.zeros((n, 1, 32, 32), np.float32), 0.5).shape == (n, 1, 32, 32)
+    assert sorted(ov._compiled) == [2, 4, 8, 16, 32, 64] and len(ov._compiled) == openvino_backend.MAX_COMPILED
     np.testing.assert_array_equal(ov.denoise(x, 0.5), first)  # compiled again, same answer
+    rng = np.random.default_rng(0)
+    three = rng.standard_normal((3, 1, 32, 32), dtype=np.float32)
+    padded = ov.denoise(three, 0.5)  # runs as 4, the padding cut off
+    four = ov.denoise(np.concatenate([three, rng.standard_normal((1, 1, 32, 32), dtype=np.float32)]), 0.5)
+    np.testing.assert_allclose(padded, four[:3], rtol=0, atol=1e-5)  # each image on its own
     out = ov.denoise(x, 0.5)
     ov.denoise(x + 1, 0.5)
     np.testing.assert_array_equal(out, first)  # a result is the caller's: the next call does not overwrite it
@@ -103,24 +109,36 @@ def _images(tmp_path, backend: str, *extra: str) -> np.ndarray:
 
 
 def test_ddim_run_on_openvino_matches_onnxruntime(tmp_path):
-    log, ov = _images(tmp_path, "openvino")
+    log, ov = _images(tmp_path, "openvino", "--precision", "fp32")
     _, ort = _images(tmp_path, "onnxruntime", "--precision", "fp32")
     assert "backend: openvino CPU model.onnx fp32" in log
     assert ov.dtype == np.uint8 and ov.shape == ort.shape == (4, 32, 32, 1)
     assert int(np.abs(ov.astype(int) - ort.astype(int)).max()) <= 1  # measured 0 (uint8 levels)
 
 
-def test_the_table_row_serves_but_auto_never_picks_it():
+@pytest.fixture
+def fp32_only(tmp_path):
+    """The shipped model's float32 ONNX alone: no INT8 file, no report of gates."""
+    import shutil
+
+    shutil.copy2(SHIPPED_MODEL / "model.onnx", tmp_path / "model.onnx")
+    return tmp_path
+
+
+def test_the_table_row_serves_and_auto_takes_it_only_where_gated(fp32_only):
     row = table()["openvino"]
-    assert row.serve and row.auto_rank is None and row.label == "OpenVINO"
+    assert row.serve and row.label == "OpenVINO"
+    assert table()["tensorrt"].auto_rank < row.auto_rank < table()["onnxruntime"].auto_rank
     assert "openvino" in names(serve=True)
-    _, why = open_backend(SHIPPED_MODEL, "auto", "cpu")
+    _, why = open_backend(fp32_only, "auto", "cpu")  # nothing gated: ONNX Runtime fp32, nothing timed
     assert why.startswith("onnxruntime") and "openvino" not in why.lower()
+    _, why = open_backend(fp32_only / "model.onnx", "auto", "cpu")  # a bare file: no report to trust
+    assert why.startswith("onnxruntime")
 
 
-def test_missing_int8_file_is_one_line():
+def test_missing_int8_file_is_one_line(fp32_only):
     with pytest.raises(BackendError, match=r"no model at .*model.int8.onnx \(export one with ddim-export --int8\)"):
-        open_backend(SHIPPED_MODEL, "openvino", "cpu", "int8")
+        open_backend(fp32_only, "openvino", "cpu", "int8")
 
 
 def test_bf16_without_the_instructions_is_refused(monkeypatch):

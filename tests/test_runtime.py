@@ -283,7 +283,7 @@ def test_threads_reach_onnx_runtime_and_torch():
     from runtime.common.hostinfo import physical_cores
     from runtime.common.shipped import SHIPPED_MODEL
 
-    one = load(SHIPPED_MODEL, "onnxruntime", "cpu", threads=1)
+    one = load(SHIPPED_MODEL, "onnxruntime", "cpu", "fp32", threads=1)
     assert one.backend.session.get_session_options().intra_op_num_threads == 1 and "model.onnx, 1 thread (" in one.why
     default = load(SHIPPED_MODEL, "onnxruntime", "cpu")
     assert default.backend.session.get_session_options().intra_op_num_threads == physical_cores()

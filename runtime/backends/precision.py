@@ -143,6 +143,11 @@ def choose(folder: Path, threads: int | None = None) -> tuple[Precision, str]:
     return "fp32", f"INT8 {speedup:.2f}x here, {when}"
 
 
+def gated_problem(folder: Path) -> tuple[dict[str, Any], str]:
+    """The report's INT8 section with both files' sha256, and why INT8 cannot be taken as gated (empty: it can)."""
+    return _gated_files(folder)
+
+
 def _gated_files(folder: Path) -> tuple[dict[str, Any], str]:
     """The report's INT8 section with the files' sha256 added, or why INT8 cannot be taken as gated."""
     try:
@@ -180,8 +185,8 @@ def _cached_or_measured(folder: Path, shas: dict[str, str], host: dict[str, Any]
             return speedup, "measured earlier on this CPU"
     log.debug("timing %s against %s on this CPU (no timing recorded for it)", *(folder / f for f in FILES))
     timing = time_forwards(folder, threads=threads)
-    if caching and str(path.parent) not in _unwritable:
-        _write_verdict(path, {"schema_version": VERDICT_SCHEMA, "files": shas, "host": host, "timing": timing})
+    if caching:
+        write_verdict(path, {"schema_version": VERDICT_SCHEMA, "files": shas, "host": host, "timing": timing})
     return timing["speedup"], "measured now"
 
 
@@ -191,25 +196,37 @@ def _checksum(body: dict[str, Any]) -> str:
 
 def _read_verdict(path: Path, shas: dict[str, str], host: dict[str, Any]) -> float | None:
     """A verdict's speed-up, where it is intact and for these files and this host; None to measure again."""
-    try:
-        body = json.loads(read_capped(path, MAX_VERDICT_BYTES, "INT8 timing verdict"))
-        checksum = body.pop("checksum")
-        if checksum != _checksum(body):
-            raise ValueError("it does not match its checksum")
-        if body["schema_version"] != VERDICT_SCHEMA or body["files"] != shas or body["host"] != host:
-            raise ValueError("it was measured for other files or another host")
-        speedup = _speedup(body["timing"])
-        if speedup is None:
-            raise ValueError("it records no speed-up")
-    except FileNotFoundError:
+    body = read_verdict(path, {"schema_version": VERDICT_SCHEMA, "files": shas, "host": host}, "INT8 timing verdict")
+    if body is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("INT8 timing verdict %s cannot be used (%s); timing both files again", path, exc)
-        return None
+    speedup = _speedup(body.get("timing"))
+    if speedup is None:
+        log.warning("INT8 timing verdict %s cannot be used (it records no speed-up); timing again", path)
     return speedup
 
 
-def _write_verdict(path: Path, body: dict[str, Any]) -> None:
+def read_verdict(path: Path, expect: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """The body of the cached verdict ``path`` where it is intact (its checksum matches) and records ``expect``
+    (files, host, schema...); None to measure again (with one warning where the file exists but cannot be used)."""
+    try:
+        body = json.loads(read_capped(path, MAX_VERDICT_BYTES, what))
+        checksum = body.pop("checksum")
+        if checksum != _checksum(body):
+            raise ValueError("it does not match its checksum")
+        if any(body.get(k) != v for k, v in expect.items()):
+            raise ValueError("it was measured for other files or another host")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s %s cannot be used (%s); timing again", what, path, exc)
+        return None
+    return body  # type: ignore[no-any-return]
+
+
+def write_verdict(path: Path, body: dict[str, Any]) -> None:
+    """Cache a verdict (checksummed, atomic); a folder that cannot be written: one warning, never an error."""
+    if str(path.parent) in _unwritable:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({**body, "checksum": _checksum(body)}, sort_keys=True) + "\n")

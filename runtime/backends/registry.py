@@ -145,30 +145,64 @@ def _open_onnxruntime(r: OpenRequest) -> tuple[Backend, str]:
         skipped.append("--device cpu")
     chosen: Precision = r.precision or "fp32"
     if r.precision is None and r.path.is_dir():
-        from runtime.backends.precision import choose
+        if r.asked:  # --backend onnxruntime: its own fp32-or-int8 choice
+            from runtime.backends.precision import choose
 
-        chosen, why = choose(r.path, r.threads)
+            chosen, why = choose(r.path, r.threads)
+            why = f"precision auto: {chosen}, {why}" if why else ""
+        else:  # auto: the engine choice the OpenVINO row asked first (memoised); its ONNX Runtime pair
+            from runtime.backends.engine_choice import choose as choose_pair
+
+            pick = choose_pair(r.path, r.threads)
+            chosen = pick.precision if pick.engine == "onnxruntime" else pick.fallback  # type: ignore[assignment]
+            why = pick.why if pick.engine == "onnxruntime" else f"the fastest ONNX Runtime file ({pick.why})"
         if why:
-            skipped.append(f"precision auto: {chosen}, {why}")
+            skipped.append(why)
     b = OrtBackend(r.path, "cpu", chosen, r.threads)
     return b, _ort_line(b, r.asked, skipped)
 
 
 def _open_openvino(r: OpenRequest) -> tuple[Backend, str]:
-    """OpenVINO on the CPU: fp32 (the default), bf16 where the CPU has it, int8 (``model.int8.onnx``); only when
-    asked for (``auto`` does not rank it yet)."""
+    """OpenVINO on the CPU. Asked for: the precision asked, else the fastest of its gated precisions here (fp32
+    where none passed a gate). In ``auto``: only where the engine choice (:mod:`runtime.backends.engine_choice`) picks
+    an OpenVINO pair: gated, and the fastest of every gated pair on this CPU."""
     if not r.asked:
-        raise Skip()
+        if r.device == "cuda" or not r.path.is_dir() or r.precision == "fp16" or _ort_cuda_usable(r):
+            raise Skip()
+        from runtime.backends.engine_choice import choose as choose_pair
+
+        pick = choose_pair(r.path, r.threads, r.precision)
+        if pick.engine != "openvino":
+            raise Skip()
+        prec, why = pick.precision, pick.why
+    elif r.precision is None and r.path.is_dir():
+        from runtime.backends.engine_choice import choose as choose_pair
+
+        pick = choose_pair(r.path, r.threads, None, engine="openvino")
+        prec, why = pick.precision, "; ".join(w for w in ("asked for", pick.why) if w)
+    else:
+        prec, why = r.precision or "fp32", "asked for"
     try:
         from runtime.backends.openvino_backend import OpenVinoBackend
     except ImportError as exc:
         if (exc.name or "").split(".")[0] == "openvino":
             raise BackendError(f"OpenVINO is not installed: {install_hint('openvino')}") from None
         raise BackendError(f"the OpenVINO backend cannot be imported ({exc}): {install_hint('cpu')}") from None
-    b = OpenVinoBackend(r.path, r.device or "cpu", r.precision or "fp32", r.threads)
+    b = OpenVinoBackend(r.path, r.device or "cpu", prec, r.threads)
     from runtime.common.hostinfo import threads_label
 
-    return b, f"openvino CPU {b.model_path.name} {b.precision}, {threads_label(b.threads)} (asked for)"
+    return b, f"openvino CPU {b.model_path.name} {b.precision}, {threads_label(b.threads)} ({why})"
+
+
+def _ort_cuda_usable(r: OpenRequest) -> bool:
+    """Whether ``auto`` would run ONNX Runtime on CUDA (no device asked, its CUDA provider present)."""
+    if r.device is not None:
+        return False
+    try:
+        from runtime.backends.ort_backend import cuda_available
+    except ImportError:
+        return False
+    return cuda_available()
 
 
 def _ort_line(b: Any, asked: bool, skipped: list[str]) -> str:
@@ -182,7 +216,7 @@ BUILTIN = (  # listed in this order; auto tries them by auto_rank
     BackendEntry("tensorrt", _open_tensorrt, serve=True, auto_rank=10, label="TensorRT"),
     BackendEntry("onnxruntime", _open_onnxruntime, serve=True, auto_rank=20, label="ONNX Runtime"),
     BackendEntry("torch", _open_torch, serve=False, auto_rank=0),
-    BackendEntry("openvino", _open_openvino, serve=True, auto_rank=None, label="OpenVINO"),  # auto: not yet
+    BackendEntry("openvino", _open_openvino, serve=True, auto_rank=15, label="OpenVINO"),  # where the choice picks it
 )
 _registered: dict[str, BackendEntry] = {}
 
