@@ -51,6 +51,28 @@ def test_shipped_onnx_is_the_shipped_weights():
     assert result.passed, result.line()
 
 
+def test_shipped_int8_file_and_its_gates_are_for_these_files():
+    """The shipped folder carries model.int8.onnx and the report of its gates (scripts/ship_model.py --int8), so the
+    default ddim-run picks among gated engines and precisions; every recorded sha256 is the file's now."""
+    report = json.loads((SHIPPED_MODEL / "export_report.json").read_text())
+    assert report["int8"]["gate"]["passed"] is True
+    assert report["int8"]["sha256"] == {name: sha256_file(SHIPPED_MODEL / name) for name in ("model.onnx",
+                                                                                              "model.int8.onnx")}
+    for label, gate in report["engine_gates"].items():
+        assert gate["status"] in ("measured", "skipped"), label
+        if gate["passed"]:
+            assert gate["sha256"] == sha256_file(SHIPPED_MODEL / gate["file"]), label
+    assert report["engine_gates"]["openvino/int8"]["passed"] is True  # the pair auto picked on the shipping host
+    assert sorted(report["files"]) == ["export_report.json", "model.int8.onnx", "model.onnx"]
+    assert report["source"]["folder"] == "fashion-mnist"  # no path of the shipping machine
+    timing = report["cpu_timing"]
+    assert "onnxruntime/fp32" in timing["pairs"] and "openvino/int8" in timing["pairs"]
+    from runtime.backends.registry import open_backend
+
+    backend, _ = open_backend(SHIPPED_MODEL, "onnxruntime", "cpu", "int8")
+    assert backend.model_path == SHIPPED_MODEL / "model.int8.onnx"
+
+
 def test_ddim_run_and_ddim_export_fall_back_to_the_shipped_model(tmp_path):
     proc = run("-m", "runtime.cli", "--num-images", "2", "--steps", "3", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
