@@ -19,7 +19,7 @@ NOT_AT_MODULE_LEVEL = {"runtime": {"torch"}}
 # The HTTP service's stack: only runtime/serving imports it (ddim-run and the rest never need the serve extra), and
 # runtime/serving never imports torch, not even lazily (its replicas run the lean runtime).
 SERVING = "runtime/serving/"
-SERVING_ONLY = {"ray", "fastapi", "starlette", "pydantic", "uvicorn"}
+SERVING_ONLY = {"ray", "fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client"}
 
 
 @dataclass(frozen=True)

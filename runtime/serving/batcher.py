@@ -42,12 +42,14 @@ class ImageJob:
 
 @dataclass
 class ImageResult:
-    """A sampled image, or the error of the batch it was in; ``batch`` is the network batch size it ran in."""
+    """A sampled image, or the error of the batch it was in; ``batch`` is the network batch size it ran in,
+    ``started`` when that batch began (``time.perf_counter``) and ``seconds`` how long it ran."""
 
     image: NDArray[np.uint8] | None
     batch: int
     seconds: float
     error: str | None = None
+    started: float = 0.0
 
 
 @dataclass

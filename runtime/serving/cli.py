@@ -4,9 +4,11 @@ Startup, every stage under ``--ready-timeout``: load the model here (a wrong pat
 Ray starts), check the port and the cluster address, start or join Ray, check the replicas fit its resources,
 deploy them (Serve's own HTTP proxy is not started), wait until they run, then open the front
 (:mod:`runtime.serving.ingress`). A stage that does not finish in time ends the process with one line naming it and
-Ray's reason, exit 1. SIGINT and SIGTERM (whatever the disposition inherited: a background job ignores SIGINT)
-drain: the front stops taking requests, in-flight ones finish or get a JSON 503 after ``--grace``, then Serve and
-Ray stop and every process Ray left behind is ended.
+Ray's reason, exit 1. SIGINT and SIGTERM (whatever the disposition inherited: a background job ignores SIGINT;
+SIGINT is taken back first thing, so even the checks before Ray stop on it) drain: the front stops taking requests,
+in-flight ones finish or get a JSON 503 after ``--grace``, then Serve and Ray stop and every process Ray left behind
+is ended. With an API token (``DDIM_SERVE_TOKEN``, ``--api-token-file`` or ``--api-token``) every route but
+``GET /healthz`` needs it (:mod:`runtime.serving.auth`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ def check_port_free(host: str, port: int) -> None:
                              "pick another --port") from None
 
 
+def loopback(host: str) -> bool:
+    """Whether ``--host`` listens on this machine only."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def raise_file_limit(max_connections: int, spare: int = 512) -> None:
     """Each client connection is a file descriptor: raise the soft limit to fit ``--max-connections`` plus what
     Ray and the model use, or refuse in one line when the hard limit cannot (accept() would fail with EMFILE in a
@@ -62,6 +74,14 @@ def raise_file_limit(max_connections: int, spare: int = 512) -> None:
             raise ValueError(f"--max-connections {max_connections}: needs {want} open files, the hard limit is {hard}"
                              f" (ulimit -Hn); lower --max-connections to at most {max(1, hard - spare)}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def take_sigint() -> None:
+    """SIGINT raises KeyboardInterrupt from now on, whatever disposition the process inherited. A job a script
+    starts in the background inherits SIGINT ignored, and Python then leaves it ignored: Ctrl-C and ``kill -INT``
+    would do nothing until :class:`Run` installs its own handler (after the model loads and Ray is imported)."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def import_ray() -> tuple[Any, Any]:
@@ -185,24 +205,34 @@ class Watchdog:
               help="Open client connections the front holds; more are answered 503.")
 @click.option("--grace", "grace_s", type=click.FloatRange(0, 3600, min_open=True), default=30.0, show_default=True,
               help="At SIGINT/SIGTERM, seconds in-flight requests get to finish (then a JSON 503).")
+@click.option("--api-token", metavar="TOKEN", default=None,
+              help="Require 'Authorization: Bearer TOKEN' on every route but GET /healthz (at least 16 characters). "
+                   "A command line is visible to every user in ps: prefer the environment variable "
+                   "DDIM_SERVE_TOKEN (used when neither option is given) or --api-token-file.")
+@click.option("--api-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Read the API token from this file (one line; a trailing newline is dropped).")
 @friendly_errors
 def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: float, replica_gpus: float | None,
          max_batch: int, batch_wait_ms: float, max_queue_s: float, backend: str, device: str | None,
          precision: str, threads: int | None, address: str | None, max_images_per_request: int, max_steps: int,
          ready_timeout: float, header_timeout_s: float, body_timeout_s: float, max_connections: int,
-         grace_s: float) -> None:
+         grace_s: float, api_token: str | None, api_token_file: Path | None) -> None:
     """Serve MODEL (an export directory or ONNX file; default: the latest export under exports/, else the shipped
-    Fashion-MNIST model) over HTTP: POST /v1/samples, GET /v1/model, GET /healthz, docs at /docs."""
+    Fashion-MNIST model) over HTTP: POST /v1/samples, GET /v1/model, GET /healthz, GET /metrics, docs at /docs."""
     from runtime.exportdir import FP32_ONNX, latest_export
+    from runtime.serving.auth import ENV_VAR, resolve_token
     from runtime.serving.core import ModelService, ServeOptions
     from runtime.serving.ingress import FrontOptions
     from runtime.common.shipped import pick
 
+    take_sigint()
     started = time.monotonic()
+    token, token_from = resolve_token(api_token, api_token_file)  # a bad token fails before anything loads
+    os.environ.pop(ENV_VAR, None)  # Ray's processes inherit the environment: the token stays in this one
     model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
     options = ServeOptions(str(model.resolve()), backend, device, None if precision == "auto" else precision,  # type: ignore[arg-type]
                            threads, max_batch, batch_wait_ms, max_images_per_request, max_steps, max_queue_s)
-    front = FrontOptions(header_timeout_s, body_timeout_s, max_connections, grace_s)
+    front = FrontOptions(header_timeout_s, body_timeout_s, max_connections, grace_s, api_token=token)
     # Load it here first: a wrong path, a corrupt file or a missing backend fails in one line before Ray starts.
     probe = ModelService(options)
     say(f"{model}{why}; {probe.sampler.why}")
@@ -214,6 +244,10 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     # Replicas load only this file (by sha256), and pick what was picked here, on the GPU Ray gives them.
     options = dataclasses.replace(options, sha256=probe.sha256, device="cuda" if on_gpu else options.device)
     del probe
+    if token:
+        say(f"every route but GET /healthz needs the bearer token from {token_from}")
+    elif not loopback(host):
+        say(f"--host {host} without an API token: anyone who reaches the port may sample (set DDIM_SERVE_TOKEN)")
     check_port_free(host, port)
     raise_file_limit(max_connections)
     from runtime.serving import cluster

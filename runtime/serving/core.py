@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,13 +184,13 @@ class ModelService:
                                                     batch_size=len(ks), on_step=on_step)
             except Exception as exc:  # noqa: BLE001 (a replica answers every error; it must not die)
                 for k in ks:
-                    out[k] = ImageResult(None, len(ks), time.perf_counter() - start, one_line(exc))
+                    out[k] = ImageResult(None, len(ks), time.perf_counter() - start, one_line(exc), start)
                 continue
             seconds = time.perf_counter() - start
             self.stats.batch_sizes[len(ks)] = self.stats.batch_sizes.get(len(ks), 0) + 1
             self.stats.images += len(ks)
             for j, k in enumerate(ks):
-                out[k] = ImageResult(result.images[j], len(ks), seconds)
+                out[k] = ImageResult(result.images[j], len(ks), seconds, started=start)
         return [r for r in out if r is not None]
 
     def stats_now(self) -> dict[str, Any]:
@@ -229,14 +230,28 @@ class ModelService:
         }
 
 
+@dataclass(frozen=True)
+class Report:
+    """What a replica's answer tells the front's metrics, never the client: which replica (an id for its life), its
+    running totals (batches by size, images), and this request's queue wait and sampling time (None unless it was
+    sampled)."""
+
+    replica: str
+    batch_sizes: dict[int, int]
+    images: int
+    queue_s: float | None = None
+    sampling_s: float | None = None
+
+
 @dataclass
 class Answer:
-    """An HTTP answer built without Ray: what a replica returns to the ingress."""
+    """An HTTP answer built without Ray: what a replica returns to the ingress (``report`` stays at the front)."""
 
     status: int
     body: bytes
     media_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    report: Report | None = None
 
     @classmethod
     def error(cls, status: int, message: str, **headers: str) -> "Answer":
@@ -251,15 +266,29 @@ class Replica:
         self.batcher = Batcher(self.core.run_batch, options.max_batch, options.batch_wait_ms / 1000,
                                max_queue_s=options.max_queue_s, throughput=self.core.measure(options.max_batch))
         self.batcher.stats = self.core.stats
+        self.id = uuid.uuid4().hex  # this replica's life: a restarted one reports totals of its own
 
     async def samples(self, fields: dict[str, Any]) -> Answer:
-        """Validate (413/422), admit (503 + Retry-After), sample fairly, encode (200); every error one JSON line."""
+        """Validate (413/422), admit (503 + Retry-After), sample fairly, encode (200); every error one JSON line.
+        Every answer carries this replica's :class:`Report` for the front's metrics."""
+        times: dict[str, float] = {}
+        answer = await self._samples(fields, times)
+        answer.report = self.report(**times)
+        return answer
+
+    def report(self, queue_s: float | None = None, sampling_s: float | None = None) -> Report:
+        stats = self.core.stats_now()
+        return Report(self.id, stats.get("batch_sizes", {}), stats.get("images", 0), queue_s, sampling_s)
+
+    async def _samples(self, fields: dict[str, Any], times: dict[str, float]) -> Answer:
+        """:meth:`samples`' answer; ``times`` gets the request's ``queue_s`` and ``sampling_s`` once sampled."""
         start = time.perf_counter()
         try:
             req = SampleRequest.model_validate(fields)
             request = self.batcher.new_request()
             jobs = self.core.check(req, request)
             self.batcher.admit(sum(job.cost for job in jobs))
+            admitted = time.perf_counter()
         except RequestError as exc:
             return Answer.error(exc.status, str(exc))
         except Busy as exc:
@@ -273,6 +302,9 @@ class Replica:
         failed = next((r.error for r in results if r.error is not None), None)
         if failed is not None:
             return Answer.error(500, f"sampling failed: {failed}")
+        first = min(r.started for r in results)
+        times.update(queue_s=max(0.0, first - admitted),
+                     sampling_s=max(r.started + r.seconds for r in results) - first)
         images = np.stack([r.image for r in results])  # type: ignore[misc]
         try:
             body = await asyncio.to_thread(encode, images, jobs, req.format)
@@ -284,7 +316,8 @@ class Replica:
             "X-Model-SHA256": self.core.sha256,
             "X-Backend": self.core.backend_label,
             "X-Seconds": f"{time.perf_counter() - start:.4f}",
-            "X-Sampling-Seconds": f"{max(r.seconds for r in results):.4f}",
+            "X-Queue-Seconds": f"{times['queue_s']:.4f}",
+            "X-Sampling-Seconds": f"{times['sampling_s']:.4f}",
             "X-Batch-Sizes": ",".join(str(r.batch) for r in results),
             "Content-Disposition": f'attachment; filename="{name}"',
         })

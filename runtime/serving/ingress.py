@@ -3,13 +3,15 @@
     POST /v1/samples   {num_images, steps, seed, eta, solver, format}  -> PNG grid | zip of PNGs | npz
     GET  /v1/model     the model's config, export report, backend, limits and the batches formed so far
     GET  /healthz      {"status": "ok"} while a replica is running, else 503 naming why
+    GET  /metrics      Prometheus metrics: answers by route and status, times, batches (runtime.serving.metrics)
     GET  /docs, /openapi.json   the OpenAPI schema (FastAPI)
 
 Clients never reach a replica directly: this front reads the headers (within ``header_timeout_s``, at most
 :data:`MAX_HEADER_BYTES`) and the whole body (within ``body_timeout_s``, at most ``MAX_BODY_BYTES``), parses it
 strictly, and only then forwards the request's fields to a replica. So a stalled or trickling client holds a
 socket here until its deadline (then 408), never a replica's slot or its queue. Every answer, the front's own
-refusals included, is JSON ``{"error": "one line"}`` with the documented status.
+refusals included, is JSON ``{"error": "one line"}`` with the documented status. With an API token
+(:mod:`runtime.serving.auth`) every route but ``GET /healthz`` needs it.
 
 The front is Ray-free: it forwards through a :class:`Forwarder` (Ray Serve's deployment handle in
 :mod:`runtime.serving.cli`, an in-process :class:`runtime.serving.core.Replica` in tests and ``LocalForwarder``).
@@ -24,7 +26,7 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -37,21 +39,25 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime import __version__
 from runtime.common.clitools import one_line
+from runtime.serving.auth import OPEN_ROUTES, BearerAuth, check_token
 from runtime.serving.core import (
     MAX_BODY_BYTES, Answer, Replica, SampleRequest, parse_request, validation_message,
 )
+from runtime.serving.metrics import FrontMetrics, Measured, route_paths
 
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers together (h11's incomplete-event limit)
 
 
 @dataclass(frozen=True)
 class FrontOptions:
-    """What the front bounds: deadlines for a client's headers and body, connections, the shutdown's grace."""
+    """What the front bounds (deadlines for a client's headers and body, connections, the shutdown's grace) and
+    whom it serves (``api_token``: the bearer token every route but GET /healthz needs; None: anyone)."""
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     max_connections: int = 1000
     grace_s: float = 30.0  # at shutdown, in-flight requests get this long before a JSON 503
+    api_token: str | None = field(default=None, repr=False)  # never in a repr, a log or a message
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_timeout_s", "grace_s"):
@@ -61,6 +67,8 @@ class FrontOptions:
                                  f"> 0, got {value}")
         if self.max_connections < 1:
             raise ValueError(f"--max-connections must be >= 1, got {self.max_connections}")
+        if self.api_token is not None:
+            check_token(self.api_token, "api_token")
 
 
 class Unavailable(RuntimeError):
@@ -109,11 +117,13 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s = 10.0  # set per server by :func:`protocol_for`
     max_connections = 1000
+    metrics: FrontMetrics | None = None  # counts the refusals written here (route "none")
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:
+            self._count(503)
             transport.write(raw_json(503, "Service Unavailable",
                                      f"over {self.max_connections} open connections; retry later", retry_after=1))
             transport.close()
@@ -132,6 +142,7 @@ class GuardedH11Protocol(H11Protocol):
     def _head_late(self) -> None:
         self._head_timer = None
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self._count(408)
             self.transport.write(raw_json(408, "Request Timeout",
                                           f"request headers not received within {self.header_timeout_s:g} s"))
             self.transport.close()
@@ -150,15 +161,21 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def _count(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(status)
+
     def send_400_response(self, msg: str) -> None:
+        self._count(400)
         self.transport.write(raw_json(400, "Bad Request", f"malformed HTTP request ({msg.rstrip('.')}; "
                                                           f"the head may be at most {MAX_HEADER_BYTES} bytes)"))
         self.transport.close()
 
 
-def protocol_for(options: FrontOptions) -> type[GuardedH11Protocol]:
+def protocol_for(options: FrontOptions, metrics: FrontMetrics | None = None) -> type[GuardedH11Protocol]:
     return type("Guarded", (GuardedH11Protocol,), {"header_timeout_s": options.header_timeout_s,
-                                                   "max_connections": options.max_connections})
+                                                   "max_connections": options.max_connections,
+                                                   "metrics": metrics})
 
 
 class _Refused(Exception):
@@ -221,13 +238,19 @@ REQUEST_SCHEMA = SampleRequest.model_json_schema()
 
 
 def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> FastAPI:
-    """The front's FastAPI app; ``app.state.draining`` (an Event) set at shutdown starts the grace period."""
+    """The front's FastAPI app; ``app.state.draining`` (an Event) set at shutdown starts the grace period,
+    ``app.state.metrics`` holds what ``GET /metrics`` shows."""
     api = FastAPI(title="ddim-serve", version=__version__,
                   description="Sample images from a ddim-deploy model. The same (seed, index) gives the same image "
                               "as ddim-run --seed.")
     api.state.draining = Draining()
-    api.state.in_flight = 0
+    metrics = api.state.metrics = FrontMetrics()
+    # Outermost last: every answer is counted (431 and 401 too), a head over the limit is refused before its
+    # token is looked at.
+    if options.api_token is not None:
+        api.add_middleware(BearerAuth, token=options.api_token)
     api.add_middleware(HeadLimit)
+    api.add_middleware(Measured, metrics=metrics)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -263,6 +286,7 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
         responses={
             200: {"content": {"image/png": {}, "application/zip": {}, "application/octet-stream": {}},
                   "description": "The images: a PNG grid (grid), a zip of PNGs (png) or an npz (npz)."},
+            401: {"description": "an API token is set and the request has none, or a wrong one"},
             408: {"description": "the request's headers or body did not arrive within the deadline"},
             413: {"description": "num_images or steps over the service's limits, or a body over 64 KB"},
             422: {"description": "a field the schema or the model cannot take (the message names it)"},
@@ -272,26 +296,23 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
     async def samples(request: Request) -> Response:
         if api.state.draining.is_set():
             return closing(503, "the service is shutting down; retry on another instance", **{"Retry-After": "5"})
-        api.state.in_flight += 1
         try:
-            try:
-                body = await read_body(request, options.body_timeout_s)
-                req = parse_request(body)
-            except _Refused as exc:
-                return closing(exc.status, str(exc))
-            except ValidationError as exc:
-                return error(422, validation_message(exc.errors()))
-            why = forwarder.health()
-            if why is not None:
-                return error(503, f"no replica is serving: {why}", **{"Retry-After": "5"})
-            try:
-                answer = await forward(req.model_dump())
-            except Exception as exc:  # noqa: BLE001 (a replica that died, a Ray error: one line, still up)
-                return error(503, f"the replica did not answer: {one_line(exc)}; retry", **{"Retry-After": "1"})
-            return Response(answer.body, status_code=answer.status, media_type=answer.media_type,
-                            headers=answer.headers)
-        finally:
-            api.state.in_flight -= 1
+            body = await read_body(request, options.body_timeout_s)
+            req = parse_request(body)
+        except _Refused as exc:
+            return closing(exc.status, str(exc))
+        except ValidationError as exc:
+            return error(422, validation_message(exc.errors()))
+        why = forwarder.health()
+        if why is not None:
+            return error(503, f"no replica is serving: {why}", **{"Retry-After": "5"})
+        try:
+            answer = await forward(req.model_dump())
+        except Exception as exc:  # noqa: BLE001 (a replica that died, a Ray error: one line, still up)
+            return error(503, f"the replica did not answer: {one_line(exc)}; retry", **{"Retry-After": "1"})
+        metrics.replica_answer(answer)
+        return Response(answer.body, status_code=answer.status, media_type=answer.media_type,
+                        headers=answer.headers)
 
     @api.get("/v1/model")
     async def model() -> Response:
@@ -312,17 +333,38 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
             return error(503, f"no replica is serving: {why}")
         return JSONResponse({"status": "ok"})
 
+    @api.get("/metrics", response_class=Response, responses={200: {
+        "content": {"text/plain": {}, "application/openmetrics-text": {}},
+        "description": "Prometheus text format (OpenMetrics when the Accept header asks for it)."}})
+    async def scrape(request: Request) -> Response:
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    metrics.routes = route_paths(api.routes)
     plain_openapi = api.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema plus the request body's model (the route reads the raw body itself)."""
+        """FastAPI's schema plus the request body's model (the route reads the raw body itself) and, with a token,
+        the bearer scheme every route but the open ones needs."""
         if api.openapi_schema is None:
             schema = plain_openapi()
             schema.setdefault("components", {}).setdefault("schemas", {})["SampleRequest"] = REQUEST_SCHEMA
+            if options.api_token is not None:
+                bearer_scheme(schema)
         return api.openapi_schema  # type: ignore[return-value]
 
     api.openapi = openapi  # type: ignore[method-assign]
     return api
+
+
+def bearer_scheme(schema: dict[str, Any]) -> None:
+    """Declare the bearer token in an OpenAPI schema: required everywhere, none on :data:`OPEN_ROUTES`."""
+    schema["components"].setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+    schema["security"] = [{"bearer": []}]
+    for method, path in OPEN_ROUTES:
+        operation = schema.get("paths", {}).get(path, {}).get(method.lower())
+        if operation is not None:
+            operation["security"] = []
 
 
 class Draining(asyncio.Event):
@@ -351,7 +393,8 @@ def make_server(app: FastAPI, host: str, port: int, options: FrontOptions) -> An
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    config = uvicorn.Config(app, host=host, port=port, http=protocol_for(options), lifespan="off",
+    protocol = protocol_for(options, getattr(app.state, "metrics", None))
+    config = uvicorn.Config(app, host=host, port=port, http=protocol, lifespan="off",
                             log_level="warning", access_log=False, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             # uvicorn cancels what is left after this: the body deadline and the grace must fit

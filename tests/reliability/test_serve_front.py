@@ -12,6 +12,8 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -167,3 +169,127 @@ def test_shutdown_finishes_or_answers_in_flight_requests_in_json(replica):
         assert status == 503 and json.loads(body)["error"].startswith("the service is shutting down")
     with pytest.raises(ConnectionRefusedError):
         connect(url)
+
+
+# -- GET /metrics and the API token: the front's own, tested on it alone ---------------------------------------------
+
+TOKEN = "test-token-" + "0123456789abcdef"
+
+
+def fetch(url: str, path: str, headers: dict | None = None, body: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers with lower-case names, body) of a GET (or a POST of ``body``)."""
+    req = urllib.request.Request(f"{url}{path}", headers=headers or {}, method="GET" if body is None else "POST",
+                                 data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics parsed with prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, head, body = fetch(url, "/metrics", headers)
+    assert status == 200 and head["content-type"].startswith("text/plain; version=0.0.4"), (status, body)
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def count(samples: dict, route: str, status: int) -> float:
+    return samples.get(("ddim_serve_requests_total", frozenset({("route", route), ("status", str(status))})), 0.0)
+
+
+def test_metrics_count_every_answer_the_front_sends_and_the_batches_replicas_ran():
+    """Each status the front answers is counted under its route, the protocol's own refusals under route none
+    (connection cap, malformed head, head deadline); the replica's batches (6 images at max batch 4: 4 + 2), its
+    images and the request's queue wait and sampling time come from its answer."""
+    fresh = Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=2, max_batch=4, batch_wait_ms=0))
+    front = ThreadedFront(LocalForwarder(fresh), FrontOptions(header_timeout_s=1, body_timeout_s=1,
+                                                              max_connections=6))
+    with front as url:
+        idle = [connect(url) for _ in range(6)]
+        time.sleep(0.2)
+        assert answer(connect(url), 5)[0] == 503  # over the connection cap
+        for s in idle:
+            s.close()
+        assert post(url, {"num_images": 6, "steps": 2, "format": "npz"})[0] == 200
+        assert post(url, {"eta": 2})[0] == 422
+        assert post(url, {"pad": "x" * 70_000})[0] == 413
+        assert fetch(url, "/no-such-route")[0] == 404
+        assert fetch(url, "/v1/samples")[0] == 405
+        trickle, silent, bad, big = connect(url), connect(url), connect(url), connect(url)
+        trickle.sendall(HEAD + b'{"num')
+        bad.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        big.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert [answer(s, 5)[0] for s in (bad, big, trickle, silent)] == [400, 431, 408, 408]
+        front.loop.call_soon_threadsafe(front.app.state.draining.set)  # draining, the listener still open
+        time.sleep(0.1)
+        assert post(url, {"num_images": 1, "steps": 2})[0] == 503
+        got = scrape(url)
+        status, head, body = fetch(url, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert head["content-type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    for route, status, n in [("/v1/samples", 200, 1), ("/v1/samples", 422, 1), ("/v1/samples", 413, 1),
+                             ("/v1/samples", 408, 1), ("/v1/samples", 405, 1), ("/v1/samples", 503, 1),
+                             ("other", 404, 1), ("/healthz", 431, 1), ("none", 400, 1), ("none", 503, 1)]:
+        assert count(got, route, status) == n, (route, status, {k: v for k, v in got.items() if "requests_t" in k[0]})
+    assert count(got, "none", 408) >= 1  # the silent client (and any idle socket not closed in time)
+    assert got[("ddim_serve_images_sampled_total", frozenset())] == 6
+    batch = {dict(labels).get("le"): v for (name, labels), v in got.items() if name == "ddim_serve_batch_size_bucket"}
+    assert (batch["1.0"], batch["2.0"], batch["4.0"], batch["+Inf"]) == (0, 1, 2, 2)
+    assert got[("ddim_serve_batch_size_sum", frozenset())] == 6
+    assert got[("ddim_serve_queue_wait_seconds_count", frozenset())] == 1
+    assert got[("ddim_serve_sampling_seconds_count", frozenset())] == 1
+    assert got[("ddim_serve_sampling_seconds_sum", frozenset())] > 0
+    assert got[("ddim_serve_requests_in_flight", frozenset())] == 1  # the scrape itself
+
+
+def test_replica_totals_never_go_back_across_restarts_and_late_answers():
+    """Totals are per replica life: an older (smaller) report changes nothing, a restarted replica's totals add."""
+    from runtime.serving.core import Answer, Report
+    from runtime.serving.metrics import FrontMetrics
+
+    metrics = FrontMetrics()
+
+    def seen() -> tuple[float, float, float]:
+        get = metrics.registry.get_sample_value
+        return (get("ddim_serve_images_sampled_total"), get("ddim_serve_batch_size_count"),
+                get("ddim_serve_batch_size_sum"))
+
+    metrics.replica_answer(Answer(200, b"", report=Report("a", {4: 2, 1: 1}, 9, 0.1, 0.2)))
+    metrics.replica_answer(Answer(200, b"", report=Report("a", {4: 1}, 4, 0.1, 0.2)))  # overtaken by the first
+    assert seen() == (9, 3, 9)
+    metrics.replica_answer(Answer(503, b"", report=Report("b", {2: 1}, 2)))  # the restarted replica
+    assert seen() == (11, 4, 11)
+    assert metrics.registry.get_sample_value("ddim_serve_queue_wait_seconds_count") == 2  # 200s only
+
+
+def test_an_api_token_guards_every_route_but_healthz(replica, caplog):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with ThreadedFront(LocalForwarder(replica), FrontOptions(api_token=TOKEN)) as url:
+        assert fetch(url, "/healthz")[0] == 200  # a load balancer's probe needs no token
+        for path in ("/v1/model", "/metrics", "/docs", "/openapi.json", "/no-such-route"):
+            status, head, body = fetch(url, path)
+            assert (status, head["www-authenticate"]) == (401, "Bearer"), path
+            assert json.loads(body) == {"error": "authentication required: send the header "
+                                                 "'Authorization: Bearer TOKEN'"}
+        status, head, body = fetch(url, "/v1/samples", body={"num_images": 1, "steps": 2})
+        assert status == 401 and head["connection"] == "close"  # its body is never read
+        status, head, body = fetch(url, "/v1/model", {"Authorization": f"Bearer {TOKEN}x"})
+        assert (status, head["www-authenticate"], json.loads(body)) == (
+            401, 'Bearer error="invalid_token"', {"error": "invalid bearer token"})
+        assert fetch(url, "/v1/model", {"Authorization": f"Basic {TOKEN}"})[0] == 401
+        assert fetch(url, "/v1/model", {"Authorization": "Bearer"})[0] == 401
+        assert fetch(url, "/v1/samples", {"Authorization": f"bearer {TOKEN}"},  # the scheme is case-insensitive
+                     {"num_images": 1, "steps": 2})[0] == 200
+        assert fetch(url, "/v1/model", auth)[0] == 200
+        schema = json.loads(fetch(url, "/openapi.json", auth)[2])
+        assert schema["security"] == [{"bearer": []}] and schema["paths"]["/healthz"]["get"]["security"] == []
+        got = scrape(url, auth)
+    assert count(got, "/v1/model", 401) == 4 and count(got, "/v1/samples", 401) == 1
+    assert count(got, "/healthz", 200) == 1 and count(got, "/v1/samples", 200) == 1
+    assert TOKEN not in caplog.text and TOKEN not in repr(FrontOptions(api_token=TOKEN))
+    with pytest.raises(ValueError) as exc:
+        FrontOptions(api_token="sh0rt")
+    assert "needs at least 16" in str(exc.value) and "sh0rt" not in str(exc.value)
