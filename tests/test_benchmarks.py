@@ -368,3 +368,25 @@ def test_latency_measured_peak_never_falls_back_to_numpy_under_openblas_coretype
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     gflops, source = latency.matmul_peak("cpu", size=128, n=3)
     assert gflops == 0.0 and "OPENBLAS_CORETYPE" in source
+
+
+def test_cpu_engines_verdicts_and_report(tmp_path):
+    from benchmarks.cpu_engines import eager_verdict, explicit_verdict, markdown, plot
+
+    stats = {"auto": {"p50_s": 2.10}, "onnxruntime/fp32": {"p50_s": 4.0}, "openvino/bf16": {"p50_s": 2.0}}
+    assert explicit_verdict(stats, 20) == ("auto vs the fastest explicit pair (openvino/bf16) at 20 steps: 1.050x its "
+                                          "time (within 5%)")
+    stats["openvino/bf16"]["p50_s"] = 1.9
+    assert "1.105x its time (NOT within 5%)" in explicit_verdict(stats, 20)
+    eager = {"auto": {"p50_s": 2.0}, "eager torch": {"p50_s": 9.0}}
+    assert eager_verdict(eager, 50, vnni=True) == "auto vs eager PyTorch at 50 steps: 4.50x faster (target 5x on a VNNI CPU: NOT met)"
+    assert "does not apply" in eager_verdict(eager, 50, vnni=False)
+    env = {"cpu": "CPU", "python": "Python 3.11", "onnxruntime": "1", "openvino": "2", "isa_flags": ["avx2"],
+           "vnni": False, "repeats": 3, "model": "m", "first_run_s": 3.0}
+    rows = [{"check": "auto-vs-explicit", "steps": 20, "config": name, "backend": "line", "p10_s": 1.0, "p50_s": 2.0,
+             "p90_s": 3.0, "vs_auto": 1.0} for name in ("auto", "onnxruntime/fp32")]
+    md = markdown(env, rows)
+    assert "| auto-vs-explicit | 20 | auto | line | 2.00 | 1.00-3.00 | 1.00x |" in md and "VNNI: no" in md
+    assert "auto vs the fastest explicit pair (onnxruntime/fp32) at 20 steps: 1.000x its time (within 5%)" in md
+    plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
