@@ -62,6 +62,10 @@ class RunOptions:
     interpolate: tuple[str, str] | None = None
     frames: int = 8
     resize: bool = False
+    cluster: str | None = None
+    shard_size: int = 64
+    workers: int | None = None
+    worker_cpus: float = 1.0
 
 
 def engine_options(fn: Callable[..., None]) -> Callable[..., None]:
@@ -93,7 +97,9 @@ def engine_options(fn: Callable[..., None]) -> Callable[..., None]:
 @engine_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help="The grid: .png, .jpg or .webp (PNG and WebP lossless).")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Also one PNG per image here.")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Also one PNG per image here. With --cluster: one .npz per shard and manifest.json instead, which "
+                   "a rerun with the same settings resumes.")
 @click.option("--npz", type=click.Path(path_type=Path), default=None, help="Also the raw arrays (samples, images).")
 @click.option("--latents", type=click.Path(path_type=Path), default=None,
               help="Decode these x_T (an .npz from ddim-encode) instead of drawing noise.")
@@ -107,6 +113,15 @@ def engine_options(fn: Callable[..., None]) -> Callable[..., None]:
                    "ddim-run --seed draws for image 0) or a latents file (FILE or FILE:INDEX).")
 @click.option("--frames", type=click.IntRange(min=2, max=256), default=8, show_default=True)
 @click.option("--resize", is_flag=True, help="Centre-crop and resize input images to the model's size.")
+@click.option("--cluster", metavar="local|auto|HOST:PORT", default=None,
+              help="Sample in shards on Ray (the serve extra's): local starts an instance here, HOST:PORT joins "
+                   "`ray start --head` there (the model must lie at the same path on every node).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="With --cluster: images per shard (one Ray task, one file in --out-dir).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --cluster: most shards sampled at once [default: as many as the cluster's CPUs take].")
+@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --cluster: CPUs Ray reserves per worker; its --threads default to them.")
 @friendly_errors
 @click.pass_context
 def main(ctx: click.Context, model: Path | None, **options: Any) -> None:
@@ -120,24 +135,47 @@ def main(ctx: click.Context, model: Path | None, **options: Any) -> None:
                                   ("--interpolate", o.interpolate)) if v]
     if len(given) > 1:
         raise click.UsageError(f"{' and '.join(given)} are different jobs: give one")
+    _check_cluster_options(ctx, o, given)
     _run(ctx, model, settings, o)
+
+
+CLUSTER_ONLY = ("shard_size", "workers", "worker_cpus")
+
+
+def _check_cluster_options(ctx: click.Context, o: RunOptions, jobs: list[str]) -> None:
+    """--cluster samples drawn noise on CPU workers; its options mean nothing without it."""
+    from click.core import ParameterSource
+
+    typed = [f"--{name.replace('_', '-')}" for name in CLUSTER_ONLY
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+    if o.cluster is None:
+        if typed:
+            raise click.UsageError(f"{', '.join(typed)} only apply with --cluster")
+        return
+    if jobs:
+        raise click.UsageError(f"--cluster samples drawn noise (--num-images); {jobs[0]} runs in one process")
+    if o.device == "cuda":
+        raise click.UsageError("--cluster runs its workers on CPUs: --device cuda is not supported with it")
 
 
 def _run(ctx: click.Context, model: Path | None, settings: SamplingSettings, o: RunOptions) -> None:
     from runtime.api import load
     from runtime.common.progress import progress_bar
-    from runtime.images import grid_bytes, grid_scale, image_format, png_bytes
 
     model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
     log.info("ddim-run: %s%s", model, why)
     check_outputs(o.out, o.out_dir, o.npz)
-    sampler = load(model, o.backend, o.device, o.precision, o.threads)
+    # --cluster: this process only picks the engine and precision (every worker then runs the same) and merges.
+    sampler = load(model, o.backend, "cpu" if o.cluster else o.device, o.precision, o.threads)
     log.info("backend: %s", sampler.why)
     # Refuse what the schedule cannot take now, naming the flag; sampling reuses this plan.
     plan = with_flag_names(ctx, lambda: sampler.plan(settings), every_field_of="sampling")
     settings = sampler.resolve(settings)
     log.info("solver: %s, %d steps (%s spacing), eta %g, %s", settings.solver, len(plan), settings.spacing,
              settings.eta, "pred_x0 clipped" if settings.clip_x0 else "no clipping")
+    if o.cluster:
+        _run_on_cluster(sampler, model, settings, o)
+        return
     job = _job(sampler, model, settings, o, len(plan))
     flag = "--latents" if o.latents else "--init-images" if o.init_images else "--frames" if o.interpolate else \
         "--num-images"
@@ -145,22 +183,47 @@ def _run(ctx: click.Context, model: Path | None, settings: SamplingSettings, o: 
     batches = -(-job.count // o.batch_size)
     with progress_bar(total=job.steps * batches, desc="sampling", unit="step", disable=not o.progress) as bar:
         result = with_precision(sampler, lambda: job.run(lambda i: bar.update(1)))
-    # All or nothing: a full disk at the npz must not leave a new grid beside the old per-image files.
-    with StagedOutputs() as staged:
-        scale = grid_scale(result.images.shape[1], len(result.images))
-        staged.stage(o.out, grid_bytes(result.images, job.columns, scale=scale, fmt=image_format(o.out)), "--out")
-        if o.out_dir is not None:
-            for i, image in enumerate(result.images):
-                staged.stage(o.out_dir / f"{i:05d}.png", png_bytes(image), "--out-dir")
-        if o.npz is not None:
-            staged.stage(o.npz, lambda fh: np.savez(fh, samples=result.samples, images=result.images), "--npz")
-        staged.commit()
+    write_outputs(o, result.images, result.samples, job.columns, o.out_dir)
     b = sampler.backend
     per_step = result.seconds / max(result.calls, 1)
     log.info("%s on %s: %d images in %.2f s, %.1f ms per step (batch %d), %.2f images/s, "
              "%.1f%% of the time outside the network; grid in %s",
              b.name, b.device, job.count, result.seconds, per_step * 1e3, min(o.batch_size, job.count),
              job.count / result.seconds, 100 * result.overhead_fraction, o.out)
+
+
+def write_outputs(o: RunOptions, images: NDArray[np.uint8], samples: NDArray[np.float32], columns: int | None,
+                  png_dir: Path | None) -> None:
+    """The grid (``--out``), one PNG per image into ``png_dir`` and the arrays (``--npz``), all or nothing: a full
+    disk at the npz must not leave a new grid beside the old per-image files."""
+    from runtime.images import grid_bytes, grid_scale, image_format, png_bytes
+
+    with StagedOutputs() as staged:
+        scale = grid_scale(images.shape[1], len(images))
+        staged.stage(o.out, grid_bytes(images, columns, scale=scale, fmt=image_format(o.out)), "--out")
+        if png_dir is not None:
+            for i, image in enumerate(images):
+                staged.stage(png_dir / f"{i:05d}.png", png_bytes(image), "--out-dir")
+        if o.npz is not None:
+            staged.stage(o.npz, lambda fh: np.savez(fh, samples=samples, images=images), "--npz")
+        staged.commit()
+
+
+def _run_on_cluster(sampler: Any, model: Path, settings: SamplingSettings, o: RunOptions) -> None:
+    """``--cluster``: the shards on Ray (:mod:`runtime.cluster.run`), then the merged grid and npz in index order;
+    ``--out-dir`` holds the shards, not PNGs."""
+    from runtime.cluster.run import ClusterOptions, sample_on_cluster
+
+    check_image_count(o.num_images, sampler.image_shape, "--num-images", BYTES_PER_VALUE)
+    options = ClusterOptions(o.cluster or "local", o.shard_size, o.workers, o.worker_cpus, o.threads, o.batch_size,
+                             o.out_dir, o.progress)
+    result = with_precision(sampler, lambda: sample_on_cluster(sampler, model, settings, o.seed, o.num_images,
+                                                               options))
+    write_outputs(o, result.data.images, result.data.samples, None, None)
+    rate = f", {result.sampled / result.seconds:.2f} images/s" if result.sampled and result.seconds else ""
+    log.info("cluster (%d node(s)): %d images, %d sampled now in %.2f s%s, %d shard(s)%s; grid in %s",
+             result.nodes, o.num_images, result.sampled, result.seconds, rate, result.shards,
+             f" in {o.out_dir}" if o.out_dir else "", o.out)
 
 
 def with_precision(sampler: Any, run: Callable[[], Any]) -> Any:

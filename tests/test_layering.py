@@ -20,6 +20,13 @@ NOT_AT_MODULE_LEVEL = {"runtime": {"torch"}}
 # runtime/serving never imports torch, not even lazily (its replicas run the lean runtime).
 SERVING = "runtime/serving/"
 SERVING_ONLY = {"ray", "fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client"}
+# ddim-run --cluster's shards run as Ray tasks: runtime/cluster may import Ray core too (not ray.serve, not the HTTP
+# stack); it comes with the same extra.
+RAY_CORE = "runtime/cluster/"
+
+
+def _ray_core(imp: "Import") -> bool:
+    return imp.file.startswith(RAY_CORE) and imp.module.split(".")[0] == "ray" and not imp.module.startswith("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,8 @@ def _imported(node: ast.AST, package: list[str]) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
     if isinstance(node, ast.ImportFrom):
-        if not node.level:
-            return [node.module or ""]
+        if not node.level:  # `from ray import serve` imports ray.serve (the rules below tell ray from ray.serve)
+            return [f"{node.module}.{a.name}" if node.module == "ray" else node.module or "" for a in node.names]
         base = package[: len(package) - (node.level - 1)]  # from . = this package, from .. = its parent
         return [".".join([*base, *([node.module] if node.module else [])])]
     if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
@@ -96,7 +103,7 @@ def violations(root: Path) -> list[str]:
                 serving = imp.file.startswith(SERVING)
                 if top in FORBIDDEN.get(package, set()):
                     bad.append(f"{imp}: {package} may not import {top}")
-                elif top in SERVING_ONLY and not serving:
+                elif top in SERVING_ONLY and not serving and not _ray_core(imp):
                     bad.append(f"{imp}: only runtime.serving may import {top}")
                 elif serving and top == "torch":
                     bad.append(f"{imp}: runtime.serving may not import torch")
@@ -133,6 +140,8 @@ def write(root: Path, rel: str, text: str) -> None:
     ("runtime/cli.py", "def f():\n    from ray import serve\n", "only runtime.serving may import ray"),
     ("trainer/x.py", "import pydantic\n", "only runtime.serving may import pydantic"),
     ("runtime/serving/x.py", "def f():\n    import torch\n", "runtime.serving may not import torch"),
+    ("runtime/cluster/x.py", "def f():\n    from ray import serve\n", "only runtime.serving may import ray"),
+    ("runtime/cluster/x.py", "import fastapi\n", "only runtime.serving may import fastapi"),
 ])
 def test_a_forbidden_import_is_reported(tmp_path, rel, text, expected):
     for package in PACKAGES:
@@ -153,6 +162,7 @@ def test_a_forbidden_import_is_reported(tmp_path, rel, text, expected):
     ("export/x.py", "import torch\nfrom trainer.rundir import load_model\nfrom quality import psnr\n"),
     ("trainer/x.py", "import torch\nfrom runtime.config import ModelSpec\n# import quality\ns = 'import export'\n"),
     ("runtime/serving/x.py", "from ray import serve\nfrom fastapi import FastAPI\nfrom runtime.api import load\n"),
+    ("runtime/cluster/x.py", "def f():\n    import ray\n    from ray import exceptions\n"),
 ])
 def test_allowed_imports_pass(tmp_path, rel, text):
     for package in PACKAGES:
