@@ -4,6 +4,7 @@ throughput, latency percentiles, errors and the batches the server formed, for e
     python benchmarks/serve_load.py                            # shipped model, 16 clients x 1 image, 20 steps,
                                                                # 200 requests per setting, --max-batch 1 and 16
     python benchmarks/serve_load.py --clients 32 --max-batch 32 --requests 400 --steps 50
+    python benchmarks/serve_load.py --autoscale 1:2 --load 2:60,16:90,2:120 --replica-cpus 1 --threads 1
 
 Each setting starts ``ddim-serve`` as a user would (a fresh local Ray instance; its time from start to ready is
 reported), sends ``--warmup`` requests, then lets ``--clients`` closed-loop clients (each sends its next request
@@ -11,11 +12,16 @@ when the last one answered) send ``--requests`` requests in all or stop at ``--t
 client's wall time per request. ``batches formed`` counts the server's network batches by size, read from its
 ``GET /v1/model`` statistics before and after the measured part. Writes
 benchmarks/results/serve-load-DATE-HOST.{json,md,png}. Nothing else should run on the machine meanwhile.
+
+With ``--autoscale MIN:MAX`` it runs one ``ddim-serve --autoscale MIN:MAX`` (the first --max-batch, default 16)
+under a step in load instead (``--load``), recording every request and the replicas once a second
+(:mod:`benchmarks.serve_autoscale`); writes benchmarks/results/serve-autoscale-DATE-HOST.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import signal
 import socket
@@ -217,12 +223,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @click.option("--solver", type=click.Choice(["ddim", "dpmpp-2m"]), default="ddim", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ddim-serve --threads.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True)
+@click.option("--replica-cpus", type=click.FloatRange(min=0), default=None, help="ddim-serve --replica-cpus.")
+@click.option("--autoscale", default=None, metavar="MIN:MAX",
+              help="Instead: one ddim-serve --autoscale MIN:MAX under the step in load of --load.")
+@click.option("--load", "load_text", default="2:60,16:90,2:120", show_default=True, metavar="CLIENTS:SECONDS,...",
+              help="With --autoscale: closed-loop clients per phase, and for how long.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
 def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, clients: int, requests: int,
          time_limit: float, warmup: int, num_images: int, steps: int, solver: str, threads: int | None,
-         ready_timeout: float, out: Path) -> None:
-    """Start ddim-serve per --max-batch setting, load it, and write JSON, Markdown and a plot."""
+         ready_timeout: float, replica_cpus: float | None, autoscale: str | None, load_text: str, out: Path) -> None:
+    """Start ddim-serve per --max-batch setting, load it, and write JSON, Markdown and a plot (or, with
+    --autoscale, one autoscaling service under a step in load)."""
     import ray
 
     from runtime.common.hostinfo import physical_cores
@@ -231,6 +243,11 @@ def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, client
     extra = ("--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32",
              "--max-images-per-request", str(max(num_images, 64)))
     extra += ("--threads", str(threads)) if threads else ()
+    extra += ("--replica-cpus", f"{replica_cpus:g}") if replica_cpus is not None else ()
+    if autoscale is not None:
+        autoscaling_run(model, autoscale, load_text, (max_batches or (16,))[0], batch_wait_ms, warmup, body, extra,
+                        ready_timeout, out)
+        return
     rows = []
     for max_batch in sorted(set(max_batches or (1, 16))):
         click.echo(f"serve_load: ddim-serve {model} --max-batch {max_batch}", err=True)
@@ -261,6 +278,44 @@ def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, client
            "matmul_peak_gflop_s": round(matmul_peak("cpu"), 1)}
     _, stem = write_report("serve-load", out, env, rows, ("model", "max_batch", "clients", "num_images", "steps",
                                                            "solver"), markdown, plot)
+    click.echo(f"wrote {stem}.json, .md and .png")
+
+
+def autoscaling_run(model: Path, autoscale: str, load_text: str, max_batch: int, batch_wait_ms: float, warmup: int,
+                    body: dict, extra: tuple[str, ...], ready_timeout: float, out: Path) -> None:
+    """One ``ddim-serve --autoscale MIN:MAX`` under the step in load of ``load_text``; the serve-autoscale report."""
+    import ray
+
+    from benchmarks import serve_autoscale as sa
+    from runtime.common.hostinfo import physical_cores
+    from runtime.serving.scaling import Autoscale, parse_bounds
+
+    scaling = Autoscale(*parse_bounds(autoscale))  # ddim-serve's defaults for the rest: the report names them
+    load = sa.parse_load(load_text)
+    extra += ("--autoscale", scaling.label)
+    shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
+    command = " ".join(["python benchmarks/serve_load.py", *sys.argv[1:]])
+    click.echo(f"serve_load: ddim-serve {model} --max-batch {max_batch} {' '.join(extra)}; load {load_text}", err=True)
+    load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows here
+    server = Server(model, max_batch, batch_wait_ms, extra, ready_timeout)
+    try:
+        click.echo(f"  ready at {server.url} in {server.ready_s:.1f} s; warm-up {warmup} requests", err=True)
+        drive(server.url, max(1, min(warmup, load[0][0])), warmup, 300, body)
+        requests, samples, starts = sa.step_load(server.url, load, body)
+    finally:
+        rc = server.stop()
+    summary = sa.summarize(requests, samples, starts, load, body["num_images"])
+    row = {"model": str(shown), "autoscale": scaling.label, "load": load_text, "command": command,
+           "max_batch": max_batch, "num_images": body["num_images"], "steps": body["steps"], "solver": body["solver"],
+           "target_ongoing_requests": scaling.target_ongoing_requests, "upscale_delay_s": scaling.upscale_delay_s,
+           "downscale_delay_s": scaling.downscale_delay_s, "ddim_serve_args": list(extra), "ready_s": server.ready_s,
+           "shutdown_rc": rc, "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+           "phase_starts": starts, **summary, "requests": requests, "replicas": samples,
+           "server_log": [line.rstrip() for line in server.stderr]}
+    click.echo(f"  {summary['verdict']}", err=True)
+    env = {"host": socket.gethostname(), "cpu": cpu_name(), "cores": physical_cores(),
+           "python": platform.python_version(), "ray": ray.__version__}
+    _, stem = write_report("serve-autoscale", out, env, [row], ("model", "autoscale", "load"), sa.markdown, sa.plot)
     click.echo(f"wrote {stem}.json, .md and .png")
 
 

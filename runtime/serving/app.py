@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from runtime.serving.core import Answer, Replica, ServeOptions
+from runtime.serving.scaling import Autoscale
 
 MAX_ONGOING = 1024  # per replica: admission control (503 + Retry-After) bounds the work, not this
 MAX_QUEUED = 1024  # per handle, waiting for a replica slot: over it Serve refuses (the front answers 503)
@@ -38,7 +39,10 @@ class DDIMService:
         return self.replica.core.sha256
 
 
-def build(options: ServeOptions, replicas: int = 1, replica_cpus: float = 1.0, replica_gpus: float = 0.0) -> Any:
-    """The bound application to deploy (Ray hides GPUs from actors that ask for none)."""
-    return DDIMService.options(num_replicas=replicas,
-                               ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus}).bind(options)
+def build(options: ServeOptions, replicas: int = 1, replica_cpus: float = 1.0, replica_gpus: float = 0.0,
+          autoscale: Autoscale | None = None) -> Any:
+    """The bound application to deploy: ``replicas`` of them, or between ``autoscale``'s bounds by load (Ray hides
+    GPUs from actors that ask for none)."""
+    count = {"num_replicas": replicas} if autoscale is None else autoscale.deployment_options(options.max_queue_s)
+    return DDIMService.options(**count, ray_actor_options={"num_cpus": replica_cpus,
+                                                           "num_gpus": replica_gpus}).bind(options)

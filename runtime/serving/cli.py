@@ -7,8 +7,9 @@ deploy them (Serve's own HTTP proxy is not started), wait until they run, then o
 Ray's reason, exit 1. SIGINT and SIGTERM (whatever the disposition inherited: a background job ignores SIGINT;
 SIGINT is taken back first thing, so even the checks before Ray stop on it) drain: the front stops taking requests,
 in-flight ones finish or get a JSON 503 after ``--grace``, then Serve and Ray stop and every process Ray left behind
-is ended. With an API token (``DDIM_SERVE_TOKEN``, ``--api-token-file`` or ``--api-token``) every route but
-``GET /healthz`` needs it (:mod:`runtime.serving.auth`).
+is ended. With ``--autoscale MIN:MAX`` Serve moves the replica count by load (:mod:`runtime.serving.scaling`; the
+resource check counts MAX on a local instance, MIN on a joined cluster). With an API token (``DDIM_SERVE_TOKEN``,
+``--api-token-file`` or ``--api-token``) every route but ``GET /healthz`` needs it (:mod:`runtime.serving.auth`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from runtime.common.clitools import friendly_errors, one_line, threads_option
 from runtime.options import BackendChoice
 from runtime.common.extras import install_hint
 from runtime.common.hostinfo import physical_cores
+from runtime.serving.scaling import Autoscale, autoscale_options, resolve
 
 SHUTDOWN_TIMEOUT_S = 60  # a joined cluster: deleting our app
 LOCAL_SHUTDOWN_TIMEOUT_S = 20  # our own instance: ray.shutdown()
@@ -167,8 +169,10 @@ class Watchdog:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the HTTP front listens on (0.0.0.0: every interface; put TLS and auth in front).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Copies of the model, each a Ray actor (spread over the cluster's nodes with --address).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Copies of the model, each a Ray actor (spread over the cluster's nodes with --address) "
+                   "[default: 1; or a range by load with --autoscale].")
+@autoscale_options
 @click.option("--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="CPUs Ray reserves per replica (scheduling only; --threads sets what ONNX Runtime uses).")
 @click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
@@ -212,7 +216,9 @@ class Watchdog:
 @click.option("--api-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Read the API token from this file (one line; a trailing newline is dropped).")
 @friendly_errors
-def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: float, replica_gpus: float | None,
+def main(model: Path | None, host: str, port: int, replicas: int | None, autoscale: tuple[int, int] | None,
+         target_ongoing_requests: float | None, upscale_delay_s: float | None, downscale_delay_s: float | None,
+         replica_cpus: float, replica_gpus: float | None,
          max_batch: int, batch_wait_ms: float, max_queue_s: float, backend: str, device: str | None,
          precision: str, threads: int | None, address: str | None, max_images_per_request: int, max_steps: int,
          ready_timeout: float, header_timeout_s: float, body_timeout_s: float, max_connections: int,
@@ -227,6 +233,7 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
 
     take_sigint()
     started = time.monotonic()
+    replicas, scaling = resolve(replicas, autoscale, target_ongoing_requests, upscale_delay_s, downscale_delay_s)
     token, token_from = resolve_token(api_token, api_token_file)  # a bad token fails before anything loads
     os.environ.pop(ENV_VAR, None)  # Ray's processes inherit the environment: the token stays in this one
     model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
@@ -258,7 +265,7 @@ def main(model: Path | None, host: str, port: int, replicas: int, replica_cpus: 
     serve_environment()
     cluster.become_subreaper()
     run = Run(front, host, port, ready_timeout, address)
-    code = run.start_and_serve(options, replicas, replica_cpus, replica_gpus, started)
+    code = run.start_and_serve(options, replicas, replica_cpus, replica_gpus, started, scaling)
     if code:
         sys.exit(code)
 
@@ -276,6 +283,8 @@ class Run:
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         self.server: Any = None
         self.app: Any = None
+        self.handle: Any = None  # Serve's deployment handle, once deployed
+        self.autoscaled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
         self.stopping = False
@@ -300,13 +309,15 @@ class Run:
         self.loop.call_soon_threadsafe(self.app.state.draining.set)
         self.server.should_exit = True
 
-    def status(self) -> tuple[int, str]:
-        from runtime.serving.cluster import app_state
+    def status(self) -> tuple[dict[str, int], str]:
+        """The replicas by state (running, starting, stopping) and, when none runs, why."""
+        from runtime.serving.cluster import deployment_status
 
-        return app_state(self.app_name)
+        return deployment_status(self.app_name)
 
     def start_and_serve(self, options: Any, replicas: int, replica_cpus: float, replica_gpus: float,
-                        started: float) -> int:
+                        started: float, autoscale: Autoscale | None = None) -> int:
+        """``replicas`` replicas, or MIN of ``autoscale`` to start with and Serve's autoscaling up to MAX."""
         import ray
         from ray import serve
         from ray.serve.api import RunTarget
@@ -322,27 +333,34 @@ class Run:
             try:
                 watchdog.stage = (f"joining the Ray cluster at {address}" if address
                                   else "starting a local Ray instance")
-                say(f"{watchdog.stage}, {replicas} replica(s) ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), "
+                count = f"{replicas} replica(s)" if autoscale is None else (
+                    f"{autoscale.min_replicas} to {autoscale.max_replicas} replicas by load (target "
+                    f"{autoscale.target_ongoing_requests:g} requests in flight each; up after "
+                    f"{autoscale.upscale_delay_s:g} s, down after {autoscale.downscale_delay_s:g} s)")
+                say(f"{watchdog.stage}, {count} ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), "
                     f"max batch {options.max_batch}, batch wait {options.batch_wait_ms:g} ms")
                 ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                          log_to_driver=False, configure_logging=True)
                 for sig in previous:  # ray.init's core worker installs a C handler for SIGTERM (a stack dump,
                     signal.signal(sig, self.on_signal)  # then death with nothing cleaned up): ours again
                 watchdog.stage = "checking the cluster's resources"
-                cluster.check_resources(replicas, replica_cpus, replica_gpus, joined=bool(address))
+                for warning in cluster.check_resources(replicas, replica_cpus, replica_gpus, joined=bool(address),
+                                                       autoscale=autoscale):
+                    say(warning)
                 watchdog.stage = "starting Serve"
                 serve.start(proxy_location="Disabled")
                 watchdog.stage = f"placing {replicas} replica(s) and loading the model"
                 watchdog.detail = lambda: self.status()[1]
-                [handle] = serve.run_many([RunTarget(build(options, replicas, replica_cpus, replica_gpus),
-                                                     name=self.app_name, route_prefix=None)],
-                                          wait_for_applications_running=False)
-                self.wait_running(replicas)
+                self.autoscaled = autoscale is not None
+                [self.handle] = serve.run_many([RunTarget(build(options, replicas, replica_cpus, replica_gpus,
+                                                                autoscale), name=self.app_name, route_prefix=None)],
+                                               wait_for_applications_running=False)
+                forwarder = cluster.RayForwarder(self.handle)
+                forwarder.states = self.wait_running(replicas)
                 watchdog.stage = f"opening {self.url}"
-                forwarder = cluster.RayForwarder(handle)
                 self.app = make_app(forwarder, self.front)
                 self.server = make_server(self.app, self.host, self.port, self.front)
-                asyncio.run(self.serve(forwarder, watchdog, started))
+                asyncio.run(self.serve(forwarder, watchdog, started, self.autoscaled))
             except KeyboardInterrupt:
                 say("interrupted")
                 self.exit_code = 130
@@ -357,19 +375,18 @@ class Run:
                 signal.signal(sig, handler)
         return self.exit_code
 
-    def wait_running(self, replicas: int) -> None:
-        """Until every replica runs; one line when the deployment failed (a model that cannot load)."""
-        from runtime.serving import cluster
-
+    def wait_running(self, replicas: int) -> dict[str, int]:
+        """Until every replica runs (returns them by state); one line when the deployment failed (a model that cannot
+        load)."""
         while True:
-            running, why = self.status()
-            if running >= replicas:
-                return
+            states, why = self.status()
+            if states["running"] >= replicas:
+                return states
             if "DEPLOY_FAILED" in why or "UNHEALTHY" in why:
                 raise RuntimeError(f"the replicas did not start: {why}")
             time.sleep(0.25)
 
-    async def serve(self, forwarder: Any, watchdog: Watchdog, started: float) -> None:
+    async def serve(self, forwarder: Any, watchdog: Watchdog, started: float, autoscaled: bool = False) -> None:
         """The front until a signal or a service without replicas for --ready-timeout."""
         self.loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(self.server.serve())
@@ -385,23 +402,29 @@ class Run:
             f"{self.url}/docs); Ctrl-C stops")
         click.echo(self.url)
         sys.stdout.flush()
-        monitor = asyncio.ensure_future(self.watch(forwarder))
+        monitor = asyncio.ensure_future(self.watch(forwarder, autoscaled))
         try:
             await task
         finally:
             monitor.cancel()
 
-    async def watch(self, forwarder: Any) -> None:
-        """Poll the replicas' health for the front; say when it changes; exit 1 after --ready-timeout without one."""
+    async def watch(self, forwarder: Any, autoscaled: bool = False) -> None:
+        """Poll the replicas' health and count for the front (``forwarder.why``, ``forwarder.states``); say when
+        health changes, and with ``autoscaled`` when the running count does; exit 1 after --ready-timeout without
+        a running replica."""
         from runtime.serving import cluster
 
         down_since: float | None = None
         while True:
             await asyncio.sleep(POLL_S)
             try:
-                running, why = await cluster.in_daemon_thread(self.status, 10)
+                states, why = await cluster.in_daemon_thread(self.status, 10)
             except Exception as exc:  # noqa: BLE001 (Ray's controller or GCS gone: the front still answers)
-                running, why = 0, f"Ray does not answer ({one_line(exc) or 'timeout'})"
+                states, why = {}, f"Ray does not answer ({one_line(exc) or 'timeout'})"
+            running = states.get("running", 0)
+            if autoscaled and running and running != forwarder.states.get("running"):
+                say(f"autoscaling: {running} replica(s) running")
+            forwarder.states = states
             if running:
                 if forwarder.why is not None:
                     say(f"a replica is serving again ({running} running)")
@@ -433,6 +456,10 @@ class Run:
 
         def take_down() -> None:
             try:
+                if ours and self.autoscaled and self.handle is not None and not gcs_gone:
+                    # Its router sends Serve's controller the load every 2 s from a thread of its own: stopped
+                    # first, or it reaches for the controller Ray is taking down (a traceback, or a reconnect).
+                    self.handle.shutdown()
                 if ours and address:
                     serve.delete(self.app_name)  # a joined cluster keeps running, with its other apps
                 if ours and not gcs_gone:

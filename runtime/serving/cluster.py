@@ -17,6 +17,7 @@ from typing import Any
 from runtime.common.clitools import one_line
 from runtime.serving.core import Answer
 from runtime.serving.ingress import Unavailable
+from runtime.serving.scaling import Autoscale
 
 APP_NAME = "ddim"
 DEPLOYMENT = "ddim"
@@ -40,12 +41,10 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
                          ) from None
 
 
-def check_resources(replicas: int, replica_cpus: float, replica_gpus: float, joined: bool) -> None:
-    """The replicas must fit the cluster: in total, and each on one node. One line naming what is missing (Serve
-    would wait for them forever, printing nothing)."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+def shortfall(nodes: list[dict[str, float]], replicas: int, replica_cpus: float, replica_gpus: float,
+              count_flag: str) -> list[str]:
+    """What ``replicas`` replicas lack on these nodes (their resources: ``{"CPU": 2.0, ...}``): in total, and each
+    on one node; [] when they fit. ``count_flag`` names where the count came from (``--replicas 3``)."""
     missing = []
     for name, each in (("CPU", replica_cpus), ("GPU", replica_gpus)):
         if each <= 0:
@@ -56,27 +55,59 @@ def check_resources(replicas: int, replica_cpus: float, replica_gpus: float, joi
         if each > largest:
             missing.append(f"{flag} {each:g}: no node has {each:g} {name}s (the largest has {largest:g})")
         elif replicas * each > total:
-            missing.append(f"--replicas {replicas} x {flag} {each:g} = {replicas * each:g} {name}s, the cluster has "
+            missing.append(f"{count_flag} x {flag} {each:g} = {replicas * each:g} {name}s, the cluster has "
                            f"{total:g}")
+    return missing
+
+
+def check_resources(replicas: int, replica_cpus: float, replica_gpus: float, joined: bool,
+                    autoscale: Autoscale | None = None) -> list[str]:
+    """The replicas must fit the cluster: in total, and each on one node. One line naming what is missing (Serve
+    would wait for them forever, printing nothing). With ``autoscale``, MAX replicas must fit a local instance (it
+    never grows); a joined cluster needs MIN now, and MAX not fitting is a warning (Ray's autoscaler may add
+    nodes). Returns the warnings."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if autoscale is None:
+        missing, warnings = shortfall(nodes, replicas, replica_cpus, replica_gpus, f"--replicas {replicas}"), []
+    else:
+        bounds = f"--autoscale {autoscale.label}"
+        lo, hi = autoscale.min_replicas, autoscale.max_replicas
+        at_max = shortfall(nodes, hi, replica_cpus, replica_gpus, f"{bounds}: MAX {hi}")
+        missing = shortfall(nodes, lo, replica_cpus, replica_gpus, f"{bounds}: MIN {lo}") if joined else at_max
+        warnings = [f"{bounds}: MAX replicas do not fit the cluster now ({'; '.join(at_max)}); Serve places the "
+                    "ones that do not fit when nodes join"] if joined and at_max and not missing else []
     if missing:
         hint = "" if not joined else " (an autoscaling cluster may add nodes: lower the request or add them first)"
         raise ValueError(f"the replicas do not fit: {'; '.join(missing)}{hint}")
+    return warnings
 
 
-def app_state(app_name: str = APP_NAME) -> tuple[int, str]:
-    """(running replicas, why none: Ray's status and message) of this service's deployment."""
+def deployment_status(app_name: str = APP_NAME) -> tuple[dict[str, int], str]:
+    """(replicas by state: ``running``, ``starting`` (Serve's STARTING, UPDATING, RECOVERING), ``stopping``; why
+    none runs: Ray's status and message) of this service's deployment."""
     from ray import serve
 
+    states = {"running": 0, "starting": 0, "stopping": 0}
     status = serve.status()
     app = status.applications.get(app_name)
     if app is None:
-        return 0, "the application is not deployed"
+        return states, "the application is not deployed"
     dep = app.deployments.get(DEPLOYMENT)
     if dep is None:
-        return 0, f"{app.status}: {one_line(Exception(app.message)) if app.message else 'no deployment'}"
-    running = sum(count for state, count in dep.replica_states.items() if str(state).endswith("RUNNING"))
+        return states, f"{app.status}: {one_line(Exception(app.message)) if app.message else 'no deployment'}"
+    for state, count in dep.replica_states.items():
+        name = str(getattr(state, "value", state)).rpartition(".")[2].upper()
+        key = REPLICA_STATES.get(name)
+        if key is not None:
+            states[key] += count
     message = one_line(Exception(dep.message or app.message or "")) if (dep.message or app.message) else ""
-    return running, f"{dep.status}{': ' + message if message else ''}"
+    return states, f"{dep.status}{': ' + message if message else ''}"
+
+
+REPLICA_STATES = {"RUNNING": "running", "STARTING": "starting", "UPDATING": "starting", "RECOVERING": "starting",
+                  "STOPPING": "stopping", "PENDING_MIGRATION": "stopping"}
 
 
 async def in_daemon_thread(fn: Any, timeout_s: float) -> Any:
@@ -105,11 +136,13 @@ async def in_daemon_thread(fn: Any, timeout_s: float) -> Any:
 
 
 class RayForwarder:
-    """The front's way to the replicas: Serve's deployment handle, plus the health the watcher last saw."""
+    """The front's way to the replicas: Serve's deployment handle, plus the health and the replicas by state that
+    the watcher last saw (``states``: what ``GET /metrics`` and ``GET /v1/model`` show)."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.why: str | None = None
+        self.states: dict[str, int] = {}
 
     async def samples(self, fields: dict[str, Any]) -> Answer:
         from ray import exceptions as rex
@@ -127,6 +160,9 @@ class RayForwarder:
 
     def health(self) -> str | None:
         return self.why
+
+    def replicas(self) -> dict[str, int]:
+        return dict(self.states)
 
 
 # -- processes ---------------------------------------------------------------------------------------------------

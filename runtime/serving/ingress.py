@@ -1,7 +1,8 @@
 """``ddim-serve``'s HTTP front: the one process that talks to clients, in front of the replicas.
 
     POST /v1/samples   {num_images, steps, seed, eta, solver, format}  -> PNG grid | zip of PNGs | npz
-    GET  /v1/model     the model's config, export report, backend, limits and the batches formed so far
+    GET  /v1/model     the model's config, export report, backend, limits, the batches formed so far, and the
+                       service's replicas by state
     GET  /healthz      {"status": "ok"} while a replica is running, else 503 naming why
     GET  /metrics      Prometheus metrics: answers by route and status, times, batches (runtime.serving.metrics)
     GET  /docs, /openapi.json   the OpenAPI schema (FastAPI)
@@ -85,6 +86,7 @@ class Forwarder(Protocol):
     async def samples(self, fields: dict[str, Any]) -> Answer: ...
     async def info(self) -> dict[str, Any]: ...
     def health(self) -> str | None: ...  # None: serving; else why not (one line)
+    def replicas(self) -> dict[str, int]: ...  # replicas by state (running, starting, stopping); {}: unknown
 
 
 class LocalForwarder:
@@ -101,6 +103,9 @@ class LocalForwarder:
 
     def health(self) -> str | None:
         return None
+
+    def replicas(self) -> dict[str, int]:
+        return {"running": 1, "starting": 0, "stopping": 0}
 
 
 def raw_json(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
@@ -244,7 +249,7 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
                   description="Sample images from a ddim-deploy model. The same (seed, index) gives the same image "
                               "as ddim-run --seed.")
     api.state.draining = Draining()
-    metrics = api.state.metrics = FrontMetrics()
+    metrics = api.state.metrics = FrontMetrics(forwarder.replicas)
     # Outermost last: every answer is counted (431 and 401 too), a head over the limit is refused before its
     # token is looked at.
     if options.api_token is not None:
@@ -320,9 +325,10 @@ def make_app(forwarder: Forwarder, options: FrontOptions = FrontOptions()) -> Fa
         if why is not None:
             return error(503, f"no replica is serving: {why}", **{"Retry-After": "5"})
         try:
-            return JSONResponse(await asyncio.wait_for(forwarder.info(), 30))
+            info = await asyncio.wait_for(forwarder.info(), 30)
         except Exception as exc:  # noqa: BLE001
             return error(503, f"the replica did not answer: {one_line(exc) or 'timeout'}", **{"Retry-After": "1"})
+        return JSONResponse({**info, "replicas": forwarder.replicas()})  # the service's; the rest is one replica's
 
     @api.get("/healthz")
     async def healthz() -> Response:

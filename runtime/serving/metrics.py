@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
@@ -64,11 +64,32 @@ class ReplicaTotals:
             buckets=buckets, sum_value=sum(s * c for s, c in sizes.items()))
 
 
+class ReplicaCount:
+    """A collector of the replicas by state (``running``, ``starting``, ``stopping``) as the front's health watcher
+    last read them from Serve (every second): a replica count that ``--autoscale`` moves shows here. Nothing
+    (no sample) when the front has no count to give."""
+
+    def __init__(self, states: Callable[[], dict[str, int]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[Any]:
+        states = self.states()
+        if not states:
+            return
+        family = GaugeMetricFamily("ddim_serve_replicas", "Replicas of the service by state (running: serving "
+                                   "requests; starting; stopping: draining before removal), as Serve reported them "
+                                   "within the last second or so.", labels=["state"])
+        for state in sorted(states):
+            family.add_metric([state], states[state])
+        yield family
+
+
 class FrontMetrics:
     """The front's metrics: the app's middleware (:class:`Measured`) and the protocol count answers, the samples
-    route reports each replica answer; :meth:`exposition` renders them for a scrape."""
+    route reports each replica answer; :meth:`exposition` renders them for a scrape. ``replica_states``: where the
+    replica count comes from (the forwarder's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, replica_states: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.routes: frozenset[str] = frozenset()  # set by the app once its routes exist
         r = self.registry
@@ -86,6 +107,8 @@ class FrontMetrics:
                                           "network batch to its last image.", buckets=SECONDS_BUCKETS, registry=r)
         self.replicas = ReplicaTotals()
         r.register(self.replicas)  # type: ignore[arg-type]
+        if replica_states is not None:
+            r.register(ReplicaCount(replica_states))  # type: ignore[arg-type]
 
     def route(self, path: str) -> str:
         """The route label of a path: the route itself, or ``other`` (labels never hold what a client made up)."""
