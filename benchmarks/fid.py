@@ -59,7 +59,8 @@ from trainer.data import model_split_images  # noqa: E402
 from trainer.rundir import load_model, read_spec  # noqa: E402
 
 EAGER = "eager fp32"
-BACKENDS = ("eager", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
+BACKENDS = ("eager", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8", "openvino", "openvino-bf16",
+            "openvino-int8")
 
 
 def open_backends(names: tuple[str, ...], model_dir: Path, export_dir: Path, device: str) -> dict[str, Sampler]:
@@ -74,8 +75,14 @@ def open_backends(names: tuple[str, ...], model_dir: Path, export_dir: Path, dev
     for name in names:
         if name == "eager":
             continue
-        precision = {"onnxruntime": "fp32", "onnxruntime-fp16": "fp16", "onnxruntime-int8": "int8"}[name]
-        out[f"onnxruntime cpu {precision}"] = Sampler(OrtBackend(export_dir, "cpu", precision))
+        engine, _, precision = name.partition("-")
+        precision = precision or "fp32"
+        if engine == "openvino":  # the runtime's OpenVINO backend (extra openvino), on the CPU
+            from runtime.backends.openvino_backend import OpenVinoBackend
+
+            out[f"openvino cpu {precision}"] = Sampler(OpenVinoBackend(export_dir, "cpu", precision))
+        else:
+            out[f"onnxruntime cpu {precision}"] = Sampler(OrtBackend(export_dir, "cpu", precision))
     return out
 
 
@@ -89,7 +96,8 @@ def make_export(model_dir: Path, folder: Path, names: tuple[str, ...], data_path
     # The INT8 file is calibrated as ddim-export does; its gate is relaxed here: this script measures quality.
     relaxed = GateOptions(images=4, steps=10, min_psnr_db=float("-inf"), max_fd_ratio=float("inf"),
                           classifier=str(classifier) if classifier is not None else None)
-    export_run(model_dir, out, ExportOptions(fp16="onnxruntime-fp16" in names, int8="onnxruntime-int8" in names,
+    export_run(model_dir, out, ExportOptions(fp16="onnxruntime-fp16" in names,
+                                             int8=bool({"onnxruntime-int8", "openvino-int8"} & set(names)),
                                              data_path=data_path, int8_gate=relaxed))
     return out
 
