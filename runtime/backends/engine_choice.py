@@ -49,7 +49,7 @@ import numpy as np
 
 from runtime.backends import precision as ort_precision
 from runtime.common.files import sha256_file
-from runtime.exportdir import FP32_ONNX, INT8_ONNX, read_report
+from runtime.exportdir import FP32_ONNX, INT8_ONNX, REPORT, read_report
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def _openvino_pairs(folder: Path, asked: str | None, notes: list[str]) -> list[s
         gates = read_report(folder).get("engine_gates")
     except (OSError, ValueError):
         gates = None
-    passed = [label for label in PAIRS if label.startswith("openvino/") and isinstance(gates, dict)
-              and isinstance(gates.get(label), dict) and gates[label].get("passed") is True]
+    gates = {k: v for k, v in gates.items() if isinstance(v, dict)} if isinstance(gates, dict) else {}
+    passed = [label for label in PAIRS if label.startswith("openvino/") and gates.get(label, {}).get("passed") is True]
     if asked == "bf16" and "openvino/bf16" not in passed:
         passed.append("openvino/bf16")  # asked for: bf16 runs on OpenVINO alone
     if not passed:
@@ -152,15 +152,13 @@ def _openvino_pairs(folder: Path, asked: str | None, notes: list[str]) -> list[s
         name = FILES[prec]
         if name not in shas:
             shas[name] = sha256_file(folder / name) if (folder / name).is_file() else None
-        recorded = gates.get(label, {}).get("sha256") if isinstance(gates, dict) and isinstance(gates.get(label),
-                                                                                                    dict) else None
+        recorded = gates.get(label, {}).get("sha256")
         if not (asked == "bf16" and prec == "bf16") and (shas[name] is None or recorded != shas[name]):
             notes.append(f"{label} not considered: {name} changed since its gate")
             continue
-        if prec == "bf16" and not cpu_has_bf16():
-            if asked != "bf16":
-                notes.append(f"{label} not considered: this CPU has no bfloat16 instructions")
-                continue
+        if prec == "bf16" and asked != "bf16" and not cpu_has_bf16():  # asked for: OpenVINO refuses in one line
+            notes.append(f"{label} not considered: this CPU has no bfloat16 instructions")
+            continue
         out.append(label)
     return out
 
@@ -264,7 +262,7 @@ _memo: dict[tuple[Any, ...], Choice] = {}  # one choice per folder state, thread
 
 def _state(folder: Path) -> tuple[Any, ...]:
     sig = []
-    for name in (FP32_ONNX, INT8_ONNX, "export_report.json"):
+    for name in (FP32_ONNX, INT8_ONNX, REPORT):
         try:
             st = (folder / name).stat()
             sig.append((name, st.st_size, st.st_mtime_ns))

@@ -25,11 +25,9 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
 from runtime.exportdir import FP32_ONNX, INT8_ONNX, REPORT, read_report
@@ -75,35 +73,15 @@ def time_forwards(folder: Path, batches: tuple[int, ...] = (SPEEDUP_BATCH,), bud
     """Median ms per forward of ``folder``'s float32 and INT8 files on ONNX Runtime CPU (the runtime's
     own sessions), per batch; ``speedup`` is float32 / INT8 at :data:`SPEEDUP_BATCH` (or the largest batch).
 
-    Runs alternate between the files, so a change in the machine's load hits both alike; each batch
-    stops after ``max_repeats`` or its share of ``budget_s``, whichever comes first (``min_repeats`` at least).
+    The engine choice's interleaved timing of the two pairs (:func:`runtime.backends.engine_choice.time_pairs`:
+    runs alternate, so a change in the machine's load hits both alike; each batch stops after ``max_repeats``
+    rounds or its share of ``budget_s``, ``min_repeats`` at least), in ``int8.timing``'s shape.
     """
-    from runtime.backends.ort_backend import OrtBackend
+    from runtime.backends import engine_choice
 
-    backends = {p: OrtBackend(folder, "cpu", p, threads) for p in ("fp32", "int8")}
-    m = backends["fp32"].spec.model
-    rng = np.random.default_rng(0)
-    rows: dict[str, dict[str, float]] = {}
-    for n in batches:
-        x = rng.standard_normal((n, m.channels, m.image_size, m.image_size), dtype=np.float32)  # (N, C, H, W)
-        for b in backends.values():
-            for _ in range(warmup):
-                b.denoise(x, 0.5)
-        times: dict[str, list[float]] = {p: [] for p in backends}
-        start = time.perf_counter()
-        while len(times["fp32"]) < max_repeats:
-            for p, b in backends.items():
-                t0 = time.perf_counter()
-                b.denoise(x, 0.5)
-                times[p].append(time.perf_counter() - t0)
-            if len(times["fp32"]) >= min_repeats and time.perf_counter() - start >= budget_s / len(batches):
-                break
-        fp32_ms, int8_ms = (1e3 * float(np.median(times[p])) for p in ("fp32", "int8"))
-        rows[str(n)] = {"fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4),
-                        "speedup": round(fp32_ms / int8_ms, 4), "repeats": len(times["fp32"])}
-    key = str(SPEEDUP_BATCH) if SPEEDUP_BATCH in batches else str(max(batches))
-    return {"batch": rows, "speedup": rows[key]["speedup"], "speedup_batch": int(key),
-            "host": host_fingerprint(threads)}
+    timing = engine_choice.time_pairs(folder, ["onnxruntime/int8"], batches, budget_s, threads, warmup=warmup,
+                                      min_rounds=min_repeats, max_rounds=max_repeats)
+    return engine_choice.int8_timing(timing, threads)
 
 
 def timing_line(timing: dict[str, Any]) -> str:
