@@ -235,3 +235,22 @@ def int8_export(run_dir, tmp_path_factory):
                       env={"DDIM_DEPLOY_ENGINE_GATES": "1"})
     assert proc.returncode == 0, proc.stderr
     return out, proc.stderr
+
+
+def externalize_largest_initializer(model_in: Path, model_out: Path, data_path: Path, location: str) -> int:
+    """Write ``model_in`` to ``model_out`` with its largest initializer moved out as ONNX external data: its bytes
+    written to ``data_path``, the graph pointing at ``location`` (relative to the model's folder, or absolute: what a
+    hostile file may claim). Returns the initializer's size in bytes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_in))
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    size = len(init.raw_data)
+    data_path.write_bytes(numpy_helper.to_array(init).tobytes())
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    entry = init.external_data.add()
+    entry.key, entry.value = "location", location
+    onnx.save(model, str(model_out))
+    return size

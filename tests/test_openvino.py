@@ -170,17 +170,10 @@ def test_without_the_package_it_names_the_install_and_auto_is_unaffected(monkeyp
 
 
 def test_external_data_outside_the_model_folder_is_refused(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    from onnx import numpy_helper
+    from conftest import externalize_largest_initializer
 
     (tmp_path / "exp").mkdir()
-    model = onnx.load(str(SHIPPED_MODEL / "model.onnx"))
-    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-    (tmp_path / "secret.bin").write_bytes(numpy_helper.to_array(init).tobytes())
-    init.ClearField("raw_data")
-    init.data_location = onnx.TensorProto.EXTERNAL
-    entry = init.external_data.add()
-    entry.key, entry.value = "location", "../secret.bin"
-    onnx.save(model, str(tmp_path / "exp" / "model.onnx"))
+    externalize_largest_initializer(SHIPPED_MODEL / "model.onnx", tmp_path / "exp" / "model.onnx",
+                                    tmp_path / "secret.bin", "../secret.bin")
     with pytest.raises(BackendError, match=r"cannot load .*model.onnx: Path '../secret.bin' resolves to .* outside"):
         open_backend(tmp_path / "exp", "openvino", "cpu")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import externalize_largest_initializer
 from faults import ROOT, one_error_line, run_here, shipped_export, tiny_data, tiny_run
 from runtime.metadata import METADATA_KEY
 
@@ -137,17 +138,8 @@ def test_fit_refuses_a_batch_that_cannot_fit(tmp_path):
 
 @pytest.mark.parametrize("location", ["../secret.bin", "/etc/hostname"])
 def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path, location):
-    from onnx import numpy_helper
-
     exp = shipped_export(tmp_path / "exp")
-    model = onnx.load(str(exp / "model.onnx"))
-    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-    (tmp_path / "secret.bin").write_bytes(numpy_helper.to_array(init).tobytes())
-    init.ClearField("raw_data")
-    init.data_location = onnx.TensorProto.EXTERNAL
-    entry = init.external_data.add()
-    entry.key, entry.value = "location", location
-    onnx.save(model, str(exp / "model.onnx"))
+    externalize_largest_initializer(exp / "model.onnx", exp / "model.onnx", tmp_path / "secret.bin", location)
     proc = run_here("runtime.cli", str(exp), "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "s.png"),
                "--no-progress", cwd=tmp_path, env={"DDIM_DEPLOY_CACHE": str(tmp_path / "cache")})
     line = one_error_line(proc)
@@ -156,18 +148,9 @@ def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path, locati
 
 
 def test_onnx_external_data_inside_the_folder_resolves_there_not_in_the_working_directory(tmp_path):
-    from onnx import numpy_helper
-
     exp = shipped_export(tmp_path / "exp")
-    model = onnx.load(str(exp / "model.onnx"))
-    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-    (exp / "weights.bin").write_bytes(numpy_helper.to_array(init).tobytes())
-    (tmp_path / "weights.bin").write_bytes(b"\0" * len(init.raw_data))  # a decoy in the working directory
-    init.ClearField("raw_data")
-    init.data_location = onnx.TensorProto.EXTERNAL
-    entry = init.external_data.add()
-    entry.key, entry.value = "location", "weights.bin"
-    onnx.save(model, str(exp / "model.onnx"))
+    size = externalize_largest_initializer(exp / "model.onnx", exp / "model.onnx", exp / "weights.bin", "weights.bin")
+    (tmp_path / "weights.bin").write_bytes(b"\0" * size)  # a decoy in the working directory
     args = ("--steps", "3", "--num-images", "2", "--no-progress", "--npz")
     env = {"DDIM_DEPLOY_CACHE": str(tmp_path / "cache")}
     got = run_here("runtime.cli", str(exp), *args, str(tmp_path / "a.npz"), "--out", str(tmp_path / "a.png"),
