@@ -145,7 +145,7 @@ def ray_session(address: str) -> Iterator[Any]:
     test) is used as it is and left running."""
     ray = import_ray()
     from runtime.serving import cluster
-    from runtime.serving.cli import quiet_ray_logs, serve_environment
+    from runtime.serving.process import quiet_ray_logs, serve_environment
 
     try:
         cluster.check_address(address)
