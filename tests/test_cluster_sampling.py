@@ -256,7 +256,7 @@ def two_node_cluster():
     """`ray start --head` (no CPUs: it schedules nothing) and `ray start --address` (2 CPUs) as two blocking
     processes of this test, each in its own session; ended with every process below them."""
     pytest.importorskip("ray")
-    from runtime.serving.cluster import descendants
+    from runtime.serving.cluster import descendants, end_processes
     from test_distributed import free_port
 
     port = free_port()
@@ -275,16 +275,9 @@ def two_node_cluster():
         time.sleep(3)  # the raylet registers its CPUs with the head
         yield f"127.0.0.1:{port}"
     finally:
-        pids = [p for proc in procs for p in descendants(proc.pid)] + [proc.pid for proc in procs]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
-                time.sleep(0.1)
+        end_processes([p for proc in procs for p in descendants(proc.pid)] + [proc.pid for proc in procs], 10.0)
+        for proc in procs:
+            proc.poll()
 
 
 @pytest.mark.slow

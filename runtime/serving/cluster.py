@@ -199,7 +199,11 @@ def descendants(root: int | None = None) -> list[int]:
 
 def end_descendants(grace_s: float = 5.0) -> int:
     """SIGTERM every descendant, SIGKILL what is left after ``grace_s``, reap; returns how many were running."""
-    pids = descendants()
+    return end_processes(descendants(), grace_s)
+
+
+def end_processes(pids: list[int], grace_s: float = 5.0) -> int:
+    """SIGTERM ``pids``, SIGKILL what is left after ``grace_s``, reap our children among them; returns how many."""
     count = len(pids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
