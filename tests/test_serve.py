@@ -406,3 +406,65 @@ def test_a_cancelled_request_leaves_no_debt_and_an_idle_replica_admits_anything(
 
     asyncio.run(scenario())
     assert [e[0] for e in log] == ["start", "end"]  # the queued 4 images never ran
+
+
+def test_step_level_batching_serves_staggered_mixed_requests_as_ddim_run():
+    """--batching step: requests with different steps, eta and solvers arrive while others run, join the running
+    batch at the next step, and every image equals ddim-run's; a finished request is answered before the others."""
+    import asyncio
+
+    from runtime.serving.core import Replica
+
+    replica = Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=1, max_batch=6,
+                                   batch_wait_ms=0, batching="step"))
+    requests = [(0.0, {"num_images": 3, "steps": 12, "seed": 1}),
+                (0.05, {"num_images": 2, "steps": 4, "seed": 2, "eta": 0.5}),
+                (0.1, {"num_images": 2, "steps": 6, "seed": 3, "solver": "dpmpp-2m"}),
+                (0.15, {"num_images": 1, "steps": 2, "seed": 4}),
+                (0.2, {"num_images": 3, "steps": 3, "seed": 5, "eta": 1.0})]
+
+    async def scenario():
+        async def one(delay, fields):
+            await asyncio.sleep(delay)
+            answer = await replica.samples({**fields, "format": "npz"})
+            return answer, asyncio.get_running_loop().time()
+
+        return await asyncio.gather(*(one(d, f) for d, f in requests))
+
+    answers = asyncio.run(scenario())
+    for (_, fields), (answer, _) in zip(requests, answers):
+        assert answer.status == 200, answer.body
+        ref = reference(fields["num_images"], fields["seed"], fields["steps"], eta=fields.get("eta", 0.0),
+                        solver=fields.get("solver", "ddim"))
+        np.testing.assert_array_equal(np.load(io.BytesIO(answer.body))["images"], ref)
+    sizes = replica.core.stats.batch_sizes
+    assert max(sizes) == 6 and sum(sizes.values()) < sum(f["steps"] for _, f in requests)  # images shared calls
+    assert answers[3][1] < answers[0][1]  # the 2-step request left the batch before the 12-step one finished
+    assert replica.core.info()["batching"] == "step"
+
+
+def test_step_level_fairness_parks_a_large_request_for_a_small_one():
+    """A full step batch of one long request: a much smaller request parks one of its images for its own turn, and
+    the parked image resumes where it was (same images as ddim-run)."""
+    import asyncio
+    import time
+
+    from runtime.serving.core import Replica
+
+    replica = Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=1, max_batch=2,
+                                   batch_wait_ms=0, batching="step"))
+
+    async def scenario():
+        big = asyncio.ensure_future(replica.samples({"num_images": 2, "steps": 120, "seed": 7, "format": "npz"}))
+        await asyncio.sleep(0.3)
+        t0 = time.perf_counter()
+        small = await replica.samples({"num_images": 1, "steps": 3, "seed": 8, "format": "npz"})
+        waited = time.perf_counter() - t0
+        return await big, small, waited, big.done()
+
+    big, small, waited, _ = asyncio.run(scenario())
+    assert replica.core.stats.preemptions >= 1
+    assert big.status == small.status == 200
+    np.testing.assert_array_equal(np.load(io.BytesIO(small.body))["images"], reference(1, 8, 3))
+    np.testing.assert_array_equal(np.load(io.BytesIO(big.body))["images"], reference(2, 7, 120))
+    assert waited < float(big.headers["X-Seconds"]) / 3

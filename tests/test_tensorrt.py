@@ -273,3 +273,32 @@ def test_project_names_only_tensorrt_attributes_both_versions_have():
             obj = getattr(d.module, name)  # AttributeError names the version
             if attr:
                 getattr(obj, attr)
+
+
+def test_step_batching_pads_a_static_engine_and_keeps_the_stream_rule(run_dir, trt, tmp_path):
+    """A static batch-4 engine runs a step batch of 3, then 2, images at different steps (padded with copies of the
+    last row, the padding's outputs dropped); every image equals the same graph's at batch 1 (ONNX Runtime fp16),
+    and every array the engine read was made on its stream."""
+    from runtime.settings import SamplingSettings
+    from runtime.stepping import StepBatch
+
+    out = tmp_path / "static"
+    export_run(run_dir, out, ExportOptions(fp16=True, profile=BatchProfile.static(4)))
+    sampler = load(out, backend="tensorrt", device="cuda")
+    batch = StepBatch(sampler, 16)
+    assert batch.capacity == 4
+    jobs = [(1, 0, SamplingSettings(steps=3)), (2, 1, SamplingSettings(steps=5, eta=0.5, clip_x0=True)),
+            (3, 0, SamplingSettings(steps=4, solver="dpmpp-2m"))]
+    batch.add(jobs[0], *jobs[0])
+    batch.step()
+    for job in jobs[1:]:
+        batch.add(job, *job)
+    got = {}
+    while len(batch):
+        for f in batch.step():
+            assert f.error is None, f.error
+            got[f.lane.key] = f.sample
+    ref = load(out, backend="onnxruntime", device="cpu", precision="fp16")
+    for job in jobs:
+        np.testing.assert_array_equal(got[job], ref.sample_images([job[:2]], job[2]).samples[0])
+    assert trt.stream_log and all(made == read for _, made, read in trt.stream_log), trt.stream_log[:4]

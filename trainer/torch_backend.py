@@ -8,13 +8,14 @@ torch-free runtime never imports torch or the trainer unless this backend is cho
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from runtime.backends.base import cond_shape
+from runtime.backends.base import cond_shape, cond_values
 from runtime.config import ModelSpec
 from runtime.common.hostinfo import check_threads, threads_label
 from trainer.rundir import load_model
@@ -47,10 +48,14 @@ class TorchBackend:
         self.model = model.to(device).eval()
         self.spec = spec
 
+    per_image_cond = True
+
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, cond: float) -> torch.Tensor:
-        shape = cond_shape(self.spec.model.conditioning, x.shape[0])
-        return self.model(x, torch.full(shape, cond, device=x.device))
+    def denoise(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
+        conditioning = self.spec.model.conditioning
+        if np.ndim(cond) == 0:
+            return self.model(x, torch.full(cond_shape(conditioning, x.shape[0]), cond, device=x.device))
+        return self.model(x, torch.from_numpy(cond_values(conditioning, x.shape[0], cond)).to(x.device))
 
     def from_host(self, x: NDArray[np.float32]) -> torch.Tensor:
         return torch.from_numpy(x).to(self.device)

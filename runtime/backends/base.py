@@ -32,6 +32,22 @@ def cond_shape(conditioning: Conditioning, batch: Any) -> tuple[Any, ...]:
     return (batch,) if conditioning == "timestep" else (batch, 1, 1, 1)
 
 
+Cond = Any  # a float (one level for the whole batch) or a host float32 array (N,): one level per image
+
+
+def cond_values(conditioning: Conditioning, n: int, cond: Cond) -> NDArray[np.float32]:
+    """The conditioning input of a batch of ``n`` (host float32, :func:`cond_shape`): ``cond`` a number gives every
+    image that level; a 1-D array of ``n`` gives each image its own (step-level batching: images at different steps
+    share one network call). Both round the float64 levels to float32 the same way, so an image's input does not
+    depend on which form carried it."""
+    if np.ndim(cond) == 0:
+        return np.full(cond_shape(conditioning, n), cond, dtype=np.float32)
+    v = np.asarray(cond, dtype=np.float32)
+    if v.shape != (n,):
+        raise ValueError(f"per-image conditioning must have shape ({n},) for a batch of {n}, got {v.shape}")
+    return v.reshape(cond_shape(conditioning, n))
+
+
 class BackendError(ValueError):
     """A backend that cannot run the given model here, with the reason."""
 
@@ -44,7 +60,10 @@ class Backend(Protocol):
     precision: str
     spec: ModelSpec
 
-    def denoise(self, x: Any, cond: float) -> Any: ...  # (N, C, H, W), the step's cond -> predicted noise
+    # (N, C, H, W) and the step's cond (a float) or one per image (host float32 (N,), see cond_values) -> predicted
+    # noise. A backend without ``per_image_cond = True`` is called with floats only (step-level batching then
+    # calls it once per distinct level).
+    def denoise(self, x: Any, cond: Cond) -> Any: ...
     def from_host(self, x: NDArray[np.float32]) -> Any: ...
     def to_host(self, x: Any) -> NDArray[np.float32]: ...
     def is_finite(self, x: Any) -> bool: ...

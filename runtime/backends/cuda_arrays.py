@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.backends.base import BackendError
+from runtime.backends.base import BackendError, cond_shape, cond_values
 from runtime.common.extras import install_hint
 
 
@@ -57,6 +57,13 @@ class CupyArrays:
         """A float32 device array of ``value`` (the noise variances an engine reads)."""
         with self.stream:
             return self.cp.full(shape, value, dtype=self.cp.float32)
+
+    def cond(self, conditioning: str, n: int, cond: Any) -> Any:
+        """The conditioning input of a batch of ``n`` on the device: one level (a float, filled on the device) or
+        one per image (a host array, copied; :func:`runtime.backends.base.cond_values`)."""
+        if np.ndim(cond) == 0:
+            return self.full(cond_shape(conditioning, n), cond)  # type: ignore[arg-type]
+        return self.from_host(cond_values(conditioning, n, cond))  # type: ignore[arg-type]
 
     def empty_like(self, x: Any) -> Any:
         with self.stream:

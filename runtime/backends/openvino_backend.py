@@ -30,7 +30,7 @@ import numpy as np
 import openvino as ov
 from numpy.typing import NDArray
 
-from runtime.backends.base import OUTPUT_NAMES, BackendError, OnHost, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, Cond, OnHost, cond_shape, cond_values, input_names
 from runtime.backends.ort_backend import check_image_dims, check_model_file, model_file
 from runtime.config import ConfigError
 from runtime.common.hostinfo import check_threads
@@ -149,9 +149,10 @@ class OpenVinoBackend(OnHost):
             self._compiled.popitem(last=False)
         return request
 
-    def denoise(self, x: NDArray[np.float32], cond: float) -> NDArray[np.float32]:
-        v = np.full(cond_shape(self.conditioning, x.shape[0]), cond, dtype=np.float32)
-        return self.run_feed(x, v)
+    per_image_cond = True
+
+    def denoise(self, x: NDArray[np.float32], cond: Cond) -> NDArray[np.float32]:
+        return self.run_feed(x, cond_values(self.conditioning, x.shape[0], cond))
 
     def run_feed(self, x: NDArray[np.float32], cond: NDArray[np.float32]) -> NDArray[np.float32]:
         """The network on ``x`` with per-image conditioning ``cond`` (the gates' inputs: one level per image)."""

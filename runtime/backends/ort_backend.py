@@ -20,7 +20,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from runtime.exportdir import ONNX_FILES
-from runtime.backends.base import OUTPUT_NAMES, BackendError, OnHost, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, Cond, OnHost, cond_values, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice
 from runtime.config import ConfigError, ModelSpec
 from runtime.common.extras import install_hint
@@ -213,8 +213,10 @@ class OrtBackend(OnHost):
         for args, name in io:
             check_image_dims(graph_dims(args, name), self.spec, name, str(self.model_path))
 
-    def denoise(self, x: NDArray[np.float32], cond: float) -> NDArray[np.float32]:
-        v = np.full(cond_shape(self.conditioning, x.shape[0]), cond, dtype=np.float32)
+    per_image_cond = True
+
+    def denoise(self, x: NDArray[np.float32], cond: Cond) -> NDArray[np.float32]:
+        v = cond_values(self.conditioning, x.shape[0], cond)
         return self.session.run(list(OUTPUT_NAMES), dict(zip(self.inputs, (x, v))))[0]
 
 
@@ -231,8 +233,8 @@ class OrtCudaBackend(OnDevice, OrtBackend):
             raise BackendError(f"CuPy could not start on the GPU: {type(exc).__name__}: {exc}") from exc
         self.binding = self.session.io_binding()
 
-    def denoise(self, x: Any, cond: float) -> Any:
-        v = self.arrays.full(cond_shape(self.conditioning, x.shape[0]), cond)
+    def denoise(self, x: Any, cond: Cond) -> Any:
+        v = self.arrays.cond(self.conditioning, x.shape[0], cond)
         out = self.arrays.empty_like(x)
         b = self.binding
         b.clear_binding_inputs()

@@ -14,8 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.exportdir import ENGINE, FP32_ONNX, MANIFEST
-from runtime.backends.base import OUTPUT_NAMES, BackendError, cond_shape, input_names
+from runtime.backends.base import OUTPUT_NAMES, BackendError, Cond, cond_shape, cond_values, input_names
 from runtime.backends.cuda_arrays import CupyArrays, OnDevice, device_info
 from runtime.config import ConfigError, ModelSpec
 from runtime.common.extras import install_hint
@@ -163,23 +165,28 @@ class TensorRTBackend(OnDevice):
         self._capture_failed = False
         self._buffers: dict[str, Any] = {}
 
-    def denoise(self, x: Any, cond: float) -> Any:
+    per_image_cond = True
+
+    def denoise(self, x: Any, cond: Cond) -> Any:
         n = x.shape[0]
         if not self.min_batch <= n <= self.max_batch:
             raise BackendError(f"batch {n} is outside the engine's profile {self.min_batch}..{self.max_batch}; "
                                "use --batch-size within it or rebuild with ddim-export --min-batch/--max-batch")
         if self.static and not self._capture_failed:
             return self._replay(x, cond)
-        return self.engine.run(x, self.arrays.full(cond_shape(self.conditioning, n), cond))
+        return self.engine.run(x, self.arrays.cond(self.conditioning, n, cond))
 
-    def _replay(self, x: Any, cond: float) -> Any:
+    def _replay(self, x: Any, cond: Cond) -> Any:
         """Static batch: copy into the captured buffers and launch the captured engine run."""
         if self._graph is None and not self._capture(x):
             return self.denoise(x, cond)
         b, stream = self._buffers, self.arrays.stream
         with stream:
             b["x"][...] = x
-            b["v"].fill(cond)
+            if np.ndim(cond) == 0:
+                b["v"].fill(cond)
+            else:
+                b["v"][...] = self.arrays.from_host(cond_values(self.conditioning, x.shape[0], cond))
         self._graph.launch(stream)
         return b["out"]  # consumed by the update before the next replay overwrites it
 

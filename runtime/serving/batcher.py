@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -71,11 +71,12 @@ class Busy(RuntimeError):
         self.retry_after = retry_after
 
 
-@dataclass
+@dataclass(eq=False)
 class _Queued:
     job: ImageJob
     future: asyncio.Future
     arrived: float
+    lane: Any = None  # step-level batching: the image's state while it is parked (runtime.stepping.Lane)
 
 
 @dataclass
@@ -219,11 +220,15 @@ class Batcher:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            with self._lock:
-                batch = self._take()
-            if batch:
-                await asyncio.to_thread(self._run_batch, batch, 0)
-                self._free_since = time.monotonic()
+            await self._run()
+            self._free_since = time.monotonic()
+
+    async def _run(self) -> None:
+        """Run what is queued now: one batch (the step-level batcher: until nothing is left)."""
+        with self._lock:
+            batch = self._take()
+        if batch:
+            await asyncio.to_thread(self._run_batch, batch, 0)
 
     def _ready(self, key: SamplingSettings) -> int:
         with self._lock:

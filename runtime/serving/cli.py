@@ -56,8 +56,11 @@ POLL_S = 1.0
               help="GPUs Ray gives each replica (fractions share one; Ray hides GPUs from replicas that ask for "
                    "none) [default: 1 when the model runs on CUDA here, else 0].")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=16, show_default=True,
-              help="Most images per network batch, merged across concurrent requests with the same "
-                   "sampling settings (steps, eta, solver).")
+              help="Most images per network batch, merged across concurrent requests.")
+@click.option("--batching", type=click.Choice(["step", "request"]), default="step", show_default=True,
+              help="step: images join the running network batch at the next step and leave when done, whatever "
+                   "their settings; request: a batch of images with the same (steps, eta, solver) runs from first "
+                   "step to last.")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=10.0, show_default=True,
               help="How long a batch waits for more images before it runs.")
 @click.option("--max-queue-seconds", "max_queue_s", type=click.FloatRange(min=0, min_open=True), default=60.0,
@@ -96,7 +99,7 @@ POLL_S = 1.0
 def main(model: Path | None, host: str, port: int, replicas: int | None, autoscale: tuple[int, int] | None,
          target_ongoing_requests: float | None, upscale_delay_s: float | None, downscale_delay_s: float | None,
          replica_cpus: float, replica_gpus: float | None,
-         max_batch: int, batch_wait_ms: float, max_queue_s: float, backend: str, device: str | None,
+         max_batch: int, batching: str, batch_wait_ms: float, max_queue_s: float, backend: str, device: str | None,
          precision: str, threads: int | None, address: str | None, max_images_per_request: int, max_steps: int,
          ready_timeout: float, header_timeout_s: float, body_timeout_s: float, max_connections: int,
          grace_s: float, api_token: str | None, api_token_file: Path | None) -> None:
@@ -115,7 +118,8 @@ def main(model: Path | None, host: str, port: int, replicas: int | None, autosca
     os.environ.pop(ENV_VAR, None)  # Ray's processes inherit the environment: the token stays in this one
     model, why = pick(model, "MODEL", "export", "exports", latest_export, FP32_ONNX, "make one with ddim-export")
     options = ServeOptions(str(model.resolve()), backend, device, None if precision == "auto" else precision,  # type: ignore[arg-type]
-                           threads, max_batch, batch_wait_ms, max_images_per_request, max_steps, max_queue_s)
+                           threads, max_batch, batch_wait_ms, max_images_per_request, max_steps, max_queue_s,
+                           batching)  # type: ignore[arg-type]
     front = FrontOptions(header_timeout_s, body_timeout_s, max_connections, grace_s, api_token=token)
     # Load it here first: a wrong path, a corrupt file or a missing backend fails in one line before Ray starts.
     probe = ModelService(options)
@@ -215,7 +219,8 @@ class Run:
                     f"{autoscale.target_ongoing_requests:g} requests in flight each; up after "
                     f"{autoscale.upscale_delay_s:g} s, down after {autoscale.downscale_delay_s:g} s)")
                 say(f"{watchdog.stage}, {count} ({replica_cpus:g} CPU, {replica_gpus:g} GPU each), "
-                    f"max batch {options.max_batch}, batch wait {options.batch_wait_ms:g} ms")
+                    f"{options.batching}-level batching, max batch {options.max_batch}, batch wait "
+                    f"{options.batch_wait_ms:g} ms")
                 ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
                          log_to_driver=False, configure_logging=True)
                 for sig in previous:  # ray.init's core worker installs a C handler for SIGTERM (a stack dump,

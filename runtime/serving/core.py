@@ -39,6 +39,7 @@ from runtime.settings import SamplingSettings, SettingsError
 
 MAX_BODY_BYTES = 64 * 1024  # a request body is a few fields of JSON: anything larger is refused unread
 Format = Literal["grid", "png", "npz"]
+Batching = Literal["request", "step"]
 MEDIA_TYPES = {"grid": "image/png", "png": "application/zip", "npz": "application/octet-stream"}
 
 
@@ -100,6 +101,7 @@ class ServeOptions:
     max_images_per_request: int = 64
     max_steps: int = 1000
     max_queue_s: float = 60.0  # admission: a request that would finish later than this is a 503 (Busy)
+    batching: Batching = "request"  # request: a batch runs its images first step to last; step: images join at any step
     sha256: str = ""  # the model file a replica must find; "" = whatever is there (checked by the caller)
 
     def __post_init__(self) -> None:
@@ -111,6 +113,8 @@ class ServeOptions:
         for name in ("max_batch", "max_images_per_request", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batching not in ("request", "step"):
+            raise ValueError(f"--batching must be request or step, got {self.batching!r}")
         for name, value in (("batch_wait_ms", self.batch_wait_ms), ("max_queue_s", self.max_queue_s)):
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -223,6 +227,7 @@ class ModelService:
             "limits": {"max_images_per_request": o.max_images_per_request, "max_steps": o.max_steps,
                        "max_batch": o.max_batch, "batch_wait_ms": o.batch_wait_ms,
                        "max_body_bytes": MAX_BODY_BYTES, "max_queue_s": o.max_queue_s},
+            "batching": o.batching,
             "config": json.loads(spec.to_json()),
             "export": export_info,
             "stats": self.stats_now(),
@@ -263,8 +268,20 @@ class Replica:
 
     def __init__(self, options: ServeOptions) -> None:
         self.core = ModelService(options)
-        self.batcher = Batcher(self.core.run_batch, options.max_batch, options.batch_wait_ms / 1000,
-                               max_queue_s=options.max_queue_s, throughput=self.core.measure(options.max_batch))
+        throughput = self.core.measure(options.max_batch)
+        if options.batching == "step":
+            from runtime.images import to_uint8
+            from runtime.serving.stepbatcher import StepBatcher
+            from runtime.stepping import StepBatch
+
+            norm = self.core.sampler.spec.normalization
+            self.batcher: Batcher = StepBatcher(StepBatch(self.core.sampler, options.max_batch),
+                                                lambda sample: to_uint8(sample[None], norm)[0],
+                                                options.batch_wait_ms / 1000, max_queue_s=options.max_queue_s,
+                                                throughput=throughput)
+        else:
+            self.batcher = Batcher(self.core.run_batch, options.max_batch, options.batch_wait_ms / 1000,
+                                   max_queue_s=options.max_queue_s, throughput=throughput)
         self.batcher.stats = self.core.stats
         self.id = uuid.uuid4().hex  # this replica's life: a restarted one reports totals of its own
 

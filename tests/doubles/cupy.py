@@ -118,6 +118,14 @@ def isfinite(a: Any) -> Any:
     return np.isfinite(a)
 
 
+def where(condition: Any, a: Any, b: Any) -> DeviceArray:
+    return _device(np.where(condition, a, b))
+
+
+def concatenate(parts: Any) -> DeviceArray:
+    return _device(np.concatenate([np.asarray(p) for p in parts]))
+
+
 class Device:
     def __init__(self, device: int = 0) -> None:
         self.id = device
