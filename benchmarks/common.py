@@ -19,11 +19,14 @@ def report_stem(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
 
 
-def write_json(path: Path, environment: dict[str, Any], rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict]:
-    """Write rows, keeping the same day's earlier rows for other ``key`` values; returns all rows."""
+def write_json(path: Path, environment: dict[str, Any], rows: list[dict[str, Any]], key: tuple[str, ...],
+               defaults: dict[str, Any] | None = None) -> list[dict]:
+    """Write rows, keeping the same day's earlier rows for other ``key`` values; returns all rows. ``defaults``
+    fills fields that earlier rows lack (a key field added since they were written)."""
     if path.is_file():
         fresh = {tuple(r[k] for k in key) for r in rows}
-        old = [r for r in json.loads(path.read_text()).get("results", []) if tuple(r[k] for k in key) not in fresh]
+        earlier = [{**(defaults or {}), **r} for r in json.loads(path.read_text()).get("results", [])]
+        old = [r for r in earlier if tuple(r[k] for k in key) not in fresh]
         rows = old + rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment, "results": rows}, indent=2) + "\n")
@@ -32,14 +35,15 @@ def write_json(path: Path, environment: dict[str, Any], rows: list[dict[str, Any
 
 def write_report(kind: str, out: Path, environment: dict[str, Any], rows: list[dict[str, Any]],
                  key: tuple[str, ...], markdown: Callable[[dict[str, Any], list[dict]], str],
-                 plot: Callable[[list[dict], Path], None]) -> tuple[list[dict], Path]:
-    """``out/KIND-DATE-HOST.{json,md,png}`` (the same day's rows for other ``key`` values kept), the Markdown
-    echoed; returns all rows and the stem path."""
+                 plot: Callable[[list[dict], Path], None],
+                 defaults: dict[str, Any] | None = None) -> tuple[list[dict], Path]:
+    """``out/KIND-DATE-HOST.{json,md,png}`` (the same day's rows for other ``key`` values kept, see
+    :func:`write_json` for ``defaults``), the Markdown echoed; returns all rows and the stem path."""
     import click
 
     stem = out / report_stem(kind)
     out.mkdir(parents=True, exist_ok=True)
-    rows = write_json(Path(f"{stem}.json"), environment, rows, key)  # not with_suffix: host names hold dots
+    rows = write_json(Path(f"{stem}.json"), environment, rows, key, defaults)  # not with_suffix: host names hold dots
     Path(f"{stem}.md").write_text(markdown(environment, rows))
     plot(rows, Path(f"{stem}.png"))
     click.echo(markdown(environment, rows))

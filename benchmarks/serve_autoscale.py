@@ -233,7 +233,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines += [f"`{r['command']}`", "",
                   f"ddim-serve --autoscale {r['autoscale']} (target {r['target_ongoing_requests']:g} requests in "
                   f"flight per replica, up after {r['upscale_delay_s']:g} s, down after {r['downscale_delay_s']:g} "
-                  f"s), --max-batch {r['max_batch']}, {r['num_images']} image(s) x {r['steps']} steps per request; "
+                  f"s), --max-batch {r['max_batch']}{' --batching ' + r['batching'] if 'batching' in r else ''}, "
+                  f"{r['num_images']} image(s) x {r['steps']} steps per request; "
                   f"start to ready {r['ready_s']:.1f} s; shutdown rc {r['shutdown_rc']}; load average (1, 5, 15 min) "
                   f"{r.get('loadavg_before', '?')} before, {r.get('loadavg_after', '?')} after.", "",
                   "| phase | clients | seconds | requests sent | errors | images/s answered | p50 ms | p99 ms | "

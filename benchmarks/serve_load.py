@@ -1,20 +1,33 @@
 """Load test of ``ddim-serve``: start the real service on 127.0.0.1, drive it with K concurrent clients, report
-throughput, latency percentiles, errors and the batches the server formed, for each --max-batch setting.
+throughput, latency and time-to-first-step percentiles, errors and the batches the server formed, for each
+(--max-batch, --batching) setting.
 
     python benchmarks/serve_load.py                            # shipped model, 16 clients x 1 image, 20 steps,
-                                                               # 200 requests per setting, --max-batch 1 and 16
+                                                               # 200 requests per setting; settings: max batch 1
+                                                               # request-level, 16 request-level, 16 step-level
+    python benchmarks/serve_load.py --max-batch 16 --batching request --batching step
     python benchmarks/serve_load.py --clients 32 --max-batch 32 --requests 400 --steps 50
     python benchmarks/serve_load.py --autoscale 1:2 --load 2:60,16:90,2:120 --replica-cpus 1 --threads 1
 
 Each setting starts ``ddim-serve`` as a user would (a fresh local Ray instance; its time from start to ready is
 reported), sends ``--warmup`` requests, then lets ``--clients`` closed-loop clients (each sends its next request
 when the last one answered) send ``--requests`` requests in all or stop at ``--time-limit``. Latency is the
-client's wall time per request. ``batches formed`` counts the server's network batches by size, read from its
-``GET /v1/model`` statistics before and after the measured part. Writes
+client's wall time per request; time to first step (TTFS) is the server's ``X-Queue-Seconds`` per request, from
+the replica admitting it to its first network step. ``batches formed`` counts the server's network batches by size,
+read from its ``GET /v1/model`` statistics before and after the measured part (step-level: every network call is
+one batch, its size the images in that call; request-level: a batch runs all its steps). Writes
 benchmarks/results/serve-load-DATE-HOST.{json,md,png}. Nothing else should run on the machine meanwhile.
 
-With ``--autoscale MIN:MAX`` it runs one ``ddim-serve --autoscale MIN:MAX`` (the first --max-batch, default 16)
-under a step in load instead (``--load``), recording every request and the replicas once a second
+Settings: with neither --max-batch nor --batching, (1, request), (16, request), (16, step): batching against none,
+then step-level (``ddim-serve``'s default) against request-level batching at the same max batch. Otherwise every
+given --max-batch with every given --batching, max batch ascending, request before step; --max-batch defaults to
+16 and --batching to step (what a plain ``ddim-serve --max-batch B`` runs). Where a max batch has both modes the
+report says how much lower the step-level p50 latency is, and at what images/s, against the target: at least 20%
+lower at equal or higher images/s (as shown). The runtime-alone ceiling is measured once per max batch.
+
+With ``--autoscale MIN:MAX`` it runs one ``ddim-serve --autoscale MIN:MAX`` (the first --max-batch, default 16; the
+first --batching, default step) under a step in load instead (``--load``), recording every request and the replicas
+once a second
 (:mod:`benchmarks.serve_autoscale`); writes benchmarks/results/serve-autoscale-DATE-HOST.{json,md,png}.
 """
 
@@ -52,12 +65,13 @@ def free_port() -> int:
 
 
 class Server:
-    """``ddim-serve MODEL --port P --max-batch B ...`` in a subprocess, up until ``stop()``."""
+    """``ddim-serve MODEL --port P --max-batch B --batching MODE ...`` in a subprocess, up until ``stop()``."""
 
-    def __init__(self, model: Path, max_batch: int, batch_wait_ms: float, extra: tuple[str, ...], timeout: float):
+    def __init__(self, model: Path, max_batch: int, batching: str, batch_wait_ms: float, extra: tuple[str, ...],
+                 timeout: float):
         self.port = free_port()
         cmd = [sys.executable, "-m", "runtime.serving.cli", str(model), "--port", str(self.port),
-               "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms), *extra]
+               "--max-batch", str(max_batch), "--batching", batching, "--batch-wait-ms", str(batch_wait_ms), *extra]
         start = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stderr: list[str] = []
@@ -102,16 +116,44 @@ def post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict[str, str
         return 0, {}, time.perf_counter() - start
 
 
+def header(headers: dict[str, str], name: str) -> str | None:
+    """``headers[name]``, whatever the case the server sent it in; None when absent."""
+    return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+
+
+def settings(max_batches: tuple[int, ...], batchings: tuple[str, ...]) -> list[tuple[int, str]]:
+    """The (max batch, batching) settings to run, in order (see the module docstring)."""
+    if not max_batches and not batchings:
+        return [(1, "request"), (16, "request"), (16, "step")]
+    modes = [m for m in ("request", "step") if m in (batchings or ("step",))]
+    return [(b, m) for b in sorted(set(max_batches or (16,))) for m in modes]
+
+
 def batch_stats(url: str) -> dict[int, int]:
     with urllib.request.urlopen(f"{url}/v1/model", timeout=60) as resp:
         return {int(k): v for k, v in json.loads(resp.read())["stats"]["batch_sizes"].items()}
 
 
-def drive(url: str, clients: int, requests: int, time_limit: float, body: dict) -> dict[str, Any]:
-    """Closed-loop clients until ``requests`` were sent or ``time_limit`` passed; per-request records."""
+def parse_mix(text: str) -> list[dict[str, Any]]:
+    """``--mix 10,20,50:dpmpp-2m``: request shapes, ``STEPS[:SOLVER]`` each (solver default ddim)."""
+    shapes = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        steps, _, solver = item.partition(":")
+        if not steps.isdigit() or int(steps) < 1 or solver not in ("", "ddim", "dpmpp-2m"):
+            raise click.BadParameter(f"{item!r}: expected STEPS[:SOLVER], e.g. 10,50:dpmpp-2m", param_hint="--mix")
+        shapes.append({"steps": int(steps), "solver": solver or "ddim"})
+    if not shapes:
+        raise click.BadParameter("give at least one STEPS[:SOLVER]", param_hint="--mix")
+    return shapes
+
+
+def drive(url: str, clients: int, requests: int, time_limit: float, body: dict,
+          mix: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Closed-loop clients until ``requests`` were sent or ``time_limit`` passed; throughput, latency and time to
+    first step (``X-Queue-Seconds``) of the answered requests."""
     lock = threading.Lock()
     sent = [0]
-    records: list[tuple[int, float]] = []
+    records: list[tuple[int, float, dict[str, str]]] = []
     deadline = time.perf_counter() + time_limit
 
     def client(k: int) -> None:
@@ -121,9 +163,10 @@ def drive(url: str, clients: int, requests: int, time_limit: float, body: dict) 
                     return
                 seed = sent[0]
                 sent[0] += 1
-            status, _, seconds = post(f"{url}/v1/samples", {**body, "seed": seed})
+            shape = mix[seed % len(mix)] if mix else {}  # request n's settings: the same in every run
+            status, headers, seconds = post(f"{url}/v1/samples", {**body, **shape, "seed": seed})
             with lock:
-                records.append((status, seconds))
+                records.append((status, seconds, headers))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
@@ -132,21 +175,65 @@ def drive(url: str, clients: int, requests: int, time_limit: float, body: dict) 
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ok = [s for status, s in records if status == 200]
+    ok = [s for status, s, _ in records if status == 200]
+    queued = [float(value) for status, _, h in records if status == 200 and (value := header(h, "X-Queue-Seconds"))]
     lat = np.array(ok) if ok else np.array([np.nan])
+    ttfs = np.array(queued) if queued else np.array([np.nan])
     return {"requests": len(records), "ok": len(ok), "errors": len(records) - len(ok), "seconds": wall,
             "requests_per_s": len(ok) / wall, "images_per_s": len(ok) * body["num_images"] / wall,
-            "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p90_ms": 1e3 * float(np.percentile(lat, 90)),
-            "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "error_statuses": sorted({s for s, _ in records if s != 200})}
+            **{f"p{q}_ms": 1e3 * float(np.percentile(lat, q)) for q in (50, 90, 99)},
+            **{f"ttfs_p{q}_ms": 1e3 * float(np.percentile(ttfs, q)) for q in (50, 90, 99)},
+            "error_statuses": sorted({s for s, _, _ in records if s != 200})}
 
 
-def direct(model: Path, batch: int, steps: int, solver: str, threads: int | None, min_seconds: float = 5.0) -> float:
+def replica_alone(model: Path, max_batch: int, batching: str, engine: tuple[str, str, str], threads: int | None,
+                  clients: int, requests: int, body: dict, mix: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The same closed-loop workload on a replica in this process (``runtime.serving.core.Replica``: the batcher, the
+    runtime and the answer's encoding; no HTTP, no Ray): what the batching policy does on its own, without the front,
+    Ray and the client threads competing for the same cores."""
+    import asyncio
+
+    from runtime.serving.core import Replica, ServeOptions
+
+    backend, device, precision = engine
+    limit = max(body["num_images"], 64)
+    options = ServeOptions(str(model), backend, device, precision, threads, max_batch,  # type: ignore[arg-type]
+                           max_images_per_request=limit, batching=batching)  # type: ignore[arg-type]
+    replica = Replica(options)
+    latency: list[float] = []
+    ttfs: list[float] = []
+    sent = [0]
+
+    async def client() -> None:
+        while sent[0] < requests:
+            seed, sent[0] = sent[0], sent[0] + 1
+            shape = mix[seed % len(mix)] if mix else {}
+            start = time.perf_counter()
+            answer = await replica.samples({**body, **shape, "seed": seed})
+            if answer.status != 200:
+                raise RuntimeError(f"replica alone: {answer.status} {answer.body[:200]!r}")
+            latency.append(time.perf_counter() - start)
+            ttfs.append(float(answer.headers["X-Queue-Seconds"]))
+
+    async def run_all() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return time.perf_counter() - start
+
+    seconds = asyncio.run(run_all())
+    return {"alone_images_per_s": requests * body["num_images"] / seconds,
+            "alone_p50_ms": 1e3 * float(np.percentile(latency, 50)),
+            "alone_p90_ms": 1e3 * float(np.percentile(latency, 90)),
+            "alone_ttfs_p50_ms": 1e3 * float(np.percentile(ttfs, 50))}
+
+
+def direct(model: Path, batch: int, steps: int, solver: str, threads: int | None, min_seconds: float = 5.0,
+           engine: tuple[str, str, str] = ("onnxruntime", "cpu", "fp32")) -> float:
     """images/s of the runtime itself at this network batch size, no server: the ceiling a setting can reach."""
     from runtime.api import load
     from runtime.settings import SamplingSettings
 
-    sampler = load(model, "onnxruntime", "cpu", "fp32", threads)
+    sampler = load(model, *engine, threads)  # type: ignore[arg-type]
     sampler.sample(batch, SamplingSettings(2), batch_size=batch)  # warm-up
     settings = SamplingSettings(steps, solver=solver)  # type: ignore[arg-type]  # a choice of the CLI
     images, seconds = 0, 0.0
@@ -156,53 +243,140 @@ def direct(model: Path, batch: int, steps: int, solver: str, threads: int | None
     return images / seconds
 
 
+def mode(row: dict[str, Any]) -> str:
+    """The row's batching; rows from before step-level batching existed were request-level."""
+    return row.get("batching", "request")
+
+
+def workload(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What the clients sent: rows compare only within one workload."""
+    return row["clients"], row["num_images"], str(row["steps"]), row.get("solver", "ddim")
+
+
+def median_of(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.median([r[key] for r in rows]))
+
+
+def lower_or_higher(fraction: float) -> str:
+    return f"{100 * fraction:.0f}% lower" if fraction >= 0 else f"{-100 * fraction:.0f}% higher"
+
+
+def comparison(step: list[dict[str, Any]], request: list[dict[str, Any]]) -> str:
+    """Step- against request-level batching at one max batch and workload (medians over the runs of each), and
+    whether the target is met: p50 latency at least 20% lower at equal or higher images/s, judged on the figures as
+    shown (whole percent, ratio to 2 decimals)."""
+    s50, r50 = median_of(step, "p50_ms"), median_of(request, "p50_ms")
+    s_ips, r_ips = median_of(step, "images_per_s"), median_of(request, "images_per_s")
+    lower, ratio = 1 - s50 / r50, s_ips / r_ips
+    met = round(100 * lower) >= 20 and round(ratio, 2) >= 1.0
+    direction = lower_or_higher(lower)
+    runs = f", medians of {len(step)} and {len(request)} runs" if len(step) > 1 or len(request) > 1 else ""
+    per_run = ""
+    if len(step) == len(request) > 1:
+        pairs = [f"{lower_or_higher(1 - a['p50_ms'] / b['p50_ms'])} at {a['images_per_s'] / b['images_per_s']:.2f}x"
+                 for a, b in zip(step, request)]
+        per_run = f" Run by run: {', '.join(pairs)}."
+    alone = ""
+    if all("alone_p50_ms" in r for r in step + request):
+        a_lower = 1 - median_of(step, "alone_p50_ms") / median_of(request, "alone_p50_ms")
+        a_ratio = median_of(step, "alone_images_per_s") / median_of(request, "alone_images_per_s")
+        alone = (f" On the replica alone (no HTTP, no Ray competing for the cores): p50 {lower_or_higher(a_lower)} "
+                 f"({median_of(step, 'alone_p50_ms'):.0f} ms vs {median_of(request, 'alone_p50_ms'):.0f} ms) at "
+                 f"{a_ratio:.2f}x the images/s.")
+    steps = step[0]["steps"]
+    solver = step[0].get("solver", "ddim")
+    return (f"At --max-batch {step[0]['max_batch']}, steps {steps} ({solver}), step-level batching: p50 latency "
+            f"{direction} than request-level ({s50:.0f} ms vs {r50:.0f} ms{runs}) at {ratio:.2f}x its "
+            f"images/s ({s_ips:.2f} vs {r_ips:.2f}); target (p50 at least 20% lower at equal or higher images/s) "
+            f"{'met' if met else 'not met'}.{per_run}{alone}")
+
+
+def alone_cell(r: dict[str, Any]) -> str:
+    if "alone_p50_ms" not in r:
+        return "-"
+    return f"{r['alone_images_per_s']:.2f}, {r['alone_p50_ms']:.0f}, {r['alone_ttfs_p50_ms']:.0f}"
+
+
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    def ms(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.0f}" if key in r else "-"
+
     lines = [f"# ddim-serve load test ({env['cpu']}, {env['cores']} cores, float32 matmul peak "
              f"{env.get('matmul_peak_gflop_s', '?')} GFLOP/s, Ray {env['ray']})", "",
              "Closed-loop clients on the same machine as the service (they share its CPU), 1 replica. Latency: "
-             "client wall time per request. Batches formed: the server's network batches by size (count).", "",
-             "| max batch | clients | images/request | steps | requests | errors | requests/s | images/s | p50 ms "
-             "| p90 ms | p99 ms | batches formed (size: count) | start to ready s | runtime alone at this batch, "
-             "images/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "client wall time per request. TTFS: time to first step, from the replica admitting a request to its "
+             "first network step (X-Queue-Seconds). Batches formed: the server's network batches by size (count); "
+             "step-level batching counts every network call, request-level a batch that runs all its steps. Steps "
+             "a/b/c: mixed requests, request n taking item n modulo the list.", "",
+             "| max batch | batching | run | clients | images/request | steps | requests | errors | requests/s "
+             "| images/s | p50 ms | p90 ms | p99 ms | TTFS p50 ms | TTFS p90 ms | batches formed (size: count) "
+             "| start to ready s | runtime alone at this batch, images/s "
+             "| replica alone: images/s, p50 ms, TTFS p50 ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         batches = ", ".join(f"{k}: {v}" for k, v in sorted(r["batches"].items(), key=lambda kv: int(kv[0])))
-        lines.append(f"| {r['max_batch']} | {r['clients']} | {r['num_images']} | {r['steps']} | {r['requests']} | "
-                     f"{r['errors']} | {r['requests_per_s']:.2f} | {r['images_per_s']:.2f} | {r['p50_ms']:.0f} | "
-                     f"{r['p90_ms']:.0f} | {r['p99_ms']:.0f} | {batches} | {r['ready_s']:.1f} | "
-                     f"{r['direct_images_per_s']:.2f} |")
-    if len(rows) > 1:
-        base = min(rows, key=lambda r: r["max_batch"])
-        for r in rows:
-            if r is not base:
+        lines.append(f"| {r['max_batch']} | {mode(r)} | {r.get('run', 1)} | {r['clients']} | {r['num_images']} | "
+                     f"{r['steps']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
+                     f"{r['images_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{ms(r, 'ttfs_p50_ms')} | {ms(r, 'ttfs_p90_ms')} | {batches} | {r['ready_s']:.1f} | "
+                     f"{r['direct_images_per_s']:.2f} | {alone_cell(r)} |")
+    for w in dict.fromkeys(workload(r) for r in rows):
+        group = [r for r in rows if workload(r) == w]
+        base = min(group, key=lambda r: (r["max_batch"], mode(r) != "request"))
+        for r in group:
+            if r["max_batch"] != base["max_batch"] and mode(r) == mode(base) and r.get("run", 1) == base.get("run", 1):
                 gain = r["images_per_s"] / base["images_per_s"]
-                lines += ["", f"Batching: --max-batch {r['max_batch']} gives {gain:.2f}x "
-                              f"the images/s of --max-batch {base['max_batch']}; the runtime alone (no server, same "
-                              f"machine) gains {r['direct_images_per_s'] / base['direct_images_per_s']:.2f}x from "
-                              f"batch {base['max_batch']} to batch {r['max_batch']}: the most batching can give "
+                lines += ["", f"Batching: --max-batch {r['max_batch']} (steps {r['steps']}) gives {gain:.2f}x the "
+                              f"images/s of --max-batch {base['max_batch']} ({mode(r)}-level); the runtime alone (no "
+                              f"server, same machine) gains "
+                              f"{r['direct_images_per_s'] / base['direct_images_per_s']:.2f}x "
+                              f"from batch {base['max_batch']} to batch {r['max_batch']}: the most batching can give "
                               "where the network is the bottleneck."]
+        for max_batch in sorted({r["max_batch"] for r in group}):
+            by_mode = {m: [r for r in group if r["max_batch"] == max_batch and mode(r) == m]
+                       for m in ("request", "step")}
+            if by_mode["request"] and by_mode["step"]:
+                lines += ["", comparison(by_mode["step"], by_mode["request"])]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """One bar per setting and workload (medians over its runs), with the runtime alone as a mark."""
     plt = pyplot()
-    fig, (ax_t, ax_l, ax_b) = plt.subplots(1, 3, figsize=(13, 4))
-    labels = [f"max batch {r['max_batch']}" for r in rows]
-    ax_t.bar(labels, [r["images_per_s"] for r in rows], color="tab:blue", label="served")
-    ax_t.scatter(labels, [r["direct_images_per_s"] for r in rows], marker="_", s=3000, color="black", zorder=3,
-                 label="runtime alone at that batch")
-    ax_t.set(title="throughput", ylabel="images/s")
-    ax_t.legend(fontsize=8, loc="lower right")
-    x = np.arange(len(rows))
-    for i, (key, name) in enumerate((("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"))):
-        ax_l.bar(x + (i - 1) * 0.25, [r[key] for r in rows], width=0.25, label=name)
-    ax_l.set(title="request latency", ylabel="ms", xticks=x, xticklabels=labels)
-    ax_l.legend(fontsize=8)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        sizes = sorted((int(k), v) for k, v in r["batches"].items())
-        ax_b.bar([s for s, _ in sizes], [s * v for s, v in sizes], alpha=0.6, label=f"max batch {r['max_batch']}")
-    ax_b.set(title="images by the batch they ran in", xlabel="network batch size", ylabel="images")
-    ax_b.legend(fontsize=8)
+        groups.setdefault((*workload(r), r["max_batch"], mode(r)), []).append(r)
+    labels = [f"batch {g[0]['max_batch']}, {mode(g[0])}\n"
+              + ("mixed steps" if "/" in str(g[0]["steps"]) else f"{g[0]['steps']} steps")
+              + (f" ({len(g)} runs)" if len(g) > 1 else "") for g in groups.values()]
+    med = [{k: median_of(g, k) for k in ("images_per_s", "direct_images_per_s", "p50_ms", "p90_ms", "p99_ms")}
+           | {"ttfs_p50_ms": median_of(g, "ttfs_p50_ms") if all("ttfs_p50_ms" in r for r in g) else np.nan}
+           for g in groups.values()]
+    fig, (ax_t, ax_l, ax_b) = plt.subplots(1, 3, figsize=(16, 5))
+    x = np.arange(len(labels))
+    ax_t.bar(x, [m["images_per_s"] for m in med], color="tab:blue", label="served (median)")
+    ax_t.scatter(x, [m["direct_images_per_s"] for m in med], marker="_", s=2000, color="black", zorder=3,
+                 label="runtime alone at that batch")
+    ax_t.set(title="throughput", ylabel="images/s", xticks=x, xticklabels=labels)
+    ax_t.legend(fontsize=8, loc="lower right")
+    keys = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("ttfs_p50_ms", "time to first step p50"))
+    for i, (key, name) in enumerate(keys):
+        ax_l.bar(x + (i - 1.5) * 0.2, [m[key] for m in med], width=0.2, label=name)
+    ax_l.set(title="request latency (medians over runs)", ylabel="ms", xticks=x, xticklabels=labels)
+    ax_l.legend(fontsize=8)
+    for ax in (ax_t, ax_l):
+        ax.tick_params(axis="x", labelsize=7)
+    for g, label in zip(groups.values(), labels):
+        sizes: dict[int, int] = {}
+        for r in g:
+            for k, v in r["batches"].items():
+                sizes[int(k)] = sizes.get(int(k), 0) + v
+        total = sum(s * v for s, v in sizes.items()) or 1
+        share = [sum(s * v for s, v in sizes.items() if s <= b) / total for b in range(1, max(sizes) + 1)]
+        ax_b.step(range(1, len(share) + 1), share, where="post", label=label.replace("\n", ", "))
+    ax_b.set(title="images in network calls of at most this size", xlabel="network batch size",
+             ylabel="cumulative share (step-level: image-steps)")
+    ax_b.legend(fontsize=7)
     for ax in (ax_t, ax_l, ax_b):
         ax.grid(alpha=0.3, axis="y")
     save_figure(fig, path)
@@ -211,16 +385,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 @click.command()
 @click.option("--model", type=click.Path(path_type=Path, exists=True), default=SHIPPED_MODEL, show_default=True)
 @click.option("--max-batch", "max_batches", type=click.IntRange(min=1), multiple=True,
-              help="Settings to compare (repeat) [default: 1 and 16].")
+              help="Max batches to compare (repeat) [default: 1 request-level and 16 both ways, or 16 with "
+                   "--batching].")
+@click.option("--batching", "batchings", type=click.Choice(["step", "request"]), multiple=True,
+              help="ddim-serve --batching modes to compare at each --max-batch (repeat) [default: step with "
+                   "--max-batch].")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True)
 @click.option("--clients", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--requests", type=click.IntRange(min=1), default=200, show_default=True, help="Per setting.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Run every setting this many times, interleaved (run 1 of each, then run 2, ...); comparisons "
+                   "use the medians (a shared or noisy machine).")
 @click.option("--time-limit", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds per setting; clients stop sending after it.")
 @click.option("--warmup", type=click.IntRange(min=0), default=8, show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per request.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--solver", type=click.Choice(["ddim", "dpmpp-2m"]), default="ddim", show_default=True)
+@click.option("--mix", "mix_text", default=None, metavar="STEPS[:SOLVER],...",
+              help="Mixed requests instead of --steps/--solver: request n (its seed) takes item n modulo the list, "
+                   "e.g. 10,20,50,10:dpmpp-2m (the same requests in every setting).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ddim-serve --threads.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True)
 @click.option("--replica-cpus", type=click.FloatRange(min=0), default=None, help="ddim-serve --replica-cpus.")
@@ -228,61 +412,93 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
               help="Instead: one ddim-serve --autoscale MIN:MAX under the step in load of --load.")
 @click.option("--load", "load_text", default="2:60,16:90,2:120", show_default=True, metavar="CLIENTS:SECONDS,...",
               help="With --autoscale: closed-loop clients per phase, and for how long.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="ddim-serve --backend (a GPU run: tensorrt or onnxruntime with --device cuda).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True)
+@click.option("--alone/--no-alone", default=True, show_default=True,
+              help="Also run each setting's workload on a replica in this process (no HTTP, no Ray): the batching "
+                   "policy without the serving stack competing for the cores.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @friendly_errors
-def main(model: Path, max_batches: tuple[int, ...], batch_wait_ms: float, clients: int, requests: int,
-         time_limit: float, warmup: int, num_images: int, steps: int, solver: str, threads: int | None,
-         ready_timeout: float, replica_cpus: float | None, autoscale: str | None, load_text: str, out: Path) -> None:
-    """Start ddim-serve per --max-batch setting, load it, and write JSON, Markdown and a plot (or, with
+def main(model: Path, max_batches: tuple[int, ...], batchings: tuple[str, ...], batch_wait_ms: float, clients: int,
+         requests: int, repeat: int, time_limit: float, warmup: int, num_images: int, steps: int, solver: str,
+         mix_text: str | None, threads: int | None,
+         ready_timeout: float, replica_cpus: float | None, autoscale: str | None, load_text: str, backend: str,
+         device: str, precision: str, alone: bool, out: Path) -> None:
+    """Start ddim-serve per (--max-batch, --batching) setting, load it, and write JSON, Markdown and a plot (or, with
     --autoscale, one autoscaling service under a step in load)."""
     import ray
 
     from runtime.common.hostinfo import physical_cores
 
     body = {"num_images": num_images, "steps": steps, "solver": solver, "format": "png"}
-    extra = ("--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32",
+    mix = parse_mix(mix_text) if mix_text else None
+    if mix:  # the row's steps and solver name the mix; the ceiling scales by its mean steps (equal cost per step)
+        steps_label: Any = "/".join(str(m["steps"]) for m in mix)
+        solver_label = "/".join(sorted({m["solver"] for m in mix}))
+        mean_steps = sum(m["steps"] for m in mix) / len(mix)
+    else:
+        steps_label, solver_label, mean_steps = steps, solver, float(steps)
+    engine = (backend, device, precision)
+    extra = ("--backend", backend, "--device", device, "--precision", precision,
              "--max-images-per-request", str(max(num_images, 64)))
     extra += ("--threads", str(threads)) if threads else ()
     extra += ("--replica-cpus", f"{replica_cpus:g}") if replica_cpus is not None else ()
     if autoscale is not None:
-        autoscaling_run(model, autoscale, load_text, (max_batches or (16,))[0], batch_wait_ms, warmup, body, extra,
-                        ready_timeout, out)
+        autoscaling_run(model, autoscale, load_text, (max_batches or (16,))[0], (batchings or ("step",))[0],
+                        batch_wait_ms, warmup, body, extra, ready_timeout, out)
         return
     rows = []
-    for max_batch in sorted(set(max_batches or (1, 16))):
-        click.echo(f"serve_load: ddim-serve {model} --max-batch {max_batch}", err=True)
-        server = Server(model, max_batch, batch_wait_ms, extra, ready_timeout)
+    ceilings: dict[int, float] = {}  # the runtime alone, once per max batch
+    for run, (max_batch, batching) in ((r, s) for r in range(1, repeat + 1) for s in settings(max_batches, batchings)):
+        click.echo(f"serve_load: ddim-serve {model} --max-batch {max_batch} --batching {batching} (run {run} of "
+                   f"{repeat})", err=True)
+        server = Server(model, max_batch, batching, batch_wait_ms, extra, ready_timeout)
         try:
             click.echo(f"  ready at {server.url} in {server.ready_s:.1f} s; warm-up {warmup} requests", err=True)
-            drive(server.url, min(clients, max(warmup, 1)), warmup, time_limit, body)
+            drive(server.url, min(clients, max(warmup, 1)), warmup, time_limit, body, mix)
             before = batch_stats(server.url)
-            result = drive(server.url, clients, requests, time_limit, body)
+            result = drive(server.url, clients, requests, time_limit, body, mix)
             after = batch_stats(server.url)
         finally:
             rc = server.stop()
-        ceiling = direct(model, max_batch, steps, solver, threads)
+        if max_batch not in ceilings:
+            ceilings[max_batch] = direct(model, max_batch, steps, solver, threads, engine=engine) * steps / mean_steps
+        ceiling = ceilings[max_batch]
+        if alone:
+            result.update(replica_alone(model, max_batch, batching, engine, threads, clients, requests, body, mix))
+            click.echo(f"  replica alone (no HTTP, no Ray): {result['alone_images_per_s']:.2f} images/s, p50 "
+                       f"{result['alone_p50_ms']:.0f} ms, time to first step p50 {result['alone_ttfs_p50_ms']:.0f} ms",
+                       err=True)
         batches = {str(k): after[k] - before.get(k, 0) for k in sorted(after) if after[k] > before.get(k, 0)}
         shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
-        row = {"model": str(shown), "max_batch": max_batch, "batch_wait_ms": batch_wait_ms, "clients": clients,
-               "num_images": num_images, "steps": steps, "solver": solver, "ready_s": server.ready_s,
-               "batches": batches, "shutdown_rc": rc, "direct_images_per_s": ceiling, **result}
+        row = {"model": str(shown), "backend": " ".join(engine), "max_batch": max_batch, "batching": batching,
+               "run": run, "batch_wait_ms": batch_wait_ms,
+               "clients": clients, "num_images": num_images, "steps": steps_label, "solver": solver_label,
+               "ready_s": server.ready_s, "batches": batches, "shutdown_rc": rc, "direct_images_per_s": ceiling,
+               **result}
         rows.append(row)
         click.echo(f"  {result['ok']} ok / {result['requests']} requests in {result['seconds']:.1f} s: "
-                   f"{result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} "
-                   f"ms, {result['errors']} errors; batches {batches}; shutdown rc {rc}; runtime alone at batch "
-                   f"{max_batch}: {ceiling:.2f} images/s", err=True)
+                   f"{result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, p90 {result['p90_ms']:.0f} "
+                   f"ms, p99 {result['p99_ms']:.0f} ms, time to first step p50 {result['ttfs_p50_ms']:.0f} ms, p90 "
+                   f"{result['ttfs_p90_ms']:.0f} ms, {result['errors']} errors; batches {batches}; shutdown rc {rc}; "
+                   f"runtime alone at batch {max_batch}: {ceiling:.2f} images/s", err=True)
     from benchmarks.latency import matmul_peak
 
+    peak, peak_source = matmul_peak("cpu")
     env = {"host": socket.gethostname(), "cpu": cpu_name(), "cores": physical_cores(),
-           "python": platform.python_version(), "ray": ray.__version__,
-           "matmul_peak_gflop_s": round(matmul_peak("cpu"), 1)}
-    _, stem = write_report("serve-load", out, env, rows, ("model", "max_batch", "clients", "num_images", "steps",
-                                                           "solver"), markdown, plot)
+           "python": platform.python_version(), "ray": ray.__version__, "matmul_peak_gflop_s": round(peak, 1),
+           "matmul_peak_source": peak_source}
+    key = ("model", "max_batch", "batching", "run", "clients", "num_images", "steps", "solver")
+    # rows from before --batching and --repeat existed: request-level, one run
+    _, stem = write_report("serve-load", out, env, rows, key, markdown, plot, defaults={"batching": "request",
+                                                                                      "run": 1})
     click.echo(f"wrote {stem}.json, .md and .png")
 
 
-def autoscaling_run(model: Path, autoscale: str, load_text: str, max_batch: int, batch_wait_ms: float, warmup: int,
-                    body: dict, extra: tuple[str, ...], ready_timeout: float, out: Path) -> None:
+def autoscaling_run(model: Path, autoscale: str, load_text: str, max_batch: int, batching: str, batch_wait_ms: float,
+                    warmup: int, body: dict, extra: tuple[str, ...], ready_timeout: float, out: Path) -> None:
     """One ``ddim-serve --autoscale MIN:MAX`` under the step in load of ``load_text``; the serve-autoscale report."""
     import ray
 
@@ -295,9 +511,10 @@ def autoscaling_run(model: Path, autoscale: str, load_text: str, max_batch: int,
     extra += ("--autoscale", scaling.label)
     shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
     command = " ".join(["python benchmarks/serve_load.py", *sys.argv[1:]])
-    click.echo(f"serve_load: ddim-serve {model} --max-batch {max_batch} {' '.join(extra)}; load {load_text}", err=True)
+    click.echo(f"serve_load: ddim-serve {model} --max-batch {max_batch} --batching {batching} {' '.join(extra)}; "
+               f"load {load_text}", err=True)
     load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows here
-    server = Server(model, max_batch, batch_wait_ms, extra, ready_timeout)
+    server = Server(model, max_batch, batching, batch_wait_ms, extra, ready_timeout)
     try:
         click.echo(f"  ready at {server.url} in {server.ready_s:.1f} s; warm-up {warmup} requests", err=True)
         drive(server.url, max(1, min(warmup, load[0][0])), warmup, 300, body)
@@ -306,9 +523,10 @@ def autoscaling_run(model: Path, autoscale: str, load_text: str, max_batch: int,
         rc = server.stop()
     summary = sa.summarize(requests, samples, starts, load, body["num_images"])
     row = {"model": str(shown), "autoscale": scaling.label, "load": load_text, "command": command,
-           "max_batch": max_batch, "num_images": body["num_images"], "steps": body["steps"], "solver": body["solver"],
-           "target_ongoing_requests": scaling.target_ongoing_requests, "upscale_delay_s": scaling.upscale_delay_s,
-           "downscale_delay_s": scaling.downscale_delay_s, "ddim_serve_args": list(extra), "ready_s": server.ready_s,
+           "max_batch": max_batch, "batching": batching, "num_images": body["num_images"], "steps": body["steps"],
+           "solver": body["solver"], "target_ongoing_requests": scaling.target_ongoing_requests,
+           "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+           "ddim_serve_args": list(extra), "ready_s": server.ready_s,
            "shutdown_rc": rc, "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
            "phase_starts": starts, **summary, "requests": requests, "replicas": samples,
            "server_log": [line.rstrip() for line in server.stderr]}

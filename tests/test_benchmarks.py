@@ -214,31 +214,85 @@ def test_latency_gpu_rows(tmp_path):
         assert {"tensorrt fp16", "tensorrt fp16 static-8 + CUDA graph"} <= backends
 
 
+def serve_load_rows() -> tuple[dict, list[dict]]:
+    env = {"cpu": "CPU", "cores": 2, "ray": "2.60.0", "matmul_peak_gflop_s": 100.0}
+    base = {"model": "m", "clients": 16, "num_images": 1, "steps": 20, "requests": 200, "errors": 0, "p50_ms": 1.0,
+            "p90_ms": 2.0, "p99_ms": 3.0, "ttfs_p50_ms": 0.4, "ttfs_p90_ms": 0.6, "ttfs_p99_ms": 0.9, "ready_s": 12.0}
+    return env, [{**base, "max_batch": 1, "batching": "request", "requests_per_s": 5.0, "images_per_s": 5.0,
+                  "batches": {"1": 200}, "direct_images_per_s": 6.0},
+                 {**base, "max_batch": 16, "batching": "request", "requests_per_s": 8.0, "images_per_s": 8.0,
+                  "batches": {"16": 12, "8": 1}, "direct_images_per_s": 9.0}]
+
+
 def test_serve_load_report_names_the_ceiling():
     from benchmarks.serve_load import markdown
 
-    env = {"cpu": "CPU", "cores": 2, "ray": "2.60.0", "matmul_peak_gflop_s": 100.0}
-    base = {"model": "m", "clients": 16, "num_images": 1, "steps": 20, "requests": 200, "errors": 0, "p50_ms": 1.0,
-            "p90_ms": 2.0, "p99_ms": 3.0, "ready_s": 12.0}
-    rows = [{**base, "max_batch": 1, "requests_per_s": 5.0, "images_per_s": 5.0, "batches": {"1": 200},
-             "direct_images_per_s": 6.0},
-            {**base, "max_batch": 16, "requests_per_s": 8.0, "images_per_s": 8.0, "batches": {"16": 12, "8": 1},
-             "direct_images_per_s": 9.0}]
+    env, rows = serve_load_rows()
     md = markdown(env, rows)
-    assert "| 16 | 16 | 1 | 20 | 200 | 0 | 8.00 | 8.00 | 1 | 2 | 3 | 8: 1, 16: 12 | 12.0 | 9.00 |" in md
-    assert "--max-batch 16 gives 1.60x the images/s of --max-batch 1" in md and "gains 1.50x" in md
+    assert "| 16 | request | 1 | 16 | 1 | 20 | 200 | 0 | 8.00 | 8.00 | 1 | 2 | 3 | 0 | 1 | 8: 1, 16: 12 | 12.0 | 9.00 | - |" \
+        in md
+    assert "--max-batch 16 (steps 20) gives 1.60x the images/s of --max-batch 1 (request-level)" in md and "gains 1.50x" in md
+    assert "step-level batching: p50" not in md  # no step row to compare with
+    old = {k: v for k, v in rows[0].items() if not k.startswith("ttfs") and k != "batching"}  # before --batching
+    assert "| 1 | request | 1 | 16 | 1 | 20 | 200 | 0 | 5.00 | 5.00 | 1 | 2 | 3 | - | - | 1: 200 |" in markdown(env, [old])
+
+
+def test_serve_load_report_compares_step_with_request_batching():
+    from benchmarks.serve_load import markdown
+
+    env, rows = serve_load_rows()
+    step = {**rows[1], "batching": "step", "p50_ms": 600.0, "images_per_s": 8.4, "batches": {"16": 240}}
+    slower = {**step, "images_per_s": 7.0}
+    rows[1]["p50_ms"] = 1000.0
+    md = markdown(env, [*rows, step])
+    assert ("At --max-batch 16, steps 20 (ddim), step-level batching: p50 latency 40% lower than request-level (600 ms "
+            "vs 1000 ms) at 1.05x its images/s (8.40 vs 8.00); target (p50 at least 20% lower at equal or higher "
+            "images/s) met." in md)
+    assert md.count("Batching: --max-batch") == 1  # max batch 1 against 16, request-level only
+    assert "at 0.88x its images/s (7.00 vs 8.00); target (p50 at least 20% lower at equal or higher images/s) not met" \
+        in markdown(env, [*rows, slower])
+    assert "p50 latency 20% higher" in markdown(env, [*rows, {**step, "p50_ms": 1200.0}])
+    # Repeated runs compare medians and list each pair; a mixed workload is compared only with itself.
+    runs = [{**rows[1], "run": 2, "p50_ms": 900.0}, {**step, "run": 2, "p50_ms": 800.0, "images_per_s": 8.0},
+            {**rows[1], "run": 3, "p50_ms": 1100.0}, {**step, "run": 3, "p50_ms": 700.0, "images_per_s": 8.8}]
+    mixed = [{**rows[1], "steps": "10/50", "p50_ms": 2000.0}, {**step, "steps": "10/50", "p50_ms": 1900.0}]
+    md = markdown(env, [*rows, step, *runs, *mixed])
+    assert ("steps 20 (ddim), step-level batching: p50 latency 30% lower than request-level (700 ms vs 1000 ms, "
+            "medians of 3 and 3 runs) at 1.05x its images/s (8.40 vs 8.00); target (p50 at least 20% lower at equal "
+            "or higher images/s) met. Run by run: 40% lower at 1.05x, 11% lower at 1.00x, 36% lower at 1.10x." in md)
+    assert "steps 10/50 (ddim), step-level batching: p50 latency 5% lower" in md
+    alone = {"alone_images_per_s": 10.0, "alone_p50_ms": 1200.0, "alone_ttfs_p50_ms": 3.0}
+    md = markdown(env, [rows[0], {**rows[1], **alone, "alone_p50_ms": 990.0}, {**step, **alone}])
+    assert ("On the replica alone (no HTTP, no Ray competing for the cores): p50 21% higher (1200 ms vs 990 ms) at "
+            "1.00x the images/s." in md)
+    assert "| 10.00, 1200, 3 |" in md
+
+
+def test_serve_load_settings():
+    from benchmarks.serve_load import settings
+
+    assert settings((), ()) == [(1, "request"), (16, "request"), (16, "step")]
+    assert settings((), ("step", "request")) == [(16, "request"), (16, "step")]
+    assert settings((4, 1, 4), ()) == [(1, "step"), (4, "step")]
+    assert settings((8, 2), ("request",)) == [(2, "request"), (8, "request")]
 
 
 @pytest.mark.slow
 def test_serve_load_end_to_end(tmp_path):
     proc = script("serve_load.py", "--requests", "12", "--clients", "4", "--warmup", "2", "--steps", "2",
-                  "--max-batch", "1", "--max-batch", "4", "--out", str(tmp_path))
+                  "--max-batch", "1", "--max-batch", "4", "--batching", "request", "--batching", "step",
+                  "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (report,) = tmp_path.glob("serve-load-*.json")
     rows = json.loads(report.read_text())["results"]
-    assert [r["max_batch"] for r in rows] == [1, 4]
+    assert [(r["max_batch"], r["batching"]) for r in rows] == [(1, "request"), (1, "step"), (4, "request"),
+                                                               (4, "step")]
+    assert all(r["run"] == 1 for r in rows)
     assert all(r["errors"] == 0 and r["ok"] == 12 and r["shutdown_rc"] == 0 for r in rows)
-    assert sum(int(k) * v for k, v in rows[1]["batches"].items()) == 12
+    assert all(0 <= r["ttfs_p50_ms"] <= r["ttfs_p90_ms"] <= r["p50_ms"] + r["p90_ms"] for r in rows)
+    assert sum(int(k) * v for k, v in rows[2]["batches"].items()) == 12  # request-level: a batch per image group
+    assert sum(int(k) * v for k, v in rows[3]["batches"].items()) >= 12  # step-level: one per network call
+    assert "step-level batching: p50 latency" in Path(str(report)[:-4] + "md").read_text()
 
 
 def test_serve_hostile_report_marks_each_target():

@@ -101,7 +101,7 @@ class ServeOptions:
     max_images_per_request: int = 64
     max_steps: int = 1000
     max_queue_s: float = 60.0  # admission: a request that would finish later than this is a 503 (Busy)
-    batching: Batching = "request"  # request: a batch runs its images first step to last; step: images join at any step
+    batching: Batching = "step"  # step: images join the running batch at any step; request: a batch runs first to last
     sha256: str = ""  # the model file a replica must find; "" = whatever is there (checked by the caller)
 
     def __post_init__(self) -> None:

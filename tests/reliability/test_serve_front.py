@@ -205,7 +205,8 @@ def test_metrics_count_every_answer_the_front_sends_and_the_batches_replicas_ran
     """Each status the front answers is counted under its route, the protocol's own refusals under route none
     (connection cap, malformed head, head deadline); the replica's batches (6 images at max batch 4: 4 + 2), its
     images and the request's queue wait and sampling time come from its answer."""
-    fresh = Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=2, max_batch=4, batch_wait_ms=0))
+    fresh = Replica(ServeOptions(str(MODEL), "onnxruntime", "cpu", "fp32", threads=2, max_batch=4, batch_wait_ms=0,
+                                 batching="request"))  # request-level: a batch is a whole run (step-level: a call)
     front = ThreadedFront(LocalForwarder(fresh), FrontOptions(header_timeout_s=1, body_timeout_s=1,
                                                               max_connections=6))
     with front as url:
