@@ -263,6 +263,9 @@ def test_core_limits_groups_and_error_isolation():
         ServeOptions(str(MODEL), backend="torch")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--max-batch must be >= 1"):
         ServeOptions(str(MODEL), max_batch=0)
+    with pytest.raises(ValueError, match="--batching must be request or step, got 'token'"):
+        ServeOptions(str(MODEL), batching="token")  # type: ignore[arg-type]
+    assert ServeOptions(str(MODEL)).batching == "step"  # ddim-serve's default
     images = reference(2, 4, 3)
     npz = np.load(io.BytesIO(encode(images, jobs[:2], "npz")))
     np.testing.assert_array_equal(npz["images"], images)

@@ -53,7 +53,7 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(serve_cmd(str(SHIPPED_MODEL), "--port", str(port), "--max-batch", "4", "--threads", "1",
-                                      "--replica-cpus", "0.5"),
+                                      "--replica-cpus", "0.5", "--batching", "request"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
                             # as a terminal's foreground job: SIGINT at its default, even where pytest's parent
@@ -72,6 +72,8 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200 and resp.read().startswith(b"\x89PNG")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model", timeout=30) as resp:
+            assert json.loads(resp.read())["batching"] == "request"  # the option reached the replica
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group, Ray's own processes too
         try:  # the CLI bounds Serve's shutdown at 60 s, then stops Ray: allow both on a loaded machine
             rc = proc.wait(150)
@@ -97,6 +99,7 @@ def test_start_ready_serve_and_ctrl_c(tmp_path):
     ("--ready-timeout", "nan", "nan is not a finite number"),
     ("--threads", "10000", "10,000 is more than the"),
     ("--port", "70000", "70000 is not in the range 1<=x<=65535"),
+    ("--batching", "token", "'token' is not one of 'step', 'request'"),
 ])
 def test_option_ranges(option, value, message):
     from click.testing import CliRunner
