@@ -231,7 +231,8 @@ def test_model_info_openapi_and_health(service):
     schema = json.loads(get(f"{url}/openapi.json")[1])
     assert "/v1/samples" in schema["paths"] and "SampleRequest" in schema["components"]["schemas"]
     props = schema["components"]["schemas"]["SampleRequest"]["properties"]
-    assert set(props) == {"num_images", "steps", "seed", "eta", "solver", "format"}
+    assert set(props) == {"num_images", "steps", "seed", "eta", "solver", "spacing", "clip_x0", "format"}
+    assert info["batching"] == "step"  # ddim-serve's default
     assert get(f"{url}/healthz") == (200, b'{"status":"ok"}')
 
 
@@ -424,7 +425,8 @@ def test_step_level_batching_serves_staggered_mixed_requests_as_ddim_run():
                 (0.05, {"num_images": 2, "steps": 4, "seed": 2, "eta": 0.5}),
                 (0.1, {"num_images": 2, "steps": 6, "seed": 3, "solver": "dpmpp-2m"}),
                 (0.15, {"num_images": 1, "steps": 2, "seed": 4}),
-                (0.2, {"num_images": 3, "steps": 3, "seed": 5, "eta": 1.0})]
+                (0.2, {"num_images": 3, "steps": 3, "seed": 5, "eta": 1.0}),
+                (0.25, {"num_images": 2, "steps": 5, "seed": 6, "spacing": "quadratic", "clip_x0": True})]
 
     async def scenario():
         async def one(delay, fields):
@@ -437,13 +439,16 @@ def test_step_level_batching_serves_staggered_mixed_requests_as_ddim_run():
     answers = asyncio.run(scenario())
     for (_, fields), (answer, _) in zip(requests, answers):
         assert answer.status == 200, answer.body
-        ref = reference(fields["num_images"], fields["seed"], fields["steps"], eta=fields.get("eta", 0.0),
-                        solver=fields.get("solver", "ddim"))
+        extra = {k: fields[k] for k in ("eta", "solver", "spacing", "clip_x0") if k in fields}
+        ref = reference(fields["num_images"], fields["seed"], fields["steps"], **extra)
         np.testing.assert_array_equal(np.load(io.BytesIO(answer.body))["images"], ref)
     sizes = replica.core.stats.batch_sizes
     assert max(sizes) == 6 and sum(sizes.values()) < sum(f["steps"] for _, f in requests)  # images shared calls
     assert answers[3][1] < answers[0][1]  # the 2-step request left the batch before the 12-step one finished
     assert replica.core.info()["batching"] == "step"
+    # A spacing this model's (continuous) schedule cannot take: 422 naming the field, before any sampling.
+    bad = asyncio.run(replica.samples({"steps": 5, "spacing": "trailing"}))
+    assert bad.status == 422 and json.loads(bad.body)["error"].startswith("spacing: spacing 'trailing' needs a discrete")
 
 
 def test_step_level_fairness_parks_a_large_request_for_a_small_one():

@@ -59,7 +59,7 @@ POLL_S = 1.0
               help="Most images per network batch, merged across concurrent requests.")
 @click.option("--batching", type=click.Choice(["step", "request"]), default="step", show_default=True,
               help="step: images join the running network batch at the next step and leave when done, whatever "
-                   "their settings; request: a batch of images with the same (steps, eta, solver) runs from first "
+                   "their settings; request: a batch of images with the same settings runs from first "
                    "step to last.")
 @click.option("--batch-wait-ms", type=click.FloatRange(0, 60_000), default=10.0, show_default=True,
               help="How long a batch waits for more images before it runs.")

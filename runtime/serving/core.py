@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import __version__
-from runtime.choices import Device, RunPrecision, Solver, values
+from runtime.choices import Device, RunPrecision, Solver, Spacing, values
 from runtime.common.clitools import one_line
 from runtime.exportdir import is_export, read_report
 from runtime.common.files import sha256_file
@@ -54,6 +54,10 @@ class SampleRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed, as ddim-run --seed.")
     eta: float = Field(0.0, le=1.0, description="0 = deterministic DDIM, 1 = DDPM-like (ddim only).")
     solver: Solver = Field("ddim", description="ddim, or dpmpp-2m (DPM-Solver++(2M), eta 0).")
+    spacing: Spacing | None = Field(None, description="How the steps spread over the schedule, as ddim-run "
+                                                         "--spacing [default: the solver's on this model].")
+    clip_x0: bool | None = Field(None, description="Clip each step's predicted clean image, as ddim-run "
+                                                      "--clip-x0 [default: the model's setting].")
     # The rules of steps, eta and solver are SamplingSettings' (checked in ModelService.check, 422 naming the
     # field); what is left here is the service's own bound on eta.
     format: Format = Field("grid", description="grid: one PNG grid; png: a zip of one PNG per image; "
@@ -165,7 +169,8 @@ class ModelService:
         if req.steps > o.max_steps:
             raise RequestError(413, f"steps: {req.steps} is over this service's limit of {o.max_steps}")
         try:
-            settings = self.sampler.resolve(SamplingSettings(steps=req.steps, eta=req.eta, solver=req.solver))
+            settings = self.sampler.resolve(SamplingSettings(steps=req.steps, eta=req.eta, solver=req.solver,
+                                                             spacing=req.spacing, clip_x0=req.clip_x0))
             self.sampler.plan(settings)
         except SettingsError as exc:
             raise RequestError(422, f"{exc.field}: {one_line(exc)}") from None

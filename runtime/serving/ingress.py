@@ -1,6 +1,6 @@
 """``ddim-serve``'s HTTP front: the one process that talks to clients, in front of the replicas.
 
-    POST /v1/samples   {num_images, steps, seed, eta, solver, format}  -> PNG grid | zip of PNGs | npz
+    POST /v1/samples   {num_images, steps, seed, eta, solver, spacing, clip_x0, format}  -> PNG grid | zip | npz
     GET  /v1/model     the model's config, export report, backend, limits, the batches formed so far, and the
                        service's replicas by state
     GET  /healthz      {"status": "ok"} while a replica is running, else 503 naming why
