@@ -108,10 +108,9 @@ class StepBatch:
 
     def __init__(self, sampler: Any, capacity: int) -> None:
         self.sampler, self.backend = sampler, sampler.backend
-        engine_max = getattr(self.backend, "max_batch", None)
+        engine_max, engine_min = (getattr(self.backend, name, None) for name in ("max_batch", "min_batch"))
         self.capacity = max(1, min(capacity, engine_max) if isinstance(engine_max, int) else capacity)
-        self.min_batch = getattr(self.backend, "min_batch", 1) if isinstance(getattr(self.backend, "min_batch", 1),
-                                                                             int) else 1
+        self.min_batch = engine_min if isinstance(engine_min, int) else 1  # a TensorRT profile's, else any
         self.ops = _Ops(self.backend)
         self.lanes: list[Lane] = []
         self.x: Any = None  # (n, C, H, W) on the backend, one row per lane in order

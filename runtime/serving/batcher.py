@@ -281,22 +281,26 @@ class Batcher:
     def _after_step(self, running: _Running, depth: int) -> None:
         """Account one step of ``running``; maybe run a least-served queued request's batch inside it."""
         now = time.perf_counter()
-        n = len(running.jobs)
         with self._lock:
             running.steps_left -= 1
-            for job in running.jobs:
-                self._served[job.request] = self._served.get(job.request, 0) + 1
-                self._left[job.request] = max(0, self._left.get(job.request, 0) - 1)
-            if self._last_step is not None and now > self._last_step:
-                rate = n / (now - self._last_step)
-                self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
-            self._last_step = now
+            self._account_step(running.jobs, now)
             nested = self._overtaker(running, depth, now)
         if nested:
             t0 = time.perf_counter()
             self._run_batch(nested, depth + 1)
             running.nested_s += time.perf_counter() - t0
             self._last_step = time.perf_counter()
+
+    def _account_step(self, jobs: Sequence[ImageJob], now: float) -> None:
+        """One network step of ``jobs`` done at ``now`` (lock held): each job's request served one image-step more
+        and owing one less; the throughput (image-steps per second, EWMA) from the time since the previous step."""
+        for job in jobs:
+            self._served[job.request] = self._served.get(job.request, 0) + 1
+            self._left[job.request] = max(0, self._left.get(job.request, 0) - 1)
+        if self._last_step is not None and now > self._last_step:
+            rate = len(jobs) / (now - self._last_step)
+            self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
+        self._last_step = now
 
     def _overtaker(self, running: _Running, depth: int, now: float) -> list[_Queued] | None:
         if depth >= self.max_depth or not self.throughput or running.steps_left <= 0:

@@ -62,14 +62,7 @@ class StepBatcher(Batcher):
             finished = self.batch.step()
             now = time.perf_counter()
             with self._lock:
-                for q in list(self._in.values()):  # every image in this call advanced one step
-                    r = q.job.request
-                    self._served[r] = self._served.get(r, 0) + 1
-                    self._left[r] = max(0, self._left.get(r, 0) - 1)
-                if now > self._last_step:
-                    rate = n / (now - self._last_step)
-                    self.throughput = rate if self.throughput is None else 0.9 * self.throughput + 0.1 * rate
-                self._last_step = now
+                self._account_step([q.job for q in self._in.values()], now)  # every image in the call advanced
                 if self.stats is not None:
                     self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
                 settled = [self._retire(f, now) for f in finished]
@@ -102,12 +95,11 @@ class StepBatcher(Batcher):
         """Fill free slots from the queue in fairness order; when full, let a much smaller, less-served request park
         one image of the most-served running request (lock held)."""
         queue = sorted(self._pending, key=self._order)
-        taken: list[_Queued] = []
-        for q in queue[:self.batch.free]:
+        free = self.batch.free
+        taken = queue[:free]
+        for q in taken:
             self._enter(q)
-            taken.append(q)
-        rest = [q for q in queue if q not in taken]
-        for q in rest:
+        for q in queue[free:]:
             victim = self._victim(q)
             if victim is None:
                 break  # the queue is in fairness order: later entries have no better claim
