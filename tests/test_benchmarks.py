@@ -225,7 +225,7 @@ def serve_load_rows() -> tuple[dict, list[dict]]:
 
 
 def test_serve_load_report_names_the_ceiling():
-    from benchmarks.serve_load import markdown
+    from benchmarks.serve_load_report import markdown
 
     env, rows = serve_load_rows()
     md = markdown(env, rows)
@@ -238,7 +238,7 @@ def test_serve_load_report_names_the_ceiling():
 
 
 def test_serve_load_report_compares_step_with_request_batching():
-    from benchmarks.serve_load import markdown
+    from benchmarks.serve_load_report import markdown
 
     env, rows = serve_load_rows()
     step = {**rows[1], "batching": "step", "p50_ms": 600.0, "images_per_s": 8.4, "batches": {"16": 240}}
