@@ -149,6 +149,11 @@ def parse_mix(text: str) -> list[dict[str, Any]]:
     return shapes
 
 
+def request_body(body: dict, mix: list[dict[str, Any]] | None, seed: int) -> dict[str, Any]:
+    """Request ``seed``'s fields: ``body``, the mix's item ``seed`` modulo its length (the same in every run)."""
+    return {**body, **(mix[seed % len(mix)] if mix else {}), "seed": seed}
+
+
 def drive(url: str, clients: int, requests: int, time_limit: float, body: dict,
           mix: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Closed-loop clients until ``requests`` were sent or ``time_limit`` passed; throughput, latency and time to
@@ -165,8 +170,7 @@ def drive(url: str, clients: int, requests: int, time_limit: float, body: dict,
                     return
                 seed = sent[0]
                 sent[0] += 1
-            shape = mix[seed % len(mix)] if mix else {}  # request n's settings: the same in every run
-            status, headers, seconds = post(f"{url}/v1/samples", {**body, **shape, "seed": seed})
+            status, headers, seconds = post(f"{url}/v1/samples", request_body(body, mix, seed))
             with lock:
                 records.append((status, seconds, headers))
 
@@ -209,9 +213,8 @@ def replica_alone(model: Path, max_batch: int, batching: str, engine: tuple[str,
     async def client() -> None:
         while sent[0] < requests:
             seed, sent[0] = sent[0], sent[0] + 1
-            shape = mix[seed % len(mix)] if mix else {}
             start = time.perf_counter()
-            answer = await replica.samples({**body, **shape, "seed": seed})
+            answer = await replica.samples(request_body(body, mix, seed))
             if answer.status != 200:
                 raise RuntimeError(f"replica alone: {answer.status} {answer.body[:200]!r}")
             latency.append(time.perf_counter() - start)
